@@ -1,0 +1,68 @@
+// Schemas of every pyrl op, their fake (Meta) kernels for torch.compile / FSDP tracing, and the
+// Python module `pyrl._C`, which only carries build information: the ops themselves are reached
+// through `torch.ops.pyrl.<name>`. Per-family files register the CPU (and CUDA) bodies.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+TORCH_LIBRARY(pyrl, m) {
+  // logits [N, V] (any float dtype) -> logp, entropy, lse: [N] in fp32 (fp64 for fp64 input).
+  // z = logits / temperature; rows whose target equals ignore_index give 0.
+  m.def(
+      "logprobs_fwd(Tensor logits, Tensor targets, float temperature, int ignore_index, "
+      "bool compute_entropy) -> (Tensor logp, Tensor entropy, Tensor lse)");
+  // d loss / d logits, in the dtype of logits. grad_entropy may be None.
+  m.def(
+      "logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor targets, "
+      "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  // The same, written over `logits` (saves an [N, V] buffer when the caller no longer needs it).
+  m.def(
+      "logprobs_bwd_(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor targets, "
+      "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
+}
+
+namespace {
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_meta(
+    const at::Tensor& logits, const at::Tensor& targets, double, int64_t, bool) {
+  auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
+  auto n = logits.sym_size(0);
+  return {at::empty_symint({n}, opts), at::empty_symint({n}, opts), at::empty_symint({n}, opts)};
+}
+
+at::Tensor logprobs_bwd_meta(const at::Tensor&, const std::optional<at::Tensor>&,
+                             const at::Tensor& logits, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, double, int64_t) {
+  return at::empty_like(logits);
+}
+
+void logprobs_bwd_inplace_meta(const at::Tensor&, const std::optional<at::Tensor>&,
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, double, int64_t) {}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyrl, Meta, m) {
+  m.impl("logprobs_fwd", &logprobs_fwd_meta);
+  m.impl("logprobs_bwd", &logprobs_bwd_meta);
+  m.impl("logprobs_bwd_", &logprobs_bwd_inplace_meta);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyrl compiled kernels; the ops live in torch.ops.pyrl";
+#ifdef PYRL_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.attr("torch_version") = std::string(PYRL_TORCH_VERSION);
+  m.def("parallel_info", []() { return at::get_parallel_info(); },
+        "ATen's description of the thread pool the CPU kernels run on");
+}

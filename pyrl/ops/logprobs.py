@@ -1,0 +1,307 @@
+"""Per-token log-probabilities and entropy, from logits or straight from hidden states (SPEC §1).
+
+    z = (h @ W.T + bias) / temperature
+    logp[n]    = z[n, y[n]] - logsumexp(z[n])
+    entropy[n] = logsumexp(z[n]) - sum_v softmax(z[n])_v * z[n, v]
+
+Two autograd Functions own what is saved and recomputed; the backends only supply row bodies:
+
+* ``_LogprobsFromLogits`` saves the logits and the per-row ``lse``/``entropy`` and recomputes the
+  softmax in backward (optionally writing the logits gradient over the logits buffer).
+* ``_FusedLinearLogprobs`` walks the tokens in chunks: each chunk's logits ``[chunk, V]`` exist only
+  while that chunk is processed, in forward and again (recomputed) in backward, so peak extra memory
+  is one chunk of logits, never ``[N, V]``. ``d_weight``/``d_bias`` accumulate in fp32.
+
+The row bodies: ``"torch"`` (the reference, plain PyTorch) and ``"cpp"`` (``torch.ops.pyrl`` from
+``csrc/logprobs_cpu.cpp``, one online pass over the vocabulary per row). Both compute in fp32 (fp64
+for fp64 inputs) whatever the input dtype. A row's result never depends on the other rows (the
+reduction order is fixed per row), so log-probs are batch-invariant.
+"""
+from __future__ import annotations
+
+import torch
+
+from pyrl._backend import resolve_backend
+from pyrl._validate import check_float, check_positive, check_same_device, check_targets, shape_str
+
+__all__ = ["fused_linear_logprobs", "logprobs_from_logits"]
+
+# Rows per chunk are chosen so one chunk of fp32 logits stays under this many bytes.
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Row bodies: logits [n, V] (raw, before temperature) -> per-row logp, entropy, lse; and back.
+# --------------------------------------------------------------------------------------------
+class _TorchRows:
+    """The reference: plain PyTorch on one block of rows, in the accumulation dtype."""
+
+    @staticmethod
+    def fwd(logits, targets, temperature, ignore_index, need_entropy):
+        acc = _acc_dtype(logits.dtype)
+        z = logits.to(acc) / temperature
+        lse = torch.logsumexp(z, dim=-1)
+        finite = torch.isfinite(lse)
+        valid = targets != ignore_index
+        zy = z.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
+        logp = torch.where(finite, (zy - lse).clamp(max=0.0), float("-inf"))
+        logp = torch.where(valid, logp, 0.0)
+        if need_entropy:
+            safe_lse = torch.where(finite, lse, 0.0).unsqueeze(1)
+            # -inf logits are clamped so that p * log p is 0 * (large finite) = 0, not 0 * inf.
+            log_p = z.clamp(min=torch.finfo(acc).min) - safe_lse
+            ent = (-(log_p.exp() * log_p).sum(-1)).clamp(min=0.0)
+            ent = torch.where(valid & finite, ent, 0.0)
+        else:
+            ent = torch.zeros_like(lse)
+        return logp, ent, lse
+
+    @staticmethod
+    def bwd(g_logp, g_ent, logits, targets, lse, ent, temperature, ignore_index, out=None):
+        acc = _acc_dtype(logits.dtype)
+        z = logits.to(acc) / temperature
+        ok = (targets != ignore_index) & torch.isfinite(lse)
+        safe_lse = torch.where(ok, lse, 0.0).unsqueeze(1)
+        zc = z.clamp(min=torch.finfo(acc).min)
+        p = (zc - safe_lse).exp()
+        g1 = torch.where(ok, g_logp.to(acc), 0.0).unsqueeze(1)
+        dz = -p * g1
+        if g_ent is not None:
+            mu = (lse - ent).unsqueeze(1)  # sum_v p_v z_v
+            g2 = torch.where(ok, g_ent.to(acc), 0.0).unsqueeze(1)
+            dz = dz - g2 * p * torch.where(ok.unsqueeze(1), zc - mu, 0.0)
+        dz.scatter_add_(1, torch.where(ok, targets, 0).unsqueeze(1), g1)
+        dz = dz / temperature
+        if out is not None:
+            out.copy_(dz)
+            return out
+        return dz.to(logits.dtype)
+
+
+class _CppRows:
+    """``torch.ops.pyrl.logprobs_fwd/bwd`` (C++; CPU, and CUDA when pyrl._C was built with it)."""
+
+    @staticmethod
+    def fwd(logits, targets, temperature, ignore_index, need_entropy):
+        return torch.ops.pyrl.logprobs_fwd(logits, targets, float(temperature), int(ignore_index), bool(need_entropy))
+
+    @staticmethod
+    def bwd(g_logp, g_ent, logits, targets, lse, ent, temperature, ignore_index, out=None):
+        args = (g_logp, g_ent, logits, targets, lse, ent, float(temperature), int(ignore_index))
+        if out is not None:  # only ever called with out=logits (in-place)
+            torch.ops.pyrl.logprobs_bwd_(*args)
+            return logits
+        return torch.ops.pyrl.logprobs_bwd(*args)
+
+
+_ROWS = {"torch": _TorchRows, "cpp": _CppRows}
+_HAS = ("torch", "cpp")
+
+
+def _triton_module():
+    from pyrl import kernels  # lazy: Triton costs start-up time and memory on CPU-only paths
+
+    return kernels
+
+
+# --------------------------------------------------------------------------------------------
+# logprobs_from_logits
+# --------------------------------------------------------------------------------------------
+class _LogprobsFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, need_entropy, inplace_backward, rows):
+        logp, ent, lse = rows.fwd(logits, targets, temperature, ignore_index, need_entropy)
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.cfg = (temperature, ignore_index, need_entropy, inplace_backward, rows)
+        if not need_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, targets, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, need_entropy, inplace, rows = ctx.cfg
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        g_ent = g_ent if need_entropy else None
+        out = logits if inplace else None
+        d_logits = rows.bwd(g_logp, g_ent, logits, targets, lse, ent, temperature, ignore_index, out=out)
+        return d_logits, None, None, None, None, None, None
+
+
+def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                         inplace_backward=False, backend="auto"):
+    """Log-probability of ``targets`` under ``softmax(logits / temperature)`` (and its entropy).
+
+    Args:
+        logits: ``[..., V]`` fp32/bf16/fp16/fp64.
+        targets: ``[...]`` int64 token ids in ``[0, V)`` or ``ignore_index`` (gives 0 and no gradient).
+        temperature: > 0; the logits are divided by it.
+        return_entropy: also return the entropy of each row's distribution.
+        inplace_backward: let backward overwrite ``logits`` with its gradient (saves an ``[N, V]``
+            buffer; only when nothing else needs ``logits`` afterwards).
+        backend: ``"auto" | "triton" | "cpp" | "torch"``.
+
+    Returns:
+        ``logp`` ``[...]`` fp32 (fp64 for fp64 input), or ``(logp, entropy)``.
+    """
+    check_float("logits", logits, min_dim=1)
+    vocab = logits.shape[-1]
+    if vocab < 1:
+        raise ValueError(f"logits must have a vocabulary dimension >= 1, got shape {shape_str(logits)}")
+    temperature = check_positive("temperature", temperature)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_same_device(logits=logits, targets=targets)
+    targets = check_targets("targets", targets, logits.shape[:-1], vocab, ignore_index)
+    name = resolve_backend(backend, logits.device, has=_HAS)
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, vocab)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    rows = _triton_module().LogprobRows if name == "triton" else _ROWS[name]
+    logp, ent = _LogprobsFromLogits.apply(flat, targets.reshape(-1), temperature, ignore_index,
+                                          bool(return_entropy), bool(inplace_backward), rows)
+    logp = logp.reshape(lead)
+    return (logp, ent.reshape(lead)) if return_entropy else logp
+
+
+# --------------------------------------------------------------------------------------------
+# fused_linear_logprobs: chunked over tokens, logits recomputed per chunk in backward
+# --------------------------------------------------------------------------------------------
+def _chunk_rows(n_rows: int, vocab: int, chunk_bytes: int) -> int:
+    return max(1, min(n_rows, chunk_bytes // max(1, vocab * 4)))
+
+
+def _chunk_logits(h, weight, bias):
+    # h, weight, bias already in the accumulation dtype.
+    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, need_entropy, rows, chunk):
+        acc = _acc_dtype(hidden.dtype)
+        w = weight.to(acc)
+        b = bias.to(acc) if bias is not None else None
+        n = hidden.shape[0]
+        logp = hidden.new_empty(n, dtype=acc)
+        ent = hidden.new_empty(n, dtype=acc)
+        lse = hidden.new_empty(n, dtype=acc)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            logits = _chunk_logits(hidden[s:e].to(acc), w, b)
+            logp[s:e], ent[s:e], lse[s:e] = rows.fwd(logits, targets[s:e], temperature, ignore_index, need_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.cfg = (temperature, ignore_index, need_entropy, rows, chunk)
+        if not need_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, need_entropy, rows, chunk = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = _acc_dtype(hidden.dtype)
+        w = weight.to(acc)
+        b = bias.to(acc) if bias is not None else None
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        g_ent = g_ent if need_entropy else None
+        n = hidden.shape[0]
+        d_hidden = torch.zeros_like(hidden) if need_h else None
+        d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
+        d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None else None
+        active = targets != ignore_index
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            if not bool(active[s:e].any()):
+                continue  # every row ignored: its gradient is exactly zero
+            h = hidden[s:e].to(acc)
+            logits = _chunk_logits(h, w, b)
+            dz = rows.bwd(g_logp[s:e], None if g_ent is None else g_ent[s:e], logits, targets[s:e],
+                          lse[s:e], ent[s:e], temperature, ignore_index, out=logits)
+            if need_h:
+                d_hidden[s:e] = (dz @ w).to(hidden.dtype)
+            if need_w:
+                d_weight.addmm_(dz.t(), h)
+            if d_bias is not None:
+                d_bias += dz.sum(0)
+        return (d_hidden,
+                None if d_weight is None else d_weight.to(weight.dtype),
+                None if d_bias is None else d_bias.to(bias.dtype),
+                None, None, None, None, None, None)
+
+
+def _check_linear_args(hidden, weight, bias, temperature, ignore_index):
+    check_float("hidden", hidden, min_dim=1)
+    check_float("weight", weight, dim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {shape_str(weight)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one vocabulary row, got shape {shape_str(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None:
+        check_float("bias", bias, dim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {shape_str(bias)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return check_positive("temperature", temperature)
+
+
+def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False, vocab_parallel_group=None, backend="auto",
+                          chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """Per-token log-prob (and entropy) of ``targets`` from hidden states and the LM-head weight.
+
+    Never holds ``[N, V]`` logits: tokens are processed in chunks of at most ``chunk_bytes`` of fp32
+    logits, recomputed in backward. Differentiable in ``hidden``, ``weight`` and ``bias``.
+
+    Args:
+        hidden: ``[..., H]`` fp32/bf16/fp16/fp64.
+        weight: ``[V, H]``, the LM head (same dtype as ``hidden``).
+        targets: ``[...]`` int64 ids in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``.
+        temperature: > 0, divides the logits.
+        return_entropy: also return each token's entropy.
+        vocab_parallel_group: a ``torch.distributed`` group across which ``weight`` is split by
+            vocabulary (see ``pyrl.kernels.vocab_parallel``).
+        backend: ``"auto" | "triton" | "cpp" | "torch"``.
+
+    Returns:
+        ``logp [...]`` fp32 (fp64 for fp64 input), or ``(logp, entropy)``.
+    """
+    temperature = _check_linear_args(hidden, weight, bias, temperature, ignore_index)
+    check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    if vocab_parallel_group is not None:
+        from pyrl.ops.vocab_parallel import vocab_parallel_linear_logprobs
+
+        return vocab_parallel_linear_logprobs(hidden, weight, targets, group=vocab_parallel_group, bias=bias,
+                                              temperature=temperature, ignore_index=ignore_index,
+                                              return_entropy=return_entropy, backend=backend)
+    targets = check_targets("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index)
+    if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    name = resolve_backend(backend, hidden.device, has=_HAS)
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = targets.reshape(-1)
+    if name == "triton":
+        logp, ent = _triton_module().fused_linear_logprobs(h2, weight, bias, t1, temperature, ignore_index,
+                                                           bool(return_entropy))
+    else:
+        chunk = _chunk_rows(h2.shape[0], weight.shape[0], chunk_bytes)
+        logp, ent = _FusedLinearLogprobs.apply(h2, weight, bias, t1, temperature, ignore_index,
+                                               bool(return_entropy), _ROWS[name], chunk)
+    logp = logp.reshape(lead)
+    return (logp, ent.reshape(lead)) if return_entropy else logp
