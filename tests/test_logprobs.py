@@ -298,3 +298,15 @@ def test_unavailable_backend_says_why(monkeypatch):
     out = pyrl.logprobs_from_logits(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="auto")
     assert torch.isfinite(out).all()
     assert be.backends()["cpp"]["available"] is False
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ignored_rows_with_huge_logits_keep_gradients_finite(backend):
+    # Regression: an ignored row used lse=0 in backward, so exp(z) overflowed and inf*0 gave NaN.
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = (torch.randn(30, 8) * 30).requires_grad_()
+    y = torch.tensor([1, -100, 3, -100])
+    lp, en = pyrl.fused_linear_logprobs(hidden, weight, y, temperature=0.1, return_entropy=True, backend=backend)
+    (lp.sum() + en.sum()).backward()
+    assert torch.isfinite(weight.grad).all() and torch.isfinite(hidden.grad).all()
+    assert (hidden.grad[1] == 0).all() and (hidden.grad[3] == 0).all()

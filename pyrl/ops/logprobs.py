@@ -64,18 +64,21 @@ class _TorchRows:
     def bwd(g_logp, g_ent, logits, targets, lse, ent, temperature, ignore_index, out=None):
         acc = _acc_dtype(logits.dtype)
         z = logits.to(acc) / temperature
-        ok = (targets != ignore_index) & torch.isfinite(lse)
-        safe_lse = torch.where(ok, lse, 0.0).unsqueeze(1)
+        finite = torch.isfinite(lse)
+        ok = (targets != ignore_index) & finite
+        # Use every finite row's own lse (even ignored ones) so p never overflows; rows that are not
+        # `ok` are zeroed with where() at the end: multiplying an inf by 0 would give NaN.
+        safe_lse = torch.where(finite, lse, 0.0).unsqueeze(1)
         zc = z.clamp(min=torch.finfo(acc).min)
         p = (zc - safe_lse).exp()
         g1 = torch.where(ok, g_logp.to(acc), 0.0).unsqueeze(1)
         dz = -p * g1
         if g_ent is not None:
-            mu = (lse - ent).unsqueeze(1)  # sum_v p_v z_v
+            mu = torch.where(ok, lse - ent, 0.0).unsqueeze(1)  # sum_v p_v z_v
             g2 = torch.where(ok, g_ent.to(acc), 0.0).unsqueeze(1)
-            dz = dz - g2 * p * torch.where(ok.unsqueeze(1), zc - mu, 0.0)
+            dz = dz - g2 * p * (zc - mu)
         dz.scatter_add_(1, torch.where(ok, targets, 0).unsqueeze(1), g1)
-        dz = dz / temperature
+        dz = torch.where(ok.unsqueeze(1), dz / temperature, 0.0)
         if out is not None:
             out.copy_(dz)
             return out
@@ -275,7 +278,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         temperature: > 0, divides the logits.
         return_entropy: also return each token's entropy.
         vocab_parallel_group: a ``torch.distributed`` group across which ``weight`` is split by
-            vocabulary (see ``pyrl.kernels.vocab_parallel``).
+            vocabulary (see ``pyrl.ops.vocab_parallel``).
         backend: ``"auto" | "triton" | "cpp" | "torch"``.
 
     Returns:
@@ -288,7 +291,8 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
 
         return vocab_parallel_linear_logprobs(hidden, weight, targets, group=vocab_parallel_group, bias=bias,
                                               temperature=temperature, ignore_index=ignore_index,
-                                              return_entropy=return_entropy, backend=backend)
+                                              return_entropy=return_entropy, backend=backend,
+                                              chunk_bytes=chunk_bytes)
     targets = check_targets("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index)
     if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")

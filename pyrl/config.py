@@ -1,0 +1,292 @@
+"""``PolicyLossConfig``: every knob of the policy loss (SPEC sections 2-6), validated once.
+
+One frozen dataclass names the algorithm; the ops read it and never re-check it. Defaults give
+PPO/GRPO with the DAPO token-mean normaliser, as in verl and TRL (``loss_type="dapo"`` there is
+``loss_type="ppo", agg="token-mean"`` here):
+
+    ========================  ============================================================
+    paper / library name      PolicyLossConfig
+    ========================  ============================================================
+    PPO / GRPO (verl)         loss_type="ppo", agg="token-mean"
+    GRPO (DeepSeekMath)       loss_type="ppo", agg="seq-mean-token-mean"
+    DAPO clip-higher          loss_type="ppo", eps_high=0.28
+    Dr.GRPO                   loss_type="ppo", agg="seq-mean-token-sum-norm",
+                              max_completion_length=L
+    GSPO                      loss_type="gspo" (eps ~ 3e-4 / 4e-4), agg="seq-mean-token-mean"
+    CISPO (MiniMax-M1)        loss_type="cispo", eps_low=None, eps_high=...
+    SAPO (Qwen)               loss_type="sapo", tau_pos=1.0, tau_neg=1.05
+    INTELLECT-2               loss_type="ppo", delta=4.0
+    dual-clip PPO             loss_type="ppo", clip_ratio_c=3.0
+    TIS / MIS / IcePop        is_level="token"|"sequence", is_mode="truncate"|"mask"
+    80/20 high-entropy        top_entropy_rho=0.2
+    ========================  ============================================================
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["PolicyLossConfig"]
+
+# Loss types the config accepts. ``pyrl.ops.policy_loss.register_policy_loss`` adds to it, so a new
+# algorithm registered there can be named here (the config does not import the ops).
+_LOSS_TYPES: list[str] = ["ppo", "gspo", "cispo", "sapo", "reinforce"]
+RATIO_LEVELS = ("token", "sequence")
+KL_TYPES = (None, "k1", "k2", "k3", "full")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+IS_LEVELS = (None, "token", "sequence")
+IS_MODES = ("truncate", "mask")
+
+
+def _register_loss_type(name: str) -> None:
+    if name not in _LOSS_TYPES:
+        _LOSS_TYPES.append(name)
+
+
+def _allowed(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _number(field: str, x, *, allow_none: bool = False) -> None:
+    """A finite real number (bools are rejected: ``True`` is almost always a mistake here)."""
+    if x is None and allow_none:
+        return
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        kind = "a finite number" + (" or None" if allow_none else "")
+        raise TypeError(f"PolicyLossConfig.{field} must be {kind}, got {type(x).__name__} {x!r}")
+    if not math.isfinite(x):
+        raise ValueError(f"PolicyLossConfig.{field} must be finite, got {x!r}")
+
+
+def _choice(field: str, x, allowed) -> None:
+    if x is not None and not isinstance(x, str):
+        raise TypeError(f"PolicyLossConfig.{field} must be one of {_allowed(allowed)}, got {type(x).__name__} {x!r}")
+    if x not in allowed:
+        raise ValueError(f"PolicyLossConfig.{field} must be one of {_allowed(allowed)}, got {x!r}")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """What the policy loss computes; see SPEC.md sections 2-6 for the formulas.
+
+    Invalid values and invalid combinations raise ``TypeError``/``ValueError`` at construction,
+    naming the field and what was expected.
+    """
+
+    loss_type: str = "ppo"
+    """The per-token surrogate (SPEC section 3), by registered name.
+
+    ``"ppo"``: the clipped surrogate (Schulman 2017), also GRPO/DAPO/Dr.GRPO/BNPO, which differ
+    only in ``agg`` and ``eps_*``. ``"gspo"``: ``"ppo"`` with the sequence-level ratio (Zheng 2025,
+    implies ``ratio_level="sequence"``). ``"cispo"``: REINFORCE weighted by the clipped, detached
+    ratio (MiniMax-M1 2025). ``"sapo"``: a sigmoid gate instead of a hard clip (Qwen 2025).
+    ``"reinforce"``: ``-A * logp``, no ratio. Functions registered with
+    ``pyrl.ops.policy_loss.register_policy_loss`` are accepted too."""
+
+    eps_low: Optional[float] = 0.2
+    """Lower clip: the ratio is clipped at ``1 - eps_low`` (``epsilon_low`` in TRL/Liger,
+    ``clip_ratio_low`` in verl). ``>= 0``. ``None`` is allowed only for ``loss_type="cispo"`` and
+    means no lower bound on the importance weight (the MiniMax-M1 setting)."""
+
+    eps_high: float = 0.2
+    """Upper clip: the ratio is clipped at ``1 + eps_high`` (``epsilon_high`` / ``clip_ratio_high``;
+    DAPO's clip-higher uses 0.28). ``>= 0``. For ``cispo`` too the bound is ``1 + eps_high``
+    (Liger/TRL's ``epsilon_high`` for cispo is the absolute bound, i.e. ``1 + eps_high`` here)."""
+
+    delta: Optional[float] = None
+    """Two-sided clipping (INTELLECT-2, TRL ``delta``): the ratio in the *unclipped* PPO term becomes
+    ``min(r, delta)``, bounding the update when ``A < 0`` and the ratio is large. ``None`` (off) or a
+    number ``> 1`` (usually ``> 1 + eps_high``, e.g. 4). Only for ``ppo``/``gspo``."""
+
+    clip_ratio_c: Optional[float] = None
+    """Dual-clip PPO (Ye et al. 2020, verl ``clip_ratio_c``): for ``A < 0`` the per-token loss is
+    capped at ``-A * clip_ratio_c``. ``None`` (off) or a number ``> 1`` (verl uses 3). Only for
+    ``ppo``/``gspo``."""
+
+    ratio_level: str = "token"
+    """``"token"``: ``r = exp(logp - logp_old)`` per token. ``"sequence"``: the GSPO ratio
+    ``exp(mean_t log r)`` per sequence (SPEC section 2; TRL/Liger ``importance_sampling_level``).
+    ``loss_type="gspo"`` always uses ``"sequence"`` (see ``effective_ratio_level``)."""
+
+    kl_type: Optional[str] = None
+    """KL-to-reference estimator (SPEC section 4, Schulman's k1/k2/k3 notation): ``None``, ``"k1"``,
+    ``"k2"``, ``"k3"`` (low variance; TRL/Liger/verl ``low_var_kl``) or ``"full"`` (the exact KL over
+    the vocabulary, only computable by ``fused_linear_policy_loss`` from reference hidden states).
+    ``None`` with ``beta > 0`` means ``"k3"``, the TRL/Liger estimator (``effective_kl_type``). A
+    ``kl_type`` with ``beta == 0`` is computed for the ``kl_mean`` metric only."""
+
+    beta: float = 0.0
+    """KL coefficient (``beta`` in TRL/Liger, ``kl_loss_coef`` in verl): ``beta * KL`` is added to
+    every valid token's loss. ``>= 0``."""
+
+    use_bias_correction_kl: bool = False
+    """Multiply the per-token KL by the (differentiable) policy ratio ``r``, the importance-corrected
+    unbiased estimator of DeepSeek-V3.2 (TRL ``use_bias_correction_kl``)."""
+
+    entropy_coef: float = 0.0
+    """Entropy bonus: ``entropy_coef * entropy`` is subtracted from every valid token's loss
+    (verl ``entropy_coeff``). Any finite number; positive rewards exploration. Needs ``entropy``."""
+
+    top_entropy_rho: float = 1.0
+    """Keep only the highest-entropy fraction ``rho`` of the valid tokens in the policy term
+    (Wang et al. 2025, "Beyond the 80/20 rule"; TRL ``top_entropy_quantile``). In ``(0, 1]``;
+    ``1`` keeps every token. KL and entropy bonus still see every valid token."""
+
+    agg: str = "token-mean"
+    """How the masked per-token loss becomes a scalar (SPEC section 6, verl ``loss_agg_mode``):
+    ``"token-mean"`` ``sum(m*L) / sum(m)`` (DAPO, verl default; TRL/Liger ``dapo``/``bnpo``),
+    ``"seq-mean-token-mean"`` ``mean_b(sum_t m*L / |y_b|)`` (GRPO paper, TRL ``grpo``),
+    ``"seq-mean-token-sum"`` ``mean_b(sum_t m*L)``,
+    ``"seq-mean-token-sum-norm"`` ``sum(m*L) / (B * max_completion_length)`` (Dr.GRPO)."""
+
+    max_completion_length: Optional[int] = None
+    """The constant normaliser of ``"seq-mean-token-sum-norm"`` (Dr.GRPO). ``None`` or an int
+    ``> 0``; ``None`` uses ``T``, the padded completion length of the batch. Ignored by the other
+    ``agg`` modes."""
+
+    num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None
+    """The global count of valid tokens (over gradient-accumulation micro-batches and data-parallel
+    ranks), replacing the local ``sum(m)`` of ``"token-mean"``. The loss is then the *local* sum
+    divided by the global count, so summing the losses of all micro-batches and ranks gives the
+    global token mean (the HF Trainer convention). A number ``> 0`` or a 0-dim real tensor (its
+    value is not checked, to avoid a device sync; a zero count gives loss 0). Only with
+    ``agg="token-mean"``."""
+
+    temperature: float = 1.0
+    """Sampling temperature the logits are divided by before log-probs/entropy are taken
+    (used by the fused ops; ``policy_loss`` receives log-probs already computed with it). ``> 0``."""
+
+    is_level: Optional[str] = None
+    """Rollout/train mismatch correction (SPEC section 3, TIS: Yao et al. 2025; TRL
+    ``vllm_importance_sampling_correction``): ``None`` (off), ``"token"`` (per-token weight
+    ``exp(logp_old - logp_rollout)``) or ``"sequence"`` (the weight of the summed log ratio of the
+    sequence, broadcast to its tokens). Needs ``rollout_logp``."""
+
+    is_mode: str = "truncate"
+    """``"truncate"`` (TIS): the weight is ``min(w, is_cap)``. ``"mask"`` (MIS / IcePop): tokens or
+    sequences with ``w`` outside ``[is_min, is_cap]`` are dropped from the policy term and the others
+    keep the weight ``w``."""
+
+    is_cap: float = 2.0
+    """Upper bound of the mismatch weight (TRL ``vllm_importance_sampling_cap``; IcePop uses 2).
+    ``> 0``."""
+
+    is_min: Optional[float] = None
+    """Lower bound of the kept mismatch weight in ``is_mode="mask"`` (IcePop uses 0.5). ``None``
+    means no lower bound, as TRL's ``*_mask`` modes. ``>= 0`` and ``< is_cap``; only with
+    ``is_mode="mask"``."""
+
+    tau_pos: float = 1.0
+    """SAPO gate temperature for ``A > 0`` (TRL/Liger ``sapo_temperature_pos``). ``> 0``."""
+
+    tau_neg: float = 1.05
+    """SAPO gate temperature for ``A <= 0`` (TRL/Liger ``sapo_temperature_neg``). ``> 0``."""
+
+    def __post_init__(self) -> None:
+        _choice("loss_type", self.loss_type, _LOSS_TYPES)
+
+        _number("eps_low", self.eps_low, allow_none=True)
+        if self.eps_low is None:
+            if self.loss_type != "cispo":
+                raise ValueError(
+                    f"PolicyLossConfig.eps_low may be None only for loss_type='cispo' (no lower bound), "
+                    f"got None with loss_type={self.loss_type!r}")
+        elif self.eps_low < 0:
+            raise ValueError(f"PolicyLossConfig.eps_low must be >= 0, got {self.eps_low!r}")
+        _number("eps_high", self.eps_high)
+        if self.eps_high < 0:
+            raise ValueError(f"PolicyLossConfig.eps_high must be >= 0, got {self.eps_high!r}")
+
+        for name in ("delta", "clip_ratio_c"):
+            value = getattr(self, name)
+            _number(name, value, allow_none=True)
+            if value is None:
+                continue
+            if value <= 1:
+                raise ValueError(f"PolicyLossConfig.{name} must be > 1 (or None), got {value!r}")
+            if self.loss_type not in ("ppo", "gspo"):
+                raise ValueError(
+                    f"PolicyLossConfig.{name} applies to loss_type 'ppo' or 'gspo' only, "
+                    f"got {name}={value!r} with loss_type={self.loss_type!r}")
+
+        _choice("ratio_level", self.ratio_level, RATIO_LEVELS)
+        _choice("kl_type", self.kl_type, KL_TYPES)
+        _number("beta", self.beta)
+        if self.beta < 0:
+            raise ValueError(f"PolicyLossConfig.beta must be >= 0, got {self.beta!r}")
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise TypeError(f"PolicyLossConfig.use_bias_correction_kl must be a bool, "
+                            f"got {type(self.use_bias_correction_kl).__name__} {self.use_bias_correction_kl!r}")
+
+        _number("entropy_coef", self.entropy_coef)
+        _number("top_entropy_rho", self.top_entropy_rho)
+        if not 0 < self.top_entropy_rho <= 1:
+            raise ValueError(f"PolicyLossConfig.top_entropy_rho must be in (0, 1], got {self.top_entropy_rho!r}")
+
+        _choice("agg", self.agg, AGG_MODES)
+        mcl = self.max_completion_length
+        if mcl is not None:
+            if isinstance(mcl, bool) or not isinstance(mcl, numbers.Integral):
+                raise TypeError(f"PolicyLossConfig.max_completion_length must be an int > 0 or None, "
+                                f"got {type(mcl).__name__} {mcl!r}")
+            if mcl <= 0:
+                raise ValueError(f"PolicyLossConfig.max_completion_length must be > 0, got {mcl!r}")
+
+        n = self.num_items_in_batch
+        if n is not None:
+            if isinstance(n, torch.Tensor):
+                if n.dim() != 0:
+                    raise ValueError(f"PolicyLossConfig.num_items_in_batch must be a 0-dim tensor, "
+                                     f"got shape {list(n.shape)}")
+                if n.dtype == torch.bool or n.is_complex():
+                    raise TypeError(f"PolicyLossConfig.num_items_in_batch must be a real (int or float) "
+                                    f"tensor, got dtype {str(n.dtype).replace('torch.', '')}")
+            else:
+                if isinstance(n, bool) or not isinstance(n, numbers.Real):
+                    raise TypeError(f"PolicyLossConfig.num_items_in_batch must be a number > 0, a 0-dim "
+                                    f"tensor or None, got {type(n).__name__} {n!r}")
+                if not math.isfinite(n) or n <= 0:
+                    raise ValueError(f"PolicyLossConfig.num_items_in_batch must be a finite number > 0, got {n!r}")
+            if self.agg != "token-mean":
+                raise ValueError(f"PolicyLossConfig.num_items_in_batch replaces the denominator of "
+                                 f"agg='token-mean' only, got agg={self.agg!r}")
+
+        _number("temperature", self.temperature)
+        if self.temperature <= 0:
+            raise ValueError(f"PolicyLossConfig.temperature must be > 0, got {self.temperature!r}")
+
+        _choice("is_level", self.is_level, IS_LEVELS)
+        _choice("is_mode", self.is_mode, IS_MODES)
+        _number("is_cap", self.is_cap)
+        if self.is_cap <= 0:
+            raise ValueError(f"PolicyLossConfig.is_cap must be > 0, got {self.is_cap!r}")
+        _number("is_min", self.is_min, allow_none=True)
+        if self.is_min is not None:
+            if self.is_mode != "mask":
+                raise ValueError(f"PolicyLossConfig.is_min applies to is_mode='mask' only, "
+                                 f"got is_min={self.is_min!r} with is_mode={self.is_mode!r}")
+            if not 0 <= self.is_min < self.is_cap:
+                raise ValueError(f"PolicyLossConfig.is_min must be >= 0 and < is_cap={self.is_cap!r}, "
+                                 f"got {self.is_min!r}")
+
+        for name in ("tau_pos", "tau_neg"):
+            value = getattr(self, name)
+            _number(name, value)
+            if value <= 0:
+                raise ValueError(f"PolicyLossConfig.{name} must be > 0, got {value!r}")
+
+    @property
+    def effective_ratio_level(self) -> str:
+        """``"sequence"`` for ``loss_type="gspo"``, else ``ratio_level``."""
+        return "sequence" if self.loss_type == "gspo" else self.ratio_level
+
+    @property
+    def effective_kl_type(self) -> Optional[str]:
+        """``kl_type``, or ``"k3"`` (the TRL/Liger estimator) when ``beta > 0`` and ``kl_type`` is None."""
+        if self.kl_type is None and self.beta > 0:
+            return "k3"
+        return self.kl_type

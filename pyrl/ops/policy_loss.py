@@ -1,0 +1,397 @@
+"""The RL policy loss on per-token log-probs (SPEC sections 2-6 and 9), in plain PyTorch.
+
+    per_token = L[b,t] * policy_mask * is_weight  +  beta * KL[b,t] * m  -  entropy_coef * entropy * m
+    loss      = agg(per_token, m)
+
+``L`` is the surrogate of ``config.loss_type`` (a small function in a registry, verl-style), on the
+ratio of section 2; ``policy_mask = m * entropy_mask * is_keep``. ``policy_loss`` validates its
+arguments and calls ``_policy_loss_core``, which the fused op (``fused_linear_policy_loss``) reuses
+with the log-probs, entropy and exact KL it computed from hidden states.
+
+Everything is computed in fp32 (fp64 when ``logp`` is fp64). Padded positions (``mask == 0``) are
+zeroed before any arithmetic, so whatever they hold (``-inf`` log-probs, NaN) never reaches the loss
+or the gradient. Nothing here synchronises with the device: metrics are 0-dim tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from pyrl._validate import check_float, check_same_device, shape_str
+from pyrl.config import PolicyLossConfig, _register_loss_type
+
+__all__ = ["policy_loss", "register_policy_loss", "policy_loss_names"]
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+# log-ratios are clamped before exp so a far-off-policy token gives a large finite ratio, not inf.
+LOG_RATIO_CLAMP = 20.0
+
+# A loss body: (logp, ratio, advantages, config) -> (per-token loss [B, T], clipped [B, T] bool | None).
+# ``ratio`` already is token- or sequence-level; ``advantages`` is broadcast to [B, T]; "clipped"
+# marks tokens whose loss a clip bound decided (the ``clip_frac`` metric), None for a clip-free loss.
+PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PolicyLossConfig],
+                        "tuple[torch.Tensor, Optional[torch.Tensor]]"]
+_POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register a per-token surrogate under ``name`` so ``PolicyLossConfig(loss_type=name)`` uses it.
+
+    The function gets ``(logp [B, T], ratio [B, T], advantages [B, T], config)`` and returns
+    ``(loss [B, T], clipped [B, T] bool or None)``; masking, mismatch weights, KL, entropy and the
+    aggregation are applied around it.
+    """
+    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+        _POLICY_LOSSES[name] = fn
+        _register_loss_type(name)
+        return fn
+
+    return decorator
+
+
+def policy_loss_names() -> list[str]:
+    """The registered ``loss_type`` names."""
+    return sorted(_POLICY_LOSSES)
+
+
+def _ppo_clipped_flags(r: torch.Tensor, A: torch.Tensor, lo: Optional[float], hi: float,
+                       delta: Optional[float]) -> torch.Tensor:
+    """Tokens whose PPO loss a bound decided (zero gradient through ``r``).
+
+    ``A > 0``: the loss is ``-A * min(r, delta, clip(r))``, constant once ``r > min(hi, delta)``.
+    ``A < 0``: ``-A * max(min(r, delta), clip(r))``, constant once ``r < lo`` or ``r > max(hi, delta)``
+    (the latter only with ``delta``: plain PPO does not bound ``A < 0`` from above).
+    """
+    r = r.detach()
+    up = hi if delta is None else min(hi, delta)
+    clipped = (A > 0) & (r > up)
+    if lo is not None:
+        clipped = clipped | ((A < 0) & (r < lo))
+    if delta is not None:
+        clipped = clipped | ((A < 0) & (r > max(hi, delta)))
+    return clipped
+
+
+@register_policy_loss("ppo")
+def ppo_loss(logp, ratio, advantages, config):
+    """Clipped surrogate, PPO (Schulman et al. 2017); also GRPO (Shao et al. 2024, DeepSeekMath),
+    DAPO clip-higher (Yu et al. 2025: ``eps_high > eps_low``) and Dr.GRPO (Liu et al. 2025), which
+    differ only in the aggregation:
+
+        L = max(-A * r', -A * clip(r, 1 - eps_low, 1 + eps_high)),   r' = min(r, delta)
+
+    ``delta``: two-sided clipping of INTELLECT-2 (Prime Intellect 2025). ``clip_ratio_c``: dual-clip
+    PPO (Ye et al. 2020), ``L = min(L, -A * clip_ratio_c)`` for ``A < 0``.
+    """
+    A = advantages
+    lo, hi = 1.0 - config.eps_low, 1.0 + config.eps_high
+    unclipped = ratio if config.delta is None else ratio.clamp(max=config.delta)
+    loss = torch.maximum(-A * unclipped, -A * ratio.clamp(lo, hi))
+    clipped = _ppo_clipped_flags(ratio, A, lo, hi, config.delta)
+    if config.clip_ratio_c is not None:
+        cap = -A * config.clip_ratio_c
+        negative = A < 0
+        clipped = clipped | (negative & (loss.detach() > cap))
+        loss = torch.where(negative, torch.minimum(loss, cap), loss)
+    return loss, clipped
+
+
+@register_policy_loss("gspo")
+def gspo_loss(logp, ratio, advantages, config):
+    """GSPO (Zheng et al. 2025, Group Sequence Policy Optimization): the PPO surrogate on the
+    sequence-level ratio ``s_b = exp(mean_t log r)``, applied per token as
+    ``r[b,t] = sg(s_b) * exp(logp - sg(logp))`` (the GSPO-token form; the core builds that ratio).
+    """
+    return ppo_loss(logp, ratio, advantages, config)
+
+
+@register_policy_loss("cispo")
+def cispo_loss(logp, ratio, advantages, config):
+    """CISPO (MiniMax-M1, 2025): REINFORCE weighted by the clipped, detached importance ratio, so
+    clipped tokens still get a gradient:
+
+        L = -sg(clamp(r, 1 - eps_low, 1 + eps_high)) * A * logp      (eps_low None: no lower bound)
+
+    ``clipped`` follows the Liger/TRL convention: the bound in the direction ``A`` pushes.
+    """
+    lo = None if config.eps_low is None else 1.0 - config.eps_low
+    hi = 1.0 + config.eps_high
+    weight = ratio.detach().clamp(min=lo, max=hi)
+    return -weight * advantages * logp, _ppo_clipped_flags(ratio, advantages, lo, hi, None)
+
+
+@register_policy_loss("sapo")
+def sapo_loss(logp, ratio, advantages, config):
+    """SAPO (Qwen 2025, Soft Adaptive Policy Optimization): a smooth sigmoid gate replaces the hard
+    clip, with a sharper temperature for negative advantages:
+
+        L = -(4 / tau) * sigmoid(tau * (r - 1)) * A,    tau = tau_pos if A > 0 else tau_neg
+    """
+    pos, neg = (torch.tensor(x, dtype=ratio.dtype, device=ratio.device) for x in (config.tau_pos, config.tau_neg))
+    tau = torch.where(advantages > 0, pos, neg)
+    return -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * advantages, None
+
+
+@register_policy_loss("reinforce")
+def reinforce_loss(logp, ratio, advantages, config):
+    """Vanilla policy gradient (REINFORCE, Williams 1992): ``L = -A * logp``, no ratio, no clip."""
+    return -advantages * logp, None
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the core
+# --------------------------------------------------------------------------------------------
+def _masked_mean(x: torch.Tensor, m: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return (x * m).sum() / count.clamp(min=1)
+
+
+def _local_entropy_quantile(entropy: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q`` quantile of ``entropy[valid]`` with ``torch.quantile``'s linear interpolation.
+
+    Computed by sorting with the invalid entries pushed to +inf and gathering at the interpolation
+    ranks, so it needs no boolean indexing (no device sync), has no input-size limit (torch.quantile
+    refuses more than 2**24 elements) and gives bit-identical results: the same ranks
+    ``q * (n - 1)`` in the same dtype, the same ``lerp``.
+    """
+    flat = torch.where(valid, entropy, float("inf")).reshape(-1)
+    ordered = flat.sort().values
+    n = valid.sum()
+    rank = torch.tensor(q, dtype=entropy.dtype, device=entropy.device) * (n - 1).clamp(min=0).to(entropy.dtype)
+    below = rank.floor()
+    lo = below.long().view(1)
+    hi = rank.ceil().long().view(1)
+    return torch.lerp(ordered.gather(0, lo), ordered.gather(0, hi), rank - below).squeeze(0)
+
+
+def _ratio(logp, old_logp, m, level: str) -> torch.Tensor:
+    """SPEC section 2. The sequence level keeps the per-token gradient ``s_b * d logp``."""
+    log_r = logp - old_logp
+    if level == "token":
+        return log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    count = m.sum(-1, keepdim=True).clamp(min=1)
+    seq = ((log_r.detach() * m).sum(-1, keepdim=True) / count).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return seq.exp() * (logp - logp.detach()).exp()
+
+
+def _kl(logp, ref_logp, kl_type: str) -> torch.Tensor:
+    """SPEC section 4, ``d = logp - logp_ref``: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (d clamped
+    to [-20, 20] for k3 only, whose exp would overflow)."""
+    d = logp - ref_logp
+    if kl_type == "k1":
+        return d
+    if kl_type == "k2":
+        return 0.5 * d * d
+    d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (-d).exp() + d - 1.0
+
+
+def _mismatch_weight(old_logp, rollout_logp, m, config) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """TIS / MIS (SPEC section 3): the detached weight and, in mask mode, the kept tokens."""
+    log_w = old_logp.detach() - rollout_logp
+    if config.is_level == "sequence":
+        log_w = (log_w * m).sum(-1, keepdim=True).expand_as(m)
+    w = log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    if config.is_mode == "truncate":
+        return w.clamp(max=config.is_cap), None
+    keep = w <= config.is_cap
+    if config.is_min is not None:
+        keep = keep & (w >= config.is_min)
+    return torch.where(keep, w, 0.0), keep
+
+
+def _aggregate(per_token: torch.Tensor, m: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
+    """SPEC section 6; ``per_token`` is already zero at padded positions."""
+    B, T = per_token.shape
+    if config.agg == "token-mean":
+        total = per_token.sum()
+        n = config.num_items_in_batch
+        if n is None:
+            return total / m.sum().clamp(min=1)
+        if isinstance(n, torch.Tensor):
+            n = n.to(device=total.device, dtype=total.dtype)
+            # a zero global count means nothing was valid anywhere: loss 0 rather than 0/0
+            return total / torch.where(n > 0, n, torch.ones_like(n))
+        return total / n
+    if config.agg == "seq-mean-token-mean":
+        per_seq = per_token.sum(-1) / m.sum(-1).clamp(min=1)
+        return per_seq.sum() / max(B, 1)
+    if config.agg == "seq-mean-token-sum":
+        return per_token.sum() / max(B, 1)
+    length = config.max_completion_length if config.max_completion_length is not None else T
+    return per_token.sum() / max(B * length, 1)
+
+
+def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp, config,
+                      kl=None, entropy_quantile_fn=None):
+    """The loss on validated inputs (shapes [B, T]; advantages [B] or [B, T]).
+
+    ``kl``: an optional precomputed per-token KL [B, T] (the exact ``"full"`` KL of the fused op),
+    used instead of computing it from ``ref_logp``. ``entropy_quantile_fn(entropy, valid, q)``:
+    returns the 0-dim ``q`` quantile of ``entropy[valid]``; a distributed caller passes one that
+    gathers across ranks (SPEC section 5); the default is local.
+    Returns ``(loss, metrics)`` as ``policy_loss`` does.
+    """
+    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    m = valid.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+
+    def clean(x, detach):
+        # padded positions may hold anything (-inf log-probs); zero them before any arithmetic
+        if x is None:
+            return None
+        x = x.detach() if detach else x
+        return torch.where(valid, x.to(dtype), zero)
+
+    logp = clean(logp, False)
+    old_logp = logp.detach() if old_logp is None else clean(old_logp, True)
+    ref_logp = clean(ref_logp, True)
+    rollout_logp = clean(rollout_logp, True)
+    entropy = clean(entropy, False)
+    kl = clean(kl, False)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    advantages = clean(advantages.expand_as(logp), False)
+    count = m.sum()
+
+    ratio = _ratio(logp, old_logp, m, config.effective_ratio_level)
+    per_token, clipped = _POLICY_LOSSES[config.loss_type](logp, ratio, advantages, config)
+
+    policy_mask = m
+    if config.top_entropy_rho < 1.0 and logp.numel() > 0:
+        quantile = entropy_quantile_fn or _local_entropy_quantile
+        ent = entropy.detach()
+        threshold = quantile(ent, valid, 1.0 - config.top_entropy_rho)
+        policy_mask = policy_mask * (ent >= threshold).to(dtype)
+    extra_metrics = {}
+    if config.is_level is not None:
+        weight, keep = _mismatch_weight(old_logp, rollout_logp, m, config)
+        if keep is not None:
+            policy_mask = policy_mask * keep.to(dtype)
+        per_token = per_token * weight
+        extra_metrics["is_weight_mean"] = _masked_mean(weight, m, count)
+    per_token = per_token * policy_mask
+
+    kl_type = config.effective_kl_type
+    if kl is None and kl_type is not None and kl_type != "full" and ref_logp is not None:
+        kl = _kl(logp, ref_logp, kl_type)
+    if kl is not None and config.use_bias_correction_kl:
+        kl = kl * ratio
+    if kl is not None and config.beta != 0:
+        per_token = per_token + config.beta * kl * m
+    if entropy is not None and config.entropy_coef != 0:
+        per_token = per_token - config.entropy_coef * entropy * m
+
+    loss = _aggregate(per_token, m, config)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        if r.numel() > 0:
+            ratio_max = torch.where(valid, r, float("-inf")).max()
+            ratio_max = torch.where(count > 0, ratio_max, zero)
+        else:
+            ratio_max = zero
+        metrics = {
+            "clip_frac": zero if clipped is None else _masked_mean(clipped.to(dtype), m, count),
+            "kl_mean": zero if kl is None else _masked_mean(kl.detach(), m, count),
+            "entropy_mean": zero if entropy is None else _masked_mean(entropy.detach(), m, count),
+            "ratio_mean": _masked_mean(r, m, count),
+            "ratio_max": ratio_max,
+            **{k: v.detach() for k, v in extra_metrics.items()},
+        }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+def _check_per_token(name: str, t, shape) -> None:
+    if t is None:
+        return
+    check_float(name, t)
+    if tuple(t.shape) != tuple(shape):
+        want = "[" + ", ".join(str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want} (the shape of logp), got {shape_str(t)}")
+
+
+def _check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp,
+                       config, has_entropy, full_kl=False, ref_model=False) -> None:
+    """Validate the per-token arguments of a policy loss over a [B, T] batch (shared by the fused op).
+
+    ``anchor`` is the tensor the others must share a device with; ``full_kl``/``ref_model`` say the
+    caller can compute the exact KL / the reference log-probs itself.
+    """
+    check_float("advantages", advantages)
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(f"advantages must have shape [B] or [B, T] = [{B}] or [{B}, {T}], got {shape_str(advantages)}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if not (mask.dtype == torch.bool or mask.dtype in _INT_DTYPES or mask.is_floating_point()):
+        dtype = str(mask.dtype).replace("torch.", "")
+        raise TypeError(f"mask must be a bool, integer or float tensor, got dtype {dtype}")
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"mask must have shape [{B}, {T}] (the [B, T] of {anchor_name}), got {shape_str(mask)}")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
+                    ("rollout_logp", rollout_logp)):
+        _check_per_token(name, t, (B, T))
+    n_items = config.num_items_in_batch if isinstance(config.num_items_in_batch, torch.Tensor) else None
+    check_same_device(**{anchor_name: anchor}, advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+                      entropy=entropy, rollout_logp=rollout_logp)
+    if n_items is not None and n_items.device != anchor.device and n_items.device.type != "cpu":
+        raise ValueError(f"config.num_items_in_batch is on {n_items.device} but {anchor_name} is on {anchor.device}")
+
+    if config.effective_kl_type == "full" and not full_kl:
+        raise ValueError("kl_type='full' needs the reference model's full distribution, which policy_loss "
+                         "cannot get from log-probs: use fused_linear_policy_loss with ref_hidden/ref_weight, "
+                         "or kl_type 'k1', 'k2' or 'k3' with ref_logp")
+    if config.beta > 0 and ref_logp is None and not (full_kl or ref_model):
+        raise ValueError(f"ref_logp is required when config.beta > 0 (beta={config.beta!r}, "
+                         f"kl_type={config.effective_kl_type!r})")
+    if not has_entropy and config.entropy_coef != 0:
+        raise ValueError(f"entropy is required when config.entropy_coef != 0 (got {config.entropy_coef!r})")
+    if not has_entropy and config.top_entropy_rho < 1:
+        raise ValueError(f"entropy is required when config.top_entropy_rho < 1 (got {config.top_entropy_rho!r})")
+    if rollout_logp is None and config.is_level is not None:
+        raise ValueError(f"rollout_logp is required when config.is_level is set (got {config.is_level!r})")
+
+
+
+def policy_loss(logp, advantages, mask, *, old_logp=None, ref_logp=None, entropy=None,
+                rollout_logp=None, config=PolicyLossConfig()):
+    """The RL policy loss of ``config`` on per-token log-probs (SPEC sections 2-6).
+
+    Args:
+        logp: [B, T] log-probs of the sampled tokens under the current policy (differentiable).
+        advantages: [B] (one per sequence) or [B, T] (per token).
+        mask: [B, T] completion mask, bool or 0/1 (any nonzero value counts as valid).
+        old_logp: [B, T] log-probs under the policy that the ratio is taken against; default
+            ``logp.detach()`` (on-policy, ratio 1). Treated as constant.
+        ref_logp: [B, T] reference-model log-probs, needed when ``beta > 0`` (constant).
+        entropy: [B, T] per-token entropy, needed when ``entropy_coef != 0`` or
+            ``top_entropy_rho < 1``; differentiable (the entropy bonus backpropagates through it).
+        rollout_logp: [B, T] log-probs from the rollout engine, needed when ``is_level`` is set.
+        config: a ``PolicyLossConfig``.
+
+    Returns:
+        ``(loss, metrics)``: the 0-dim loss to minimise (fp32, fp64 for fp64 ``logp``) and a dict of
+        detached 0-dim tensors (means over valid tokens, 0 when there are none): ``clip_frac``,
+        ``kl_mean``, ``entropy_mean``, ``ratio_mean``, ``ratio_max`` and ``is_weight_mean`` (the
+        mismatch weight applied, 0 where ``is_mode="mask"`` dropped the token) when ``is_level`` is
+        set. ``clip_frac`` counts the tokens whose loss a clip bound decided. With
+        ``config.num_items_in_batch`` the loss is this batch's sum divided by the global token
+        count (sum it over micro-batches and ranks).
+
+    ``kl_type="full"`` needs the reference model's whole distribution: use
+    ``fused_linear_policy_loss`` with ``ref_hidden``/``ref_weight``.
+    """
+    if not isinstance(config, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    check_float("logp", logp, dim=2)
+    B, T = logp.shape
+    _check_policy_args(B, T, "logp", logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
+                       rollout_logp=rollout_logp, config=config, has_entropy=entropy is not None)
+    return _policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
+                             rollout_logp=rollout_logp, config=config)
+
