@@ -22,6 +22,18 @@ TORCH_LIBRARY(pyrl, m) {
   m.def(
       "logprobs_bwd_(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor targets, "
       "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
+  // hidden [N, H], weight [V, H] -> logp, entropy, lse [N]; tokens in chunks of chunk_rows, so at
+  // most [chunk_rows, V] logits exist at a time.
+  m.def(
+      "fused_linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "float temperature, int ignore_index, bool compute_entropy, int chunk_rows) "
+      "-> (Tensor logp, Tensor entropy, Tensor lse)");
+  // -> d_hidden, d_weight, d_bias; a gradient that is not needed comes back as an empty [0] tensor.
+  m.def(
+      "fused_linear_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+      "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index, "
+      "int chunk_rows, bool need_hidden, bool need_weight, bool need_bias) "
+      "-> (Tensor d_hidden, Tensor d_weight, Tensor d_bias)");
 }
 
 namespace {
@@ -47,9 +59,29 @@ void logprobs_bwd_inplace_meta(const at::Tensor&, const std::optional<at::Tensor
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, double, int64_t) {}
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_fwd_meta(
+    const at::Tensor& hidden, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, double,
+    int64_t, bool, int64_t) {
+  auto opts = hidden.options().dtype(acc_type(hidden.scalar_type()));
+  auto n = hidden.sym_size(0);
+  return {at::empty_symint({n}, opts), at::empty_symint({n}, opts), at::empty_symint({n}, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_bwd_meta(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+    int64_t, int64_t, bool need_hidden, bool need_weight, bool need_bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  return {need_hidden ? at::empty_like(hidden) : at::empty({0}, hidden.options()),
+          need_weight ? at::empty_like(weight) : at::empty({0}, weight.options()),
+          need_bias && has_bias ? at::empty_like(*bias) : at::empty({0}, weight.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyrl, Meta, m) {
+  m.impl("fused_linear_logprobs_fwd", &fused_linear_logprobs_fwd_meta);
+  m.impl("fused_linear_logprobs_bwd", &fused_linear_logprobs_bwd_meta);
   m.impl("logprobs_fwd", &logprobs_fwd_meta);
   m.impl("logprobs_bwd", &logprobs_bwd_meta);
   m.impl("logprobs_bwd_", &logprobs_bwd_inplace_meta);

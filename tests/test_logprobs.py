@@ -310,3 +310,25 @@ def test_ignored_rows_with_huge_logits_keep_gradients_finite(backend):
     (lp.sum() + en.sum()).backward()
     assert torch.isfinite(weight.grad).all() and torch.isfinite(hidden.grad).all()
     assert (hidden.grad[1] == 0).all() and (hidden.grad[3] == 0).all()
+
+
+def test_fused_linear_cpp_op_traces_under_torch_compile():
+    if not pyrl.backends()["cpp"]["available"]:
+        pytest.skip("pyrl._C not built")
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(31, 8, requires_grad=True)
+    y = _targets(9, 31)
+
+    def step(h, w):
+        lp, en = pyrl.fused_linear_logprobs(h, w, y, return_entropy=True, backend="cpp", chunk_bytes=4 * 31 * 4)
+        return (lp - 0.1 * en).sum()
+
+    out = torch.compile(step, backend="aot_eager", fullgraph=False)(hidden, weight)
+    out.backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref = step(hidden, weight)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gh, hidden.grad)
+    torch.testing.assert_close(gw, weight.grad)

@@ -185,9 +185,11 @@ def _chunk_logits(h, weight, bias):
     return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
 
 
-class _FusedLinearLogprobs(torch.autograd.Function):
+class _ChunkedTorchLinear:
+    """Reference body of the fused op: a Python loop over token chunks with the torch row body."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, need_entropy, rows, chunk):
+    def fwd(hidden, weight, bias, targets, temperature, ignore_index, need_entropy, chunk):
         acc = _acc_dtype(hidden.dtype)
         w = weight.to(acc)
         b = bias.to(acc) if bias is not None else None
@@ -198,28 +200,20 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             logits = _chunk_logits(hidden[s:e].to(acc), w, b)
-            logp[s:e], ent[s:e], lse[s:e] = rows.fwd(logits, targets[s:e], temperature, ignore_index, need_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.cfg = (temperature, ignore_index, need_entropy, rows, chunk)
-        if not need_entropy:
-            ctx.mark_non_differentiable(ent)
-        return logp, ent
+            logp[s:e], ent[s:e], lse[s:e] = _TorchRows.fwd(logits, targets[s:e], temperature, ignore_index,
+                                                           need_entropy)
+        return logp, ent, lse
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        temperature, ignore_index, need_entropy, rows, chunk = ctx.cfg
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def bwd(g_logp, g_ent, hidden, weight, bias, targets, lse, ent, temperature, ignore_index, chunk,
+            need_h, need_w, need_b):
         acc = _acc_dtype(hidden.dtype)
         w = weight.to(acc)
         b = bias.to(acc) if bias is not None else None
-        if g_logp is None:
-            g_logp = torch.zeros_like(lse)
-        g_ent = g_ent if need_entropy else None
         n = hidden.shape[0]
         d_hidden = torch.zeros_like(hidden) if need_h else None
         d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
-        d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None else None
+        d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         active = targets != ignore_index
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
@@ -227,18 +221,61 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 continue  # every row ignored: its gradient is exactly zero
             h = hidden[s:e].to(acc)
             logits = _chunk_logits(h, w, b)
-            dz = rows.bwd(g_logp[s:e], None if g_ent is None else g_ent[s:e], logits, targets[s:e],
-                          lse[s:e], ent[s:e], temperature, ignore_index, out=logits)
+            dz = _TorchRows.bwd(g_logp[s:e], None if g_ent is None else g_ent[s:e], logits, targets[s:e],
+                                lse[s:e], ent[s:e], temperature, ignore_index, out=logits)
             if need_h:
                 d_hidden[s:e] = (dz @ w).to(hidden.dtype)
             if need_w:
                 d_weight.addmm_(dz.t(), h)
-            if d_bias is not None:
+            if need_b:
                 d_bias += dz.sum(0)
-        return (d_hidden,
-                None if d_weight is None else d_weight.to(weight.dtype),
-                None if d_bias is None else d_bias.to(bias.dtype),
-                None, None, None, None, None, None)
+        return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+                None if d_bias is None else d_bias.to(bias.dtype))
+
+
+class _CppLinear:
+    """``torch.ops.pyrl.fused_linear_logprobs_fwd/bwd``: the same chunk loop in C++ (one op each)."""
+
+    @staticmethod
+    def fwd(hidden, weight, bias, targets, temperature, ignore_index, need_entropy, chunk):
+        return torch.ops.pyrl.fused_linear_logprobs_fwd(hidden, weight, bias, targets, float(temperature),
+                                                        int(ignore_index), bool(need_entropy), int(chunk))
+
+    @staticmethod
+    def bwd(g_logp, g_ent, hidden, weight, bias, targets, lse, ent, temperature, ignore_index, chunk,
+            need_h, need_w, need_b):
+        dh, dw, db = torch.ops.pyrl.fused_linear_logprobs_bwd(
+            g_logp, g_ent, hidden, weight, bias, targets, lse, ent, float(temperature), int(ignore_index),
+            int(chunk), bool(need_h), bool(need_w), bool(need_b))
+        return dh if need_h else None, dw if need_w else None, db if need_b else None
+
+
+_LINEAR = {"torch": _ChunkedTorchLinear, "cpp": _CppLinear}
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Saves hidden, weight, bias and the per-row lse/entropy; the body recomputes logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, need_entropy, body, chunk):
+        logp, ent, lse = body.fwd(hidden, weight, bias, targets, temperature, ignore_index, need_entropy, chunk)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.cfg = (temperature, ignore_index, need_entropy, body, chunk)
+        if not need_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, need_entropy, body, chunk = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        g_ent = g_ent if need_entropy else None
+        d_hidden, d_weight, d_bias = body.bwd(g_logp, g_ent, hidden, weight, bias, targets, lse, ent, temperature,
+                                              ignore_index, chunk, need_h, need_w, need_b and bias is not None)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
 def _check_linear_args(hidden, weight, bias, temperature, ignore_index):
@@ -306,6 +343,6 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     else:
         chunk = _chunk_rows(h2.shape[0], weight.shape[0], chunk_bytes)
         logp, ent = _FusedLinearLogprobs.apply(h2, weight, bias, t1, temperature, ignore_index,
-                                               bool(return_entropy), _ROWS[name], chunk)
+                                               bool(return_entropy), _LINEAR[name], chunk)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
