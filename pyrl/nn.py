@@ -1,11 +1,21 @@
 """``torch.nn.Module`` forms of pyrl's ops, with the argument names users of Liger-Kernel/TRL know."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+import warnings
+from typing import Optional
+
 import torch
 
+from pyrl._backend import BACKENDS
+from pyrl._validate import shape_str
+from pyrl.config import PolicyLossConfig
+from pyrl.ops.fused_policy_loss import fused_linear_policy_loss
 from pyrl.ops.logprobs import fused_linear_logprobs
 
-__all__ = ["FusedLinearLogProbs"]
+__all__ = ["FusedLinearGRPOLoss", "FusedLinearLogProbs"]
 
 
 class FusedLinearLogProbs(torch.nn.Module):
@@ -31,3 +41,377 @@ class FusedLinearLogProbs(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
                 f"return_entropy={self.return_entropy}, backend={self.backend!r}")
+
+
+# Liger/TRL loss_type -> (PolicyLossConfig.loss_type, PolicyLossConfig.agg). See the class docstring.
+_LOSS_TYPES = {
+    "grpo": ("ppo", "seq-mean-token-mean"),
+    "bnpo": ("ppo", "token-mean"),
+    "dr_grpo": ("ppo", "seq-mean-token-sum-norm"),
+    "dapo": ("ppo", "token-mean"),
+    "cispo": ("cispo", "token-mean"),
+    "sapo": ("sapo", "seq-mean-token-mean"),
+    "luspo": ("ppo", "seq-mean-token-sum"),
+    "vespo": ("reinforce", "token-mean"),
+}
+# Loss types whose denominator is num_items_in_batch (or the all-reduced token count) / world size.
+_GLOBAL_NORMALISER = ("dapo", "cispo", "vespo")
+# Loss types without a sequence-level ratio (Liger and TRL refuse them too).
+_TOKEN_LEVEL_ONLY = ("cispo", "sapo", "vespo")
+_KL_TYPES = ("k1", "k2", "k3", "full")
+_VESPO_MIN_WEIGHT = math.log(1e-8)  # TRL's floor on VESPO's sequence log-weight
+_LOG_CLAMP = 20.0
+
+
+def _check_number(name: str, x, *, low: Optional[float] = None, strict: bool = False,
+                  allow_none: bool = False) -> None:
+    """``x`` is a finite real (not a bool), ``> low`` (``strict``) or ``>= low``."""
+    if x is None and allow_none:
+        return
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+        raise TypeError(f"{name} must be a finite number{' or None' if allow_none else ''}, "
+                        f"got {type(x).__name__} {x!r}")
+    if low is not None and (x <= low if strict else x < low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {x!r}")
+
+
+def _check_per_sequence(name: str, t, B: int, T: int, shapes: tuple) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    allowed = {"B": (B,), "B1": (B, 1), "BT": (B, T)}
+    if tuple(t.shape) not in [allowed[s] for s in shapes]:
+        want = " or ".join("[" + ", ".join(str(d) for d in allowed[s]) + "]" for s in shapes)
+        raise ValueError(f"{name} must have shape {want} (B={B}, T={T} from _input), got {shape_str(t)}")
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """A drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss`` (Liger-Kernel 0.8.5),
+    computed by :func:`pyrl.fused_linear_policy_loss`.
+
+    The constructor takes Liger's arguments, in Liger's order, with Liger's defaults; ``forward`` takes
+    Liger's arguments and returns Liger's ``(loss, metrics)``, with the same loss and gradients to
+    float tolerance (``tests/test_nn_liger_parity.py`` checks it against Liger itself). pyrl adds
+    keyword-only arguments: ``entropy_coef`` (entropy bonus), ``top_entropy_quantile`` (train only on
+    the top-``rho`` highest-entropy tokens, TRL's name for ``PolicyLossConfig.top_entropy_rho``),
+    ``kl_type`` (``"k1"``, ``"k2"``, ``"k3"`` (Liger's only estimator, the default) or ``"full"``, the
+    exact KL over the vocabulary, which needs ``ref_input``/``ref_weight``) and ``backend``.
+
+    How each Liger ``loss_type`` maps onto :class:`pyrl.PolicyLossConfig` (``N`` = valid tokens of the
+    micro-batch, ``B`` = sequences, ``T`` = padded length, ``W`` = the world size):
+
+    ===========  ===============================================  ==========================================
+    loss_type    PolicyLossConfig                                 denominator of the summed token losses
+    ===========  ===============================================  ==========================================
+    grpo         ppo, agg="seq-mean-token-mean"                   ``|y_b|`` per sequence, then ``B``
+    bnpo         ppo, agg="token-mean"                            ``N`` (``num_items_in_batch`` ignored)
+    dr_grpo      ppo, agg="seq-mean-token-sum-norm",              ``B * max_completion_length`` (required)
+                 max_completion_length
+    dapo         ppo, agg="token-mean"                            ``max(num_items_in_batch / W, 1)``, else
+                                                                  ``max(all-reduced N / W, 1)``
+    cispo        cispo, eps_low=None, eps_high=epsilon_high - 1   as dapo
+    sapo         sapo, tau_pos/neg = sapo_temperature_pos/neg     as grpo
+    luspo        ppo, agg="seq-mean-token-sum"                    ``B`` (see the note below)
+    vespo        reinforce, policy_weight = VESPO's gamma weight  as dapo
+    ===========  ===============================================  ==========================================
+
+    The other arguments: ``epsilon_low``/``epsilon_high`` -> ``eps_low``/``eps_high`` (for ``cispo``,
+    ``epsilon_high`` is the absolute upper bound of the importance weight, so it must be ``>= 1``, e.g.
+    5.0, and ``epsilon_low`` is unused), ``importance_sampling_level`` -> ``ratio_level`` (GSPO),
+    ``delta`` -> ``delta`` (``ppo`` only; ignored with a warning for cispo/sapo/vespo, as Liger ignores
+    it), ``beta``/``use_bias_correction_kl``/``temperature`` -> the same fields, ``vllm_is_ratio`` ->
+    ``policy_weight`` of ``fused_linear_policy_loss`` (multiplies the policy term, not the KL),
+    ``num_items_in_batch`` -> ``num_items_in_batch`` (after Liger's ``/ W`` and clamp to ``>= 1``).
+    ``compiled`` and ``chunk_size`` are accepted and ignored (pyrl's kernels chunk by themselves).
+    With ``use_ref_model=False`` the KL term is zero, as in Liger (which then takes the policy itself
+    as the reference). ``ref_per_token_logps`` wins over ``ref_input``/``ref_weight`` when both are
+    given (with Liger's warning), except for ``kl_type="full"``, which needs the reference head.
+
+    ``metrics`` is Liger's tuple of detached 0-dim tensors: ``(kl_mean, clip_ratio)`` when
+    ``beta != 0``, else ``(clip_ratio,)``. ``kl_mean`` is the mean over valid tokens of the per-token
+    KL (times the ratio with ``use_bias_correction_kl``; 0 with ``use_ref_model=False``);
+    ``clip_ratio`` the fraction of valid tokens with ``A > 0`` and ``r > 1 + epsilon_high`` or
+    ``A < 0`` and ``r < 1 - epsilon_low`` (cispo: ``A > 0`` and ``r > epsilon_high``; always 0 for
+    sapo and vespo). pyrl's full metrics dict of the last call (``entropy_mean``, ``ratio_mean``,
+    ``ratio_max``, ...) is kept in ``self.last_metrics``.
+
+    Where pyrl differs from Liger 0.8.5 on purpose (pinned by ``tests/test_nn_liger_parity.py``):
+
+    * ``clip_ratio`` with ``delta``: pyrl also counts the tokens with ``A < 0`` and ``r > delta``,
+      whose gradient ``delta`` cuts; Liger does not.
+    * ``luspo`` follows TRL >= 1.10, ``sum_b sum_t m*L / B``. Liger equals it for sequence-level
+      ratios with ``beta=0`` and a per-sequence ``vllm_is_ratio``; otherwise Liger sums ``|y_b| * L``
+      over all ``T`` positions, padding included, and divides by ``B*T``, TRL's older formula.
+    * ``use_bias_correction_kl`` with ``importance_sampling_level="sequence"``: the loss is Liger's,
+      but pyrl's gradient of the corrected KL uses each token's own ratio (GSPO-token, SPEC section 2),
+      ``s_b * (d kl_t + kl_t d logp_t)``, where Liger differentiates the sequence ratio,
+      ``s_b * (d kl_t + mean_t(kl) d logp_t)``.
+    * ``vespo`` with a ``[B, T]`` ``vllm_is_ratio``: padded positions do not enter the sequence weight.
+
+    Cost note: VESPO with ``old_per_token_logps`` needs the current log-probs before the loss, so it
+    runs one more forward sweep (no gradient) over the vocabulary.
+
+    A sequence-level ratio with a per-token ``vllm_is_ratio [B, T]`` uses each sequence's mean ratio
+    over its valid tokens, which gives exactly Liger's loss and gradient (Liger multiplies the
+    sequence's loss by every token's ratio, and every aggregation weighs a sequence's tokens alike).
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: Optional[int] = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: Optional[float] = None,
+        use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        *,
+        entropy_coef: float = 0.0,
+        top_entropy_quantile: float = 1.0,
+        kl_type: str = "k3",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if loss_type not in _LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(map(repr, _LOSS_TYPES))}, got {loss_type!r}")
+        if importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', "
+                             f"got {importance_sampling_level!r}")
+        if importance_sampling_level == "sequence" and loss_type in _TOKEN_LEVEL_ONLY:
+            raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type={loss_type!r} "
+                             f"(nor by Liger or TRL): use importance_sampling_level='token'")
+        _check_number("beta", beta, low=0.0)
+        for name, value in (("compiled", compiled), ("use_ref_model", use_ref_model),
+                            ("use_bias_correction_kl", use_bias_correction_kl)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        _check_number("epsilon_low", epsilon_low, low=0.0)
+        _check_number("epsilon_high", epsilon_high, low=0.0)
+        if loss_type == "cispo" and epsilon_high < 1:
+            raise ValueError(
+                f"loss_type='cispo' reads epsilon_high as the absolute upper bound of the importance weight "
+                f"(MiniMax-M1 and TRL use e.g. 5.0), so it must be >= 1; got epsilon_high={epsilon_high!r}, "
+                f"which would shrink every token's weight below 1")
+        if loss_type == "dr_grpo":
+            if (max_completion_length is None or isinstance(max_completion_length, bool)
+                    or not isinstance(max_completion_length, numbers.Integral) or max_completion_length <= 0):
+                raise ValueError(f"loss_type='dr_grpo' needs max_completion_length, an int > 0 (its constant "
+                                 f"normaliser B * max_completion_length), got {max_completion_length!r}")
+        _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, strict=True)
+        _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, strict=True)
+        _check_number("temperature", temperature, low=0.0, strict=True)
+        _check_number("delta", delta, allow_none=True)
+        if delta is not None:
+            if loss_type in ("cispo", "sapo", "vespo"):
+                warnings.warn(f"delta={delta!r} is ignored for loss_type={loss_type!r} (it bounds the PPO ratio only), "
+                              f"as in Liger", stacklevel=2)
+                delta = None
+            elif delta <= 1:
+                raise ValueError(f"delta (two-sided clipping, INTELLECT-2) must be > 1, usually > 1 + epsilon_high "
+                                 f"(e.g. 4), got {delta!r}")
+        for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+                            ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)):
+            _check_number(name, value)
+        _check_number("entropy_coef", entropy_coef)
+        _check_number("top_entropy_quantile", top_entropy_quantile)
+        if not 0 < top_entropy_quantile <= 1:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1] (the fraction of highest-entropy tokens "
+                             f"kept), got {top_entropy_quantile!r}")
+        if kl_type not in _KL_TYPES:
+            raise ValueError(f"kl_type must be one of {', '.join(map(repr, _KL_TYPES))}, got {kl_type!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+        # Liger's attribute names, for code that reads them.
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.chunk_size = chunk_size
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.loss_type = loss_type
+        self.max_completion_length = max_completion_length
+        self.importance_sampling_level = importance_sampling_level
+        self.sapo_temperature_pos = sapo_temperature_pos
+        self.sapo_temperature_neg = sapo_temperature_neg
+        self.temperature = temperature
+        self.delta = delta
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.vespo_k_pos = vespo_k_pos
+        self.vespo_lambda_pos = vespo_lambda_pos
+        self.vespo_k_neg = vespo_k_neg
+        self.vespo_lambda_neg = vespo_lambda_neg
+        self.entropy_coef = entropy_coef
+        self.top_entropy_quantile = top_entropy_quantile
+        self.kl_type = kl_type
+        self.backend = backend
+        self.last_metrics: dict = {}
+
+        # Without a reference model Liger takes the policy itself as the reference: the KL is 0.
+        self._kl_on = beta != 0 and use_ref_model
+        # The PolicyLossConfig this module computes; forward sets num_items_in_batch per call.
+        pyrl_loss, agg = _LOSS_TYPES[loss_type]
+        eps_low, eps_high = epsilon_low, epsilon_high
+        if pyrl_loss == "cispo":
+            eps_low, eps_high = None, epsilon_high - 1.0
+        self.config = PolicyLossConfig(
+            loss_type=pyrl_loss, eps_low=eps_low, eps_high=eps_high, delta=delta,
+            ratio_level=importance_sampling_level, kl_type=kl_type if self._kl_on else None,
+            beta=float(beta) if self._kl_on else 0.0, use_bias_correction_kl=use_bias_correction_kl,
+            entropy_coef=entropy_coef, top_entropy_rho=top_entropy_quantile, agg=agg,
+            max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
+            temperature=temperature, tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg)
+
+    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
+                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
+                vllm_is_ratio=None, num_items_in_batch=None):
+        """Args (Liger's names and shapes):
+            _input: ``[B, T, H]`` hidden states that predict ``selected_token_ids``.
+            lin_weight: ``[V, H]`` LM head; ``bias`` optional ``[V]``.
+            selected_token_ids: ``[B, T]`` sampled token ids; attention_mask: ``[B, T]`` 1 for
+                completion tokens, 0 for padding.
+            advantages: ``[B]`` (pyrl also takes ``[B, T]``, except for vespo).
+            ref_per_token_logps, old_per_token_logps: ``[B, T]`` (constants).
+            ref_input, ref_weight, ref_bias: the reference model's ``[B, T, H]`` hidden states and head,
+                to compute the reference log-probs (or the exact KL with ``kl_type="full"``).
+            vllm_is_ratio: ``[B]``, ``[B, 1]`` or ``[B, T]`` importance ratio of the rollout engine.
+            num_items_in_batch: the global valid-token count (int, float or 0-dim tensor).
+
+        Returns ``(loss, metrics)``: the 0-dim fp32 loss and Liger's metrics tuple (class docstring).
+        """
+        if not isinstance(_input, torch.Tensor) or _input.dim() != 3:
+            got = shape_str(_input) if isinstance(_input, torch.Tensor) else type(_input).__name__
+            raise ValueError(f"_input must be a [B, T, H] tensor, got {got}")
+        B, T = _input.shape[:2]
+        _check_per_sequence("selected_token_ids", selected_token_ids, B, T, ("BT",))
+        _check_per_sequence("attention_mask", attention_mask, B, T, ("BT",))
+        _check_per_sequence("advantages", advantages, B, T, ("B",) if self.loss_type == "vespo" else ("B", "BT"))
+        _check_per_sequence("old_per_token_logps", old_per_token_logps, B, T, ("BT",))
+        _check_per_sequence("ref_per_token_logps", ref_per_token_logps, B, T, ("BT",))
+        _check_per_sequence("vllm_is_ratio", vllm_is_ratio, B, T, ("B", "B1", "BT"))
+        if ref_input is not None and (not isinstance(ref_input, torch.Tensor) or ref_input.shape != _input.shape):
+            got = shape_str(ref_input) if isinstance(ref_input, torch.Tensor) else type(ref_input).__name__
+            raise ValueError(f"ref_input must have the shape of _input {shape_str(_input)}, got {got}")
+        valid = attention_mask != 0
+
+        ref_logp = ref_hidden = None
+        if self._kl_on:
+            full = self.kl_type == "full"
+            if ref_per_token_logps is not None and not full:
+                if ref_input is not None:
+                    warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.",
+                                  stacklevel=2)
+                ref_logp = ref_per_token_logps
+            elif ref_input is not None:
+                if ref_weight is None:
+                    raise ValueError("ref_input was given without ref_weight: pass the reference model's LM head "
+                                     "ref_weight [V, H] (and ref_bias if it has one)")
+                ref_hidden = ref_input
+            elif full:
+                raise ValueError("kl_type='full' (the exact KL over the vocabulary) needs ref_input [B, T, H] and "
+                                 "ref_weight [V, H]; ref_per_token_logps is not enough")
+            else:
+                raise ValueError(f"beta={self.beta!r} with use_ref_model=True needs ref_per_token_logps [B, T] or "
+                                 f"ref_input [B, T, H] with ref_weight [V, H]")
+
+        if self.loss_type == "vespo":
+            policy_weight = self._vespo_weight(_input, lin_weight, selected_token_ids, valid, advantages, bias,
+                                               old_per_token_logps, vllm_is_ratio)
+        else:
+            policy_weight = vllm_is_ratio
+            if policy_weight is not None and policy_weight.dim() == 2 and policy_weight.shape[1] == T \
+                    and self.importance_sampling_level == "sequence":
+                # Liger scales the sequence's loss by every token's ratio: the same as the sequence's
+                # mean ratio on each token, the form whose gradient is the sequence ratio's.
+                w = torch.where(valid, policy_weight.detach().float(), 0.0)
+                policy_weight = w.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+
+        config = self.config
+        if self.loss_type in _GLOBAL_NORMALISER:
+            count = _dapo_normaliser(attention_mask, num_items_in_batch)
+            if count is not None:
+                config = dataclasses.replace(config, num_items_in_batch=count)
+
+        loss, metrics = fused_linear_policy_loss(
+            _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=bias,
+            old_logp=old_per_token_logps, ref_logp=ref_logp, ref_hidden=ref_hidden,
+            ref_weight=ref_weight if ref_hidden is not None else None,
+            ref_bias=ref_bias if ref_hidden is not None else None,
+            policy_weight=policy_weight, config=config, backend=self.backend)
+        self.last_metrics = metrics
+        if self.beta != 0:
+            return loss, (metrics["kl_mean"], metrics["clip_frac"])
+        return loss, (metrics["clip_frac"],)
+
+    @torch.no_grad()
+    def _vespo_weight(self, _input, lin_weight, targets, valid, advantages, bias, old_logp, vllm_is_ratio):
+        """VESPO's detached per-sequence weight ``phi(w) = exp(lambda) * w^k * exp(-lambda * w)``
+        (``phi(1) = 1``), ``w`` the sequence's importance weight ``prod_t r_t`` times the rollout
+        ratio, ``k, lambda`` by the sign of the advantage; computed in log space, as TRL does."""
+        B = _input.shape[0]
+        log_w = torch.zeros(B, 1, dtype=torch.float32, device=_input.device)
+        if old_logp is not None:
+            logp = fused_linear_logprobs(_input.detach(), lin_weight.detach(), torch.where(valid, targets, -100),
+                                         bias=None if bias is None else bias.detach(), temperature=self.temperature,
+                                         backend=self.backend)
+            log_r = (logp - old_logp.float()).clamp(-_LOG_CLAMP, _LOG_CLAMP)
+            log_w = log_w + torch.where(valid, log_r, 0.0).sum(-1, keepdim=True)
+        if vllm_is_ratio is not None:
+            log_v = vllm_is_ratio.float().log().clamp(_VESPO_MIN_WEIGHT, _LOG_CLAMP)
+            log_v = log_v.unsqueeze(-1) if log_v.dim() == 1 else log_v
+            if log_v.shape[1] != 1:
+                log_v = torch.where(valid, log_v, 0.0)
+            log_w = log_w + log_v.sum(-1, keepdim=True)
+        log_w = log_w.clamp(_VESPO_MIN_WEIGHT, _LOG_CLAMP)
+        nonneg = (advantages >= 0).unsqueeze(-1)
+        k = torch.where(nonneg, self.vespo_k_pos, self.vespo_k_neg)
+        lam = torch.where(nonneg, self.vespo_lambda_pos, self.vespo_lambda_neg).clamp(min=1e-4)
+        phi = (lam + k * log_w - lam * log_w.exp()).exp()
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+    def extra_repr(self) -> str:
+        return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon_low={self.epsilon_low}, "
+                f"epsilon_high={self.epsilon_high}, importance_sampling_level={self.importance_sampling_level!r}, "
+                f"temperature={self.temperature}, backend={self.backend!r}")
+
+
+def _dapo_normaliser(attention_mask, num_items_in_batch):
+    """Liger's denominator for dapo/cispo/vespo as a ``num_items_in_batch`` for the config:
+    ``max(num_items_in_batch / W, 1)``, or ``max(all-reduced token count / W, 1)`` under
+    ``torch.distributed`` (W ranks); ``None`` (the local count) on a single process."""
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool \
+                    or num_items_in_batch.is_complex():
+                raise ValueError(f"num_items_in_batch must be a number or a 0-dim real tensor, got a "
+                                 f"{str(num_items_in_batch.dtype).replace('torch.', '')} tensor of shape "
+                                 f"{shape_str(num_items_in_batch)}")
+            count = num_items_in_batch.to(device=attention_mask.device, dtype=torch.float32)
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real) \
+                or not math.isfinite(num_items_in_batch):
+            raise TypeError(f"num_items_in_batch must be a finite number or a 0-dim tensor, "
+                            f"got {type(num_items_in_batch).__name__} {num_items_in_batch!r}")
+        else:
+            count = torch.tensor(float(num_items_in_batch), dtype=torch.float32, device=attention_mask.device)
+    elif world > 1:
+        count = (attention_mask != 0).sum().to(torch.float32)
+        dist.all_reduce(count)
+    else:
+        return None
+    return (count / world).clamp(min=1.0)

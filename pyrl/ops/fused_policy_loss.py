@@ -76,7 +76,7 @@ class _FullKL(torch.autograd.Function):
 
 def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=None, old_logp=None,
                              ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, rollout_logp=None,
-                             config: PolicyLossConfig = PolicyLossConfig(), backend="auto",
+                             policy_weight=None, config: PolicyLossConfig = PolicyLossConfig(), backend="auto",
                              ignore_index=-100, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """The full RL policy loss from hidden states and the LM-head weight. Returns ``(loss, metrics)``.
 
@@ -92,6 +92,8 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
         ref_hidden, ref_weight, ref_bias: the reference model's hidden states and head: used for
             ``kl_type="full"`` (exact KL over the vocabulary), or to compute ``ref_logp`` when it is
             not given and ``beta > 0``.
+        policy_weight: optional [B], [B, 1] or [B, T] constant factor on the policy term (e.g.
+            vLLM's importance ratio); see ``pyrl.policy_loss``.
         config: a ``PolicyLossConfig``; ``config.temperature`` divides the logits.
 
     Entropy is always computed in the same pass (it is nearly free there) and reported as
@@ -109,7 +111,7 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
     full_kl = config.beta > 0 and config.effective_kl_type == "full"
     _check_policy_args(B, T, "hidden", hidden, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=None,
                        rollout_logp=rollout_logp, config=config, has_entropy=True, full_kl=full_kl,
-                       ref_model=ref_hidden is not None)
+                       ref_model=ref_hidden is not None, policy_weight=policy_weight)
     check_same_device(hidden=hidden, weight=weight, targets=targets, ref_hidden=ref_hidden, ref_weight=ref_weight)
     valid = mask.bool()
     # Padding never enters the log-prob pass: no work, no gradient, and any id is allowed there.
@@ -137,4 +139,4 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
                                              temperature=config.temperature, ignore_index=ignore_index,
                                              backend=backend, chunk_bytes=chunk_bytes)
     return _policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
-                             rollout_logp=rollout_logp, config=config, kl=kl)
+                             rollout_logp=rollout_logp, config=config, kl=kl, policy_weight=policy_weight)

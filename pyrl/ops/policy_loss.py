@@ -224,11 +224,12 @@ def _aggregate(per_token: torch.Tensor, m: torch.Tensor, config: PolicyLossConfi
 
 
 def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp, config,
-                      kl=None, entropy_quantile_fn=None):
+                      kl=None, entropy_quantile_fn=None, policy_weight=None):
     """The loss on validated inputs (shapes [B, T]; advantages [B] or [B, T]).
 
     ``kl``: an optional precomputed per-token KL [B, T] (the exact ``"full"`` KL of the fused op),
-    used instead of computing it from ``ref_logp``. ``entropy_quantile_fn(entropy, valid, q)``:
+    used instead of computing it from ``ref_logp``. ``policy_weight``: an optional constant factor
+    [B], [B, 1] or [B, T] on the policy term (see ``policy_loss``). ``entropy_quantile_fn(entropy, valid, q)``:
     returns the 0-dim ``q`` quantile of ``entropy[valid]``; a distributed caller passes one that
     gathers across ranks (SPEC section 5); the default is local.
     Returns ``(loss, metrics)`` as ``policy_loss`` does.
@@ -272,6 +273,10 @@ def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, ro
             policy_mask = policy_mask * keep.to(dtype)
         per_token = per_token * weight
         extra_metrics["is_weight_mean"] = _masked_mean(weight, m, count)
+    if policy_weight is not None:
+        w = policy_weight.detach().to(dtype)
+        w = w.unsqueeze(-1) if w.dim() == 1 else w
+        per_token = per_token * torch.where(valid, w.expand_as(per_token), zero)
     per_token = per_token * policy_mask
 
     kl_type = config.effective_kl_type
@@ -317,7 +322,7 @@ def _check_per_token(name: str, t, shape) -> None:
 
 
 def _check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp,
-                       config, has_entropy, full_kl=False, ref_model=False) -> None:
+                       config, has_entropy, full_kl=False, ref_model=False, policy_weight=None) -> None:
     """Validate the per-token arguments of a policy loss over a [B, T] batch (shared by the fused op).
 
     ``anchor`` is the tensor the others must share a device with; ``full_kl``/``ref_model`` say the
@@ -336,9 +341,14 @@ def _check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp,
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("entropy", entropy),
                     ("rollout_logp", rollout_logp)):
         _check_per_token(name, t, (B, T))
+    if policy_weight is not None:
+        check_float("policy_weight", policy_weight)
+        if tuple(policy_weight.shape) not in ((B,), (B, 1), (B, T)):
+            raise ValueError(f"policy_weight must have shape [B], [B, 1] or [B, T] = [{B}], [{B}, 1] or [{B}, {T}], "
+                             f"got {shape_str(policy_weight)}")
     n_items = config.num_items_in_batch if isinstance(config.num_items_in_batch, torch.Tensor) else None
     check_same_device(**{anchor_name: anchor}, advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
-                      entropy=entropy, rollout_logp=rollout_logp)
+                      entropy=entropy, rollout_logp=rollout_logp, policy_weight=policy_weight)
     if n_items is not None and n_items.device != anchor.device and n_items.device.type != "cpu":
         raise ValueError(f"config.num_items_in_batch is on {n_items.device} but {anchor_name} is on {anchor.device}")
 
@@ -359,7 +369,7 @@ def _check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp,
 
 
 def policy_loss(logp, advantages, mask, *, old_logp=None, ref_logp=None, entropy=None,
-                rollout_logp=None, config=PolicyLossConfig()):
+                rollout_logp=None, policy_weight=None, config=PolicyLossConfig()):
     """The RL policy loss of ``config`` on per-token log-probs (SPEC sections 2-6).
 
     Args:
@@ -372,6 +382,9 @@ def policy_loss(logp, advantages, mask, *, old_logp=None, ref_logp=None, entropy
         entropy: [B, T] per-token entropy, needed when ``entropy_coef != 0`` or
             ``top_entropy_rho < 1``; differentiable (the entropy bonus backpropagates through it).
         rollout_logp: [B, T] log-probs from the rollout engine, needed when ``is_level`` is set.
+        policy_weight: optional [B], [B, 1] or [B, T] constant factor on the policy term ``L`` only
+            (not on KL or the entropy bonus), applied like the mismatch weight: e.g. an importance
+            ratio the rollout engine computed (TRL/Liger ``vllm_is_ratio``). Treated as constant.
         config: a ``PolicyLossConfig``.
 
     Returns:
@@ -391,7 +404,8 @@ def policy_loss(logp, advantages, mask, *, old_logp=None, ref_logp=None, entropy
     check_float("logp", logp, dim=2)
     B, T = logp.shape
     _check_policy_args(B, T, "logp", logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
-                       rollout_logp=rollout_logp, config=config, has_entropy=entropy is not None)
+                       rollout_logp=rollout_logp, config=config, has_entropy=entropy is not None,
+                       policy_weight=policy_weight)
     return _policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
-                             rollout_logp=rollout_logp, config=config)
+                             rollout_logp=rollout_logp, config=config, policy_weight=policy_weight)
 
