@@ -5,16 +5,29 @@
 
 The log-prob pass never holds ``[B*T, V]`` logits (see ``pyrl.ops.logprobs``). ``kl_type="full"``
 (exact KL over the vocabulary to a reference head) runs one more chunked pass over both heads.
+
+Two plans, one result:
+
+* **two passes** (any config; the reference): the log-prob op computes logp/entropy for every token
+  (GEMM 1), the per-token loss is formed on the whole batch, and backward recomputes each chunk's
+  logits (GEMM 2) for d_hidden and d_weight (GEMMs 3, 4).
+* **one pass** (``backend="cpp"`` and a token-separable config: token-level ratio, no top-entropy
+  mask, no sequence-level mismatch weight, no full KL): every aggregation mode is a fixed per-token
+  weighting of the per-token loss (``_agg_weights``), so a chunk's share of the loss and its
+  gradient w.r.t. logp/entropy are known as soon as the chunk's logits are. The chunk's logits are
+  turned into d logits in place and consumed by the two gradient GEMMs right away: three GEMMs in
+  all, no recomputation. The gradients are kept for backward, which only scales them.
 """
 from __future__ import annotations
 
 import torch
 
-from pyrl._validate import check_same_device, check_shape, shape_str
+from pyrl._validate import check_same_device, check_targets, check_shape, shape_str
 from pyrl.config import PolicyLossConfig
-from pyrl.ops.logprobs import (DEFAULT_CHUNK_BYTES, _acc_dtype, _check_linear_args, _chunk_logits, _chunk_rows,
+from pyrl._backend import resolve_backend
+from pyrl.ops.logprobs import (_ROWS, DEFAULT_CHUNK_BYTES, _acc_dtype, _check_linear_args, _chunk_logits, _chunk_rows,
                                fused_linear_logprobs)
-from pyrl.ops.policy_loss import _check_policy_args, _policy_loss_core
+from pyrl.ops.policy_loss import _agg_weights, _check_policy_args, _is_token_separable, _policy_loss_core
 
 __all__ = ["fused_linear_policy_loss"]
 
@@ -74,6 +87,97 @@ class _FullKL(torch.autograd.Function):
                 None if d_bias is None else d_bias.to(bias.dtype), None, None, None, None, None, None)
 
 
+class _OnePassPolicyLoss(torch.autograd.Function):
+    """Forward computes the loss *and* d_hidden/d_weight/d_bias chunk by chunk; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, rows, chunk, chunk_loss):
+        acc = _acc_dtype(hidden.dtype)
+        w = weight.to(acc)
+        b = bias.to(acc) if bias is not None else None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n = hidden.shape[0]
+        d_hidden = torch.zeros_like(hidden) if need_h else None
+        d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
+        d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        loss = hidden.new_zeros((), dtype=acc)
+        sums = None
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            h = hidden[s:e].to(acc)
+            logits = _chunk_logits(h, w, b)
+            lp, ent, lse = rows.fwd(logits, targets[s:e], temperature, ignore_index, True)
+            with torch.enable_grad():
+                lp_leaf, ent_leaf = lp.requires_grad_(), ent.requires_grad_()
+                loss_c, sums_c = chunk_loss(lp_leaf, ent_leaf, s, e)
+                g_lp, g_ent = torch.autograd.grad(loss_c, (lp_leaf, ent_leaf), allow_unused=True)
+            loss += loss_c.detach()
+            sums = sums_c if sums is None else _merge_sums(sums, sums_c)
+            if not (need_h or need_w or need_b):
+                continue
+            g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
+            dz = rows.bwd(g_lp, g_ent, logits, targets[s:e], lse, ent.detach(), temperature, ignore_index, out=logits)
+            if need_h:
+                d_hidden[s:e] = (dz @ w).to(hidden.dtype)
+            if need_w:
+                d_weight.addmm_(dz.t(), h)
+            if need_b:
+                d_bias += dz.sum(0)
+        ctx.grads = (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+                     None if d_bias is None else d_bias.to(bias.dtype))
+        ctx.mark_non_differentiable(*sums.values())
+        return (loss, *sums.values())
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        grads = [None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads]
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None)
+
+
+def _merge_sums(a: dict, b: dict) -> dict:
+    return {k: torch.maximum(a[k], b[k]) if k == "ratio_max" else a[k] + b[k] for k in a}
+
+
+def _one_pass_loss(hidden, weight, bias, targets, mask, advantages, *, old_logp, ref_logp, rollout_logp,
+                   policy_weight, config, rows, ignore_index, chunk_bytes):
+    """The one-pass plan (see the module docstring) over flattened tokens."""
+    B, T, H = hidden.shape
+    valid = mask.bool()
+    m = valid.to(_acc_dtype(hidden.dtype))
+    agg_w = _agg_weights(m, config).reshape(1, -1)
+    adv = advantages.unsqueeze(-1).expand(B, T) if advantages.dim() == 1 else advantages
+    if policy_weight is not None:
+        policy_weight = policy_weight.unsqueeze(-1) if policy_weight.dim() == 1 else policy_weight
+        policy_weight = policy_weight.expand(B, T)
+    flat = {k: None if v is None else v.reshape(1, -1) for k, v in
+            dict(adv=adv, valid=valid, old=old_logp, ref=ref_logp, roll=rollout_logp, pw=policy_weight).items()}
+
+    def piece(name, s, e):
+        x = flat[name]
+        return None if x is None else x[:, s:e]
+
+    def chunk_loss(lp, ent, s, e):
+        loss, metrics = _policy_loss_core(
+            lp.unsqueeze(0), piece("adv", s, e), piece("valid", s, e), old_logp=piece("old", s, e),
+            ref_logp=piece("ref", s, e), entropy=ent.unsqueeze(0), rollout_logp=piece("roll", s, e), config=config,
+            policy_weight=piece("pw", s, e), agg_weight=agg_w[:, s:e])
+        count = piece("valid", s, e).sum().to(loss.dtype)
+        # the core reports means over the chunk's valid tokens: turn them into sums to merge chunks
+        return loss, {k: v if k == "ratio_max" else v * count for k, v in metrics.items()}
+
+    chunk = _chunk_rows(B * T, weight.shape[0], chunk_bytes)
+    loss, *values = _OnePassPolicyLoss.apply(hidden.reshape(B * T, H), weight, bias, targets.reshape(-1),
+                                             config.temperature, ignore_index, rows, chunk, chunk_loss)
+    keys = ["clip_frac", "kl_mean", "entropy_mean", "ratio_mean", "ratio_max"]
+    if config.is_level is not None:
+        keys.append("is_weight_mean")
+    total = m.sum()
+    metrics = {k: v if k == "ratio_max" else torch.where(total > 0, v / total.clamp(min=1), 0.0)
+               for k, v in zip(keys, values)}
+    return loss, metrics
+
+
 def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=None, old_logp=None,
                              ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, rollout_logp=None,
                              policy_weight=None, config: PolicyLossConfig = PolicyLossConfig(), backend="auto",
@@ -116,6 +220,15 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
     valid = mask.bool()
     # Padding never enters the log-prob pass: no work, no gradient, and any id is allowed there.
     targets = torch.where(valid, targets, torch.full_like(targets, ignore_index))
+    name = resolve_backend(backend, hidden.device, has=("torch", "cpp", "triton"))
+    if name == "cpp" and _is_token_separable(config) and B * T > 0:
+        if config.beta > 0 and ref_logp is None and ref_hidden is not None:
+            ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend,
+                                     chunk_bytes)
+        targets = check_targets("targets", targets, (B, T), weight.shape[0], ignore_index)
+        return _one_pass_loss(hidden, weight, bias, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp,
+                              rollout_logp=rollout_logp, policy_weight=policy_weight, config=config,
+                              rows=_ROWS["cpp"], ignore_index=ignore_index, chunk_bytes=chunk_bytes)
     logp, entropy = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=config.temperature,
                                           ignore_index=ignore_index, return_entropy=True, backend=backend,
                                           chunk_bytes=chunk_bytes)
@@ -132,11 +245,15 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
                            None if ref_bias is None else ref_bias.detach(), valid.reshape(-1),
                            config.temperature, chunk).reshape(B, T)
     elif config.beta > 0 and ref_logp is None and ref_hidden is not None:
-        if ref_weight is None:
-            raise ValueError("ref_hidden was given without ref_weight: pass both (or pass ref_logp)")
-        with torch.no_grad():
-            ref_logp = fused_linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias,
-                                             temperature=config.temperature, ignore_index=ignore_index,
-                                             backend=backend, chunk_bytes=chunk_bytes)
+        ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes)
     return _policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
                              rollout_logp=rollout_logp, config=config, kl=kl, policy_weight=policy_weight)
+
+
+def _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes):
+    """Reference-model log-probs from its hidden states and head, without gradient."""
+    if ref_weight is None:
+        raise ValueError("ref_hidden was given without ref_weight: pass both (or pass ref_logp)")
+    with torch.no_grad():
+        return fused_linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, temperature=config.temperature,
+                                     ignore_index=ignore_index, backend=backend, chunk_bytes=chunk_bytes)

@@ -223,8 +223,40 @@ def _aggregate(per_token: torch.Tensor, m: torch.Tensor, config: PolicyLossConfi
     return per_token.sum() / max(B * length, 1)
 
 
+def _agg_weights(m: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
+    """Per-token weights ``w`` [B, T] with ``_aggregate(x, m, config) == (x * w).sum()`` for any ``x``
+    that is zero at padding: every aggregation mode is linear in the per-token loss. The one-pass
+    fused loss uses them to form a chunk's share of the loss and its gradient before the rest of
+    the batch exists."""
+    B, T = m.shape
+    if config.agg == "token-mean":
+        n = config.num_items_in_batch
+        if n is None:
+            denom = m.sum().clamp(min=1)
+        elif isinstance(n, torch.Tensor):
+            n = n.to(device=m.device, dtype=m.dtype)
+            denom = torch.where(n > 0, n, torch.ones_like(n))
+        else:
+            denom = torch.tensor(float(n), dtype=m.dtype, device=m.device)
+        return m / denom
+    if config.agg == "seq-mean-token-mean":
+        return m / (m.sum(-1, keepdim=True).clamp(min=1) * max(B, 1))
+    if config.agg == "seq-mean-token-sum":
+        return m / max(B, 1)
+    length = config.max_completion_length if config.max_completion_length is not None else T
+    return m / max(B * length, 1)
+
+
+def _is_token_separable(config: PolicyLossConfig) -> bool:
+    """True when token t's loss depends on token t's log-prob and entropy alone (no sequence-level
+    ratio or mismatch weight, no batch-wide entropy quantile, no vocabulary-wide KL)."""
+    return (config.effective_ratio_level == "token" and config.top_entropy_rho == 1.0
+            and config.is_level in (None, "token")
+            and not (config.beta > 0 and config.effective_kl_type == "full"))
+
+
 def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp, config,
-                      kl=None, entropy_quantile_fn=None, policy_weight=None):
+                      kl=None, entropy_quantile_fn=None, policy_weight=None, agg_weight=None):
     """The loss on validated inputs (shapes [B, T]; advantages [B] or [B, T]).
 
     ``kl``: an optional precomputed per-token KL [B, T] (the exact ``"full"`` KL of the fused op),
@@ -232,6 +264,7 @@ def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, ro
     [B], [B, 1] or [B, T] on the policy term (see ``policy_loss``). ``entropy_quantile_fn(entropy, valid, q)``:
     returns the 0-dim ``q`` quantile of ``entropy[valid]``; a distributed caller passes one that
     gathers across ranks (SPEC section 5); the default is local.
+    ``agg_weight``: [B, T] weights replacing the aggregation (see ``_agg_weights``).
     Returns ``(loss, metrics)`` as ``policy_loss`` does.
     """
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -289,7 +322,8 @@ def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, ro
     if entropy is not None and config.entropy_coef != 0:
         per_token = per_token - config.entropy_coef * entropy * m
 
-    loss = _aggregate(per_token, m, config)
+    # agg_weight: precomputed ``_agg_weights`` of the whole batch, when this call sees only a chunk.
+    loss = _aggregate(per_token, m, config) if agg_weight is None else (per_token * agg_weight).sum()
 
     with torch.no_grad():
         r = ratio.detach()
