@@ -61,7 +61,9 @@ def check_targets(name: str, targets, lead_shape: Sequence[int], vocab: int, ign
         want = "[" + ", ".join(str(s) for s in lead_shape) + "]"
         raise ValueError(f"{name} must have shape {want} (the leading dims of the input), got {shape_str(targets)}")
     total = vocab if vocab_total is None else vocab_total
-    if targets.numel():
+    # The id range check reads a value back from the device; inside torch.compile it would break
+    # the graph, so compiled regions rely on the eager run having checked the same data path.
+    if targets.numel() and not torch.compiler.is_compiling():
         valid = targets != ignore_index
         bad = valid & ((targets < 0) | (targets >= total))
         if bool(bad.any()):
