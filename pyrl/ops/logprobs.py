@@ -15,7 +15,9 @@ Two autograd Functions own what is saved and recomputed; the backends only suppl
 The row bodies: ``"torch"`` (the reference, plain PyTorch) and ``"cpp"`` (``torch.ops.pyrl`` from
 ``csrc/logprobs_cpu.cpp``, one online pass over the vocabulary per row). Both compute in fp32 (fp64
 for fp64 inputs) whatever the input dtype. A row's result never depends on the other rows (the
-reduction order is fixed per row), so log-probs are batch-invariant.
+reduction order is fixed per row, and every logits GEMM of the fused op runs on a multiple of
+``GEMM_ROW_QUANTUM`` rows, see below), so log-probs and entropy are batch-invariant bit for bit
+(docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -44,7 +46,10 @@ class _TorchRows:
     def fwd(logits, targets, temperature, ignore_index, need_entropy):
         acc = _acc_dtype(logits.dtype)
         z = logits.to(acc) / temperature
-        lse = torch.logsumexp(z, dim=-1)
+        # logsumexp with an n-independent summation order (see _row_sum); the max is exact.
+        zmax = z.amax(dim=-1, keepdim=True)
+        zmax = torch.where(torch.isfinite(zmax), zmax, 0.0)
+        lse = _row_sum((z - zmax).exp()).log() + zmax.squeeze(1)
         finite = torch.isfinite(lse)
         valid = targets != ignore_index
         zy = z.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
@@ -54,7 +59,7 @@ class _TorchRows:
             safe_lse = torch.where(finite, lse, 0.0).unsqueeze(1)
             # -inf logits are clamped so that p * log p is 0 * (large finite) = 0, not 0 * inf.
             log_p = z.clamp(min=torch.finfo(acc).min) - safe_lse
-            ent = (-(log_p.exp() * log_p).sum(-1)).clamp(min=0.0)
+            ent = (-_row_sum(log_p.exp() * log_p)).clamp(min=0.0)
             ent = torch.where(valid & finite, ent, 0.0)
         else:
             ent = torch.zeros_like(lse)
@@ -102,7 +107,7 @@ class _CppRows:
 
 
 _ROWS = {"torch": _TorchRows, "cpp": _CppRows}
-_HAS = ("torch", "cpp")
+_HAS = ("torch", "cpp", "triton")
 
 
 def _triton_module():
@@ -176,13 +181,57 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
 # --------------------------------------------------------------------------------------------
 # fused_linear_logprobs: chunked over tokens, logits recomputed per chunk in backward
 # --------------------------------------------------------------------------------------------
+# Batch invariance of the GEMMs. A BLAS may give a row of ``h @ W.T`` other last bits depending on
+# how many rows the call has: MKL (PyTorch's x86 BLAS) does whenever M is not a multiple of 4 (its
+# edge kernels sum in another order). Every logits GEMM of the fused ops therefore runs on a
+# multiple of GEMM_ROW_QUANTUM rows, zero-padding the last chunk, so a token's logits (and so its
+# log-prob, entropy and d_hidden) are bitwise the same whatever else is in the batch. 16 covers
+# microkernel heights 1, 2, 4, 8 and 16. Keep equal to kGemmRowQuantum in csrc/fused_linear_cpu.cpp.
+GEMM_ROW_QUANTUM = 16
+# Row reductions of the torch body run over blocks of this many entries: a single sum over a row
+# longer than ATen's grain size (32768) is split across threads when it is the only output, which
+# changes its rounding with the number of rows.
+_SUM_BLOCK = 2048
+
+
 def _chunk_rows(n_rows: int, vocab: int, chunk_bytes: int) -> int:
-    return max(1, min(n_rows, chunk_bytes // max(1, vocab * 4)))
+    rows = chunk_bytes // max(1, vocab * 4)
+    if rows >= GEMM_ROW_QUANTUM:
+        rows -= rows % GEMM_ROW_QUANTUM  # full chunks need no padding
+    return max(1, min(n_rows, rows))
+
+
+def _padded_chunk_logits(h, weight, bias):
+    """``h @ weight.T + bias`` computed on ``h`` zero-padded to a multiple of GEMM_ROW_QUANTUM rows;
+    returns the padded ``[c', V]`` buffer (its first ``h.shape[0]`` rows are the logits)."""
+    pad = -h.shape[0] % GEMM_ROW_QUANTUM
+    if pad:
+        h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
 
 
 def _chunk_logits(h, weight, bias):
-    # h, weight, bias already in the accumulation dtype.
-    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+    # h, weight, bias already in the accumulation dtype; a row-contiguous [c, V] view.
+    return _padded_chunk_logits(h, weight, bias)[: h.shape[0]]
+
+
+def _padded_rows_mm(full, rows, w):
+    """``full[:rows] @ w`` as a GEMM over all of ``full`` (whose rows past ``rows`` are zeroed here),
+    so the call has a multiple of GEMM_ROW_QUANTUM rows (see ``_padded_chunk_logits``)."""
+    if full.shape[0] != rows:
+        full[rows:] = 0
+    return (full @ w)[:rows]
+
+
+def _row_sum(x):
+    """``x.sum(-1)`` for ``[n, V]`` with a reduction order that does not depend on ``n``."""
+    n, V = x.shape
+    if V <= _SUM_BLOCK:
+        return x.sum(-1)
+    pad = -V % _SUM_BLOCK
+    if pad:
+        x = torch.cat([x, x.new_zeros(n, pad)], dim=1)
+    return x.reshape(n, -1, _SUM_BLOCK).sum(-1).sum(-1)
 
 
 class _ChunkedTorchLinear:
@@ -220,11 +269,12 @@ class _ChunkedTorchLinear:
             if not bool(active[s:e].any()):
                 continue  # every row ignored: its gradient is exactly zero
             h = hidden[s:e].to(acc)
-            logits = _chunk_logits(h, w, b)
+            full = _padded_chunk_logits(h, w, b)
+            logits = full[: e - s]
             dz = _TorchRows.bwd(g_logp[s:e], None if g_ent is None else g_ent[s:e], logits, targets[s:e],
                                 lse[s:e], ent[s:e], temperature, ignore_index, out=logits)
             if need_h:
-                d_hidden[s:e] = (dz @ w).to(hidden.dtype)
+                d_hidden[s:e] = _padded_rows_mm(full, e - s, w).to(hidden.dtype)
             if need_w:
                 d_weight.addmm_(dz.t(), h)
             if need_b:

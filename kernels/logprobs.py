@@ -1,0 +1,600 @@
+"""Triton kernels for per-token log-probs and entropy (SPEC §1), from logits or from hidden states.
+
+    z = (h @ W.T + bias) / temperature
+    logp[n]    = z[n, y[n]] - lse[n],            lse[n] = logsumexp_v z[n, v]
+    entropy[n] = log s[n] - t[n] / s[n],         s = sum_v exp(z - m),  t = sum_v exp(z - m) (z - m)
+
+Every reduction over the vocabulary is online: a row keeps its running max ``m`` and, relative to
+it, the sum-exp ``s`` and ``t = sum exp(z - m)(z - m)``. Keeping ``t`` relative to the max is what
+lets ``entropy = log s - t / s`` be formed without cancelling two large numbers.
+
+What the kernels remove, in memory traffic:
+
+* ``LogprobRows`` (logits already exist, ``[n, V]``): one program per row streams the row once in
+  forward (max, sum-exp, sum-exp*(z-m) and the target logit in the same pass; no fp32 copy, no
+  ``log_softmax`` tensor) and once in backward, which may write ``d_logits`` over the logits
+  (``out=logits``) so no second ``[n, V]`` buffer exists.
+* ``fused_linear_logprobs`` (hidden states and the LM head): the logits never reach memory.
+  ``_fused_fwd_kernel`` computes ``[BLOCK_N, BLOCK_V]`` tiles of ``h @ W.T`` with ``tl.dot`` over
+  ``BLOCK_H`` slices and folds each tile into the running statistics while it is in registers; the
+  ``[N, V]`` fp32 logits (1.2 GB per 2k tokens at V=151936) become ``3 * N * V / 2048`` floats of
+  per-slice partials, merged by ``_fused_combine_kernel``. Backward recomputes the tiles instead of
+  reading saved logits: ``_fused_bwd_hidden_kernel`` (one program per token tile) accumulates
+  ``d_hidden = dz @ W`` over the vocabulary, ``_fused_bwd_weight_kernel`` (one program per
+  vocabulary tile) accumulates ``d_weight = dz.T @ h`` and ``d_bias`` over the tokens. Both add
+  into fp32 buffers that each program owns (no atomics: deterministic). The price: the logits are
+  computed three times (``8 N H V`` FLOPs of matmul for forward + backward, against ``6 N H V``
+  for an unfused implementation), each backward tile reads and writes its fp32 accumulator slice,
+  and bf16/fp16 inputs need fp32 ``[N, H]`` and ``[V, H]`` accumulators during backward.
+
+Numerics: fp32 accumulation for bf16/fp16 inputs, whose ``dz`` is rounded to the input dtype
+before the two backward matmuls (as flash-attention does with P); fp32 inputs use 3xTF32
+products (fp32-class error, on tensor cores); fp64 is refused (use ``backend="torch"``).
+``-inf`` logits (masked tokens, or a ``-inf`` bias) contribute nothing; a target at ``-inf`` gets
+``logp = -inf``; ``logp`` is clamped to ``<= 0`` and entropy to ``>= 0``. Rows equal to
+``ignore_index`` give 0 and no gradient.
+
+Batch invariance: a row's vocabulary reduction order depends only on ``V`` and ``H``, never on
+``N`` or on the other rows. The forward splits the vocabulary into fixed ``_VOCAB_SPLIT``-wide
+slices (so small ``N`` still fills the GPU) merged in slice order; ``@triton.autotune`` is keyed
+on ``H`` and ``V`` only, so a process uses one tiling per shape (another process may autotune
+to another tiling, i.e. other last bits; pin one config for bitwise reproducibility across runs).
+
+The configs were chosen from compile-time reports (ptxas for sm80/sm90: registers, spills,
+shared memory), not yet from timings on hardware. Under ``TRITON_INTERPRET=1`` (CPU tests) each
+kernel has one small config, so nothing is autotuned and every code path (several vocabulary
+slices and tiles) runs on small shapes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["LogprobRows", "fused_linear_logprobs"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if _INTERPRET and isinstance(tl.max, triton.runtime.jit.JITFunction):
+    raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported, so Triton's library functions are "
+                       "compiled, not interpreted; set TRITON_INTERPRET=1 before the first `import triton`")
+_FP64_ERROR = "backend='triton' does not support float64; use backend='torch'"
+
+# Vocabulary slice of one forward program; a multiple of every BLOCK_V below. Fixed per V so the
+# per-row merge order never depends on N.
+_VOCAB_SPLIT = 128 if _INTERPRET else 2048
+# Triton's interpreter multiplies bf16 tiles as their uint16 bit patterns, so on CPU the dot operands
+# are widened first; bf16 x bf16 (and fp16 x fp16) products are exact in fp32, so nothing else changes.
+_WIDEN_DOT_OPERANDS = tl.constexpr(_INTERPRET)
+_GROUP_N = 8  # token tiles that sweep the same weight slices together (L2 reuse of W)
+
+
+def _configs(named: dict[str, triton.Config], small: triton.Config) -> list[triton.Config]:
+    return [small] if _INTERPRET else list(named.values())
+
+
+def _cfg(n: int, v: int, h: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_H": h}, num_warps=warps, num_stages=stages)
+
+
+# Named configs (tiles token x vocabulary x hidden). "any-" fits every GPU's shared memory: the
+# autotuner skips configs that do not fit, e.g. the big Hopper tiles on a 100 KB consumer card or
+# for fp32 inputs.
+_FWD_CONFIGS = {
+    "hopper-128x256x64-w8-s3": _cfg(n=128, v=256, h=64, warps=8, stages=3),
+    "hopper-128x128x64-w8-s4": _cfg(n=128, v=128, h=64, warps=8, stages=4),
+    "ampere-128x128x32-w4-s4": _cfg(n=128, v=128, h=32, warps=4, stages=4),
+    "ampere-64x128x64-w4-s3": _cfg(n=64, v=128, h=64, warps=4, stages=3),
+    "any-64x64x32-w4-s2": _cfg(n=64, v=64, h=32, warps=4, stages=2),
+}
+_BWD_HIDDEN_CONFIGS = {
+    "hopper-128x128x64-w8-s3": _cfg(n=128, v=128, h=64, warps=8, stages=3),
+    "hopper-64x256x64-w8-s3": _cfg(n=64, v=256, h=64, warps=8, stages=3),
+    "ampere-64x128x64-w4-s3": _cfg(n=64, v=128, h=64, warps=4, stages=3),
+    "any-64x64x32-w4-s2": _cfg(n=64, v=64, h=32, warps=4, stages=2),
+}
+_BWD_WEIGHT_CONFIGS = {
+    "hopper-128x128x64-w8-s3": _cfg(n=128, v=128, h=64, warps=8, stages=3),
+    "hopper-64x256x64-w8-s3": _cfg(n=64, v=256, h=64, warps=8, stages=3),
+    "ampere-64x128x64-w4-s3": _cfg(n=64, v=128, h=64, warps=4, stages=3),
+    "any-64x64x32-w4-s2": _cfg(n=64, v=64, h=32, warps=4, stages=2),
+}
+_SMALL = _cfg(n=16, v=32, h=16, warps=4, stages=1)
+assert all(_VOCAB_SPLIT % c.kwargs["BLOCK_V"] == 0 for c in _configs(_FWD_CONFIGS, _SMALL)), \
+    "a vocabulary slice must be a whole number of BLOCK_V tiles"
+
+
+def _row_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernels: a function of V only (batch invariance).
+
+    The row kernels are bandwidth-bound and the backward may run in place, so they are not
+    autotuned (benchmarking an in-place kernel would need a copy of the logits).
+    """
+    if _INTERPRET:
+        return 128, 4
+    block = min(4096, triton.next_power_of_2(vocab))
+    return block, max(4, min(16, block // 256))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b, fp32 accumulation."""
+    if _WIDEN_DOT_OPERANDS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _merge_stats(m_a, s_a, t_a, m_b, s_b, t_b):
+    """Merge two (max, sum-exp, sum-exp*(z-max)) summaries; either may be empty (m = -inf, s = t = 0)."""
+    m = tl.maximum(m_a, m_b)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    # An empty side has s = t = 0; its offset is set to 0 so that -inf - -inf or 0 * inf never appear.
+    d_a = tl.where(m_a == float("-inf"), 0.0, m_a - m_safe)
+    d_b = tl.where(m_b == float("-inf"), 0.0, m_b - m_safe)
+    a = tl.exp(d_a)
+    b = tl.exp(d_b)
+    s = s_a * a + s_b * b
+    t = a * (t_a + s_a * d_a) + b * (t_b + s_b * d_b)
+    return m, s, t
+
+
+@triton.jit
+def _finish_row(m, s, t, zy, valid, NEED_ENTROPY: tl.constexpr):
+    """(lse, logp, entropy) of rows from their merged summaries and target logits."""
+    lse = m + tl.log(s)
+    finite = (lse == lse) & (tl.abs(lse) < float("inf"))
+    logp = tl.where(finite, tl.minimum(zy - lse, 0.0), float("-inf"))
+    logp = tl.where(valid, logp, 0.0)
+    if NEED_ENTROPY:
+        ent = tl.maximum(tl.log(s) - t / s, 0.0)
+        ent = tl.where(valid & finite, ent, 0.0)
+    else:
+        ent = lse * 0.0
+    return lse, logp, ent
+
+
+@triton.jit
+def _softmax_grad(z, ok, lse, mu, g1, g2, is_target, HAS_G_ENT: tl.constexpr):
+    """dz of g1 * logp + g2 * entropy w.r.t. logits z (g1, g2 already divided by temperature); 0 if not ``ok``.
+
+    dz = g1 * (onehot - p) - g2 * p * (z - mu),   p = exp(z - lse),   mu = sum_v p_v z_v = lse - entropy
+    """
+    zc = tl.maximum(z, -3.4028234663852886e38)  # p * (z - mu) must be 0, not 0 * inf, at -inf
+    p = tl.where(ok, tl.exp(zc - lse), 0.0)  # not exp(z - 0) = inf (times g = 0) on rows without a gradient
+    if HAS_G_ENT:
+        # p * (z - mu) first: it is 0 at -inf logits, where g2 * (z - mu) alone could overflow.
+        dz = tl.where(is_target, g1, 0.0) - p * g1 - g2 * (p * (zc - mu))
+    else:
+        dz = tl.where(is_target, g1, 0.0) - p * g1
+    return dz
+
+
+# --------------------------------------------------------------------------------------------
+# Rows of existing logits
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["n_rows"])
+def _rows_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, ent_ptr, lse_ptr, n_rows, V, temperature, ignore_index,
+                     NEED_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    y = tl.load(y_ptr + row)
+    valid = y != ignore_index
+    zy = tl.load(x_row + tl.where(valid, y, 0)).to(tl.float32) / temperature
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+        m_b = tl.max(z, 0)
+        m_b_safe = tl.where(m_b == float("-inf"), 0.0, m_b)
+        d = tl.maximum(z - m_b_safe, -3.4028234663852886e38)  # exp(d) * d = 0, not 0 * -inf, at -inf
+        e = tl.exp(d)
+        s_b = tl.sum(e, 0)
+        if NEED_ENTROPY:
+            t_b = tl.sum(e * d, 0)
+        else:
+            t_b = tl.zeros((), tl.float32)
+        m, s, t = _merge_stats(m, s, t, m_b, s_b, t_b)
+    lse, logp, ent = _finish_row(m, s, t, zy, valid, NEED_ENTROPY)
+    tl.store(logp_ptr + row, logp)
+    tl.store(ent_ptr + row, ent)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _rows_bwd_kernel(x_ptr, stride_x, out_ptr, stride_out, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+                     n_rows, V, temperature, ignore_index, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    out_row = out_ptr + row * stride_out
+    y = tl.load(y_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    ok = (y != ignore_index) & (lse == lse) & (tl.abs(lse) < float("inf"))
+    lse = tl.where(ok, lse, 0.0)
+    g1 = tl.where(ok, tl.load(g_logp_ptr + row), 0.0) / temperature
+    if HAS_G_ENT:
+        g2 = tl.where(ok, tl.load(g_ent_ptr + row), 0.0) / temperature
+        mu = lse - tl.load(ent_ptr + row)  # sum_v p_v z_v
+    else:
+        g2 = 0.0
+        mu = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        # Each element is read before it is written by this same program: out may alias x.
+        z = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        dz = _softmax_grad(z, ok, lse, mu, g1, g2, cols == y, HAS_G_ENT)
+        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_dtype(t: torch.Tensor) -> None:
+    if t.dtype == torch.float64:
+        raise TypeError(_FP64_ERROR)
+
+
+class LogprobRows:
+    """Row bodies for ``pyrl.ops.logprobs`` (the ``_TorchRows`` contract): logits ``[n, V]``, raw."""
+
+    @staticmethod
+    def fwd(logits, targets, temperature, ignore_index, need_entropy):
+        """-> (logp, entropy, lse), each ``[n]`` fp32; entropy is 0 unless ``need_entropy``."""
+        _check_dtype(logits)
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        n, vocab = logits.shape
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        ent = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        if n == 0:
+            return logp, ent, lse
+        block, warps = _row_config(vocab)
+        _rows_fwd_kernel[(n,)](logits, logits.stride(0), targets.contiguous(), logp, ent, lse, n, vocab,
+                               float(temperature), int(ignore_index), NEED_ENTROPY=bool(need_entropy),
+                               BLOCK_V=block, num_warps=warps)
+        return logp, ent, lse
+
+    @staticmethod
+    def bwd(g_logp, g_ent, logits, targets, lse, ent, temperature, ignore_index, out=None):
+        """d_logits ``[n, V]`` in the logits dtype, written into ``out`` (which may be ``logits``)."""
+        _check_dtype(logits)
+        n, vocab = logits.shape
+        if out is None:
+            out = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
+        if logits.stride(-1) != 1 or out.stride(-1) != 1:
+            raise ValueError("LogprobRows.bwd needs logits and out with contiguous rows")
+        if n == 0:
+            return out
+        # Upstream gradients of a .sum() arrive as expanded (stride 0) views.
+        g_logp = g_logp.to(torch.float32).contiguous()
+        g_ent_c = g_ent.to(torch.float32).contiguous() if g_ent is not None else g_logp
+        block, warps = _row_config(vocab)
+        _rows_bwd_kernel[(n,)](logits, logits.stride(0), out, out.stride(0), targets.contiguous(), lse, ent,
+                               g_logp, g_ent_c, n, vocab, float(temperature), int(ignore_index),
+                               HAS_G_ENT=g_ent is not None, BLOCK_V=block, num_warps=warps)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fused LM head: logits tiles computed in SRAM, never stored
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _logit_tile(h_ptr, stride_h, w_ptr, stride_w, n0, v0, N, V, H,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc[BLOCK_N, BLOCK_V] = h[n0:n0+BLOCK_N] @ W[v0:v0+BLOCK_V].T in fp32, over BLOCK_H slices of H.
+
+    Rows >= N and columns >= V wrap around to valid ones instead of being masked (Triton tutorial
+    03: fewer registers); callers discard them (their logits are set to -inf, their gradients to 0).
+    """
+    rows = (n0 + tl.arange(0, BLOCK_N)) % N
+    cols = (v0 + tl.arange(0, BLOCK_V)) % V
+    k = tl.arange(0, BLOCK_H)
+    h_ptrs = h_ptr + (rows.to(tl.int64)[:, None] * stride_h + k[None, :])
+    w_ptrs = w_ptr + (cols.to(tl.int64)[None, :] * stride_w + k[:, None])  # W tile, read transposed
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        h = tl.load(h_ptrs, mask=(k0 + k < H)[None, :], other=0.0)
+        w_t = tl.load(w_ptrs, mask=(k0 + k < H)[:, None], other=0.0)
+        acc = _dot(h, w_t, acc, DOT_PRECISION)
+        h_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    return acc
+
+
+@triton.autotune(configs=_configs(_FWD_CONFIGS, _SMALL), key=["H", "V"])
+@triton.jit(do_not_specialize=["N"])
+def _fused_fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, y_ptr,
+                      m_part_ptr, s_part_ptr, t_part_ptr, zy_ptr,
+                      N, H, V, n_splits, temperature,
+                      HAS_BIAS: tl.constexpr, NEED_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      VOCAB_SPLIT: tl.constexpr, GROUP_N: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One program: BLOCK_N tokens x one VOCAB_SPLIT slice -> per-row partial (m, s, t) and z_y."""
+    # Grouped order (Triton tutorial 03): GROUP_N token tiles run against the same vocabulary
+    # slices at the same time, so each weight tile is read from HBM once per group.
+    pid = tl.program_id(0)
+    n_tiles = (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_N * n_splits
+    first = (pid // per_group) * GROUP_N
+    group = tl.minimum(n_tiles - first, GROUP_N)
+    pid_n = first + (pid % per_group) % group
+    pid_s = (pid % per_group) // group
+
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    y = tl.load(y_ptr + rows, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    v_begin = pid_s * VOCAB_SPLIT
+    for v0 in range(v_begin, tl.minimum(v_begin + VOCAB_SPLIT, V), BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = _logit_tile(h_ptr, stride_h, w_ptr, stride_w, pid_n * BLOCK_N, v0, N, V, H,
+                        BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(col_mask[None, :], z / temperature, float("-inf"))
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        m_b = tl.max(z, 1)
+        m_b_safe = tl.where(m_b == float("-inf"), 0.0, m_b)
+        # d = z - max, floored so that exp(d) * d is 0 (not 0 * -inf) for -inf logits.
+        d = tl.maximum(z - m_b_safe[:, None], -3.4028234663852886e38)
+        e = tl.exp(d)
+        s_b = tl.sum(e, 1)
+        if NEED_ENTROPY:
+            t_b = tl.sum(e * d, 1)
+        else:
+            t_b = tl.zeros((BLOCK_N,), tl.float32)
+        m, s, t = _merge_stats(m, s, t, m_b, s_b, t_b)
+    part = tl.cast(pid_s, tl.int64) * N + rows
+    tl.store(m_part_ptr + part, m, mask=row_mask)
+    tl.store(s_part_ptr + part, s, mask=row_mask)
+    if NEED_ENTROPY:
+        tl.store(t_part_ptr + part, t, mask=row_mask)
+    # Exactly one slice owns each target id.
+    owns = row_mask & (y >= v_begin) & (y < v_begin + VOCAB_SPLIT)
+    tl.store(zy_ptr + rows, zy, mask=owns)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _fused_combine_kernel(m_part_ptr, s_part_ptr, t_part_ptr, zy_ptr, y_ptr, logp_ptr, ent_ptr, lse_ptr,
+                          N, n_splits, ignore_index, NEED_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Merge the per-slice summaries of each row in slice order (fixed, so batch-invariant)."""
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    row_mask = rows < N
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    t = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, n_splits):
+        part = tl.cast(i, tl.int64) * N + rows
+        m_i = tl.load(m_part_ptr + part, mask=row_mask, other=float("-inf"))
+        s_i = tl.load(s_part_ptr + part, mask=row_mask, other=0.0)
+        if NEED_ENTROPY:
+            t_i = tl.load(t_part_ptr + part, mask=row_mask, other=0.0)
+        else:
+            t_i = tl.zeros((BLOCK,), tl.float32)
+        m, s, t = _merge_stats(m, s, t, m_i, s_i, t_i)
+    y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = y != ignore_index
+    zy = tl.load(zy_ptr + rows, mask=row_mask & valid, other=0.0)
+    lse, logp, ent = _finish_row(m, s, t, zy, valid, NEED_ENTROPY)
+    tl.store(logp_ptr + rows, logp, mask=row_mask)
+    tl.store(ent_ptr + rows, ent, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _row_grad_inputs(y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, rows, row_mask, ignore_index, temperature,
+                     HAS_G_ENT: tl.constexpr):
+    """Per-row (y, ok, lse, mu, g1 / T, g2 / T) of a token tile; rows that get no gradient have g1 = g2 = 0."""
+    y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    ok = row_mask & (y != ignore_index) & (lse == lse) & (tl.abs(lse) < float("inf"))
+    lse = tl.where(ok, lse, 0.0)
+    g1 = tl.where(ok, tl.load(g_logp_ptr + rows, mask=row_mask, other=0.0), 0.0) / temperature
+    if HAS_G_ENT:
+        g2 = tl.where(ok, tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0), 0.0) / temperature
+        mu = lse - tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+    else:
+        g2 = lse * 0.0
+        mu = lse * 0.0
+    return y, ok, lse, mu, g1, g2
+
+
+@triton.autotune(configs=_configs(_BWD_HIDDEN_CONFIGS, _SMALL), key=["H", "V"], reset_to_zero=["dh_ptr"])
+@triton.jit(do_not_specialize=["N"])
+def _fused_bwd_hidden_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, y_ptr, lse_ptr, ent_ptr,
+                             g_logp_ptr, g_ent_ptr, dh_ptr, stride_dh,
+                             N, H, V, temperature, ignore_index,
+                             HAS_BIAS: tl.constexpr, HAS_G_ENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """d_hidden[tile] (fp32, zero-initialised) += sum over vocabulary tiles of dz @ W[tile]."""
+    n0 = tl.program_id(0) * BLOCK_N
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_V)
+    k = tl.arange(0, BLOCK_H)
+    rows = n0 + r
+    row_mask = rows < N
+    y, ok, lse, mu, g1, g2 = _row_grad_inputs(y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, rows, row_mask,
+                                              ignore_index, temperature, HAS_G_ENT)
+    dh_tile = dh_ptr + tl.cast(n0, tl.int64) * stride_dh + (r[:, None] * stride_dh + k[None, :])
+    if tl.max(ok.to(tl.int32), 0) > 0:  # a tile of ignored rows (e.g. a prompt) has zero gradient
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + c
+            col_mask = cols < V
+            z = _logit_tile(h_ptr, stride_h, w_ptr, stride_w, n0, v0, N, V, H,
+                            BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            z = tl.where(col_mask[None, :], z / temperature, float("-inf"))
+            dz = _softmax_grad(z, ok[:, None], lse[:, None], mu[:, None], g1[:, None], g2[:, None],
+                               cols[None, :] == y[:, None], HAS_G_ENT)
+            dz = dz.to(w_ptr.dtype.element_ty)
+            w_ptrs = w_ptr + tl.cast(v0, tl.int64) * stride_w + (c[:, None] * stride_w + k[None, :])
+            dh_ptrs = dh_tile
+            for k0 in range(0, H, BLOCK_H):
+                k_mask = k0 + k < H
+                w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                dh_mask = row_mask[:, None] & k_mask[None, :]
+                dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
+                tl.store(dh_ptrs, _dot(dz, w, dh, DOT_PRECISION), mask=dh_mask)
+                w_ptrs += BLOCK_H
+                dh_ptrs += BLOCK_H
+
+
+@triton.autotune(configs=_configs(_BWD_WEIGHT_CONFIGS, _SMALL), key=["H", "V"], reset_to_zero=["dw_ptr", "db_ptr"])
+@triton.jit(do_not_specialize=["N"])
+def _fused_bwd_weight_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, y_ptr, lse_ptr, ent_ptr,
+                             g_logp_ptr, g_ent_ptr, dw_ptr, stride_dw, db_ptr,
+                             N, H, V, temperature, ignore_index,
+                             HAS_BIAS: tl.constexpr, HAS_G_ENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """d_weight[tile] (fp32, zero-initialised) += sum over token tiles of dz.T @ h; d_bias = sum dz.
+
+    The tile is computed tokens x vocabulary, like everywhere else, because per-token values (lse,
+    gradients) are cheap to broadcast along that layout's rows; dz is transposed once for the dot.
+    """
+    v0 = tl.program_id(0) * BLOCK_V
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_V)
+    k = tl.arange(0, BLOCK_H)
+    cols = v0 + c
+    col_mask = cols < V
+    dw_tile = dw_ptr + tl.cast(v0, tl.int64) * stride_dw + (c[:, None] * stride_dw + k[None, :])
+    db = tl.zeros((BLOCK_V,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + r
+        row_mask = rows < N
+        y, ok, lse, mu, g1, g2 = _row_grad_inputs(y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, rows, row_mask,
+                                                  ignore_index, temperature, HAS_G_ENT)
+        if tl.max(ok.to(tl.int32), 0) > 0:
+            z = _logit_tile(h_ptr, stride_h, w_ptr, stride_w, n0, v0, N, V, H,
+                            BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+            if HAS_BIAS:  # reloaded per token tile (from cache): a live [BLOCK_V] vector costs registers
+                z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            z = tl.where(col_mask[None, :], z / temperature, float("-inf"))
+            dz = _softmax_grad(z, ok[:, None], lse[:, None], mu[:, None], g1[:, None], g2[:, None],
+                               cols[None, :] == y[:, None], HAS_G_ENT)
+            if NEED_DB:
+                db += tl.sum(dz, 0)
+            if NEED_DW:
+                dz_t = tl.trans(dz.to(h_ptr.dtype.element_ty))
+                h_ptrs = h_ptr + tl.cast(n0, tl.int64) * stride_h + (r[:, None] * stride_h + k[None, :])
+                dw_ptrs = dw_tile
+                for k0 in range(0, H, BLOCK_H):
+                    k_mask = k0 + k < H
+                    h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    dw_mask = col_mask[:, None] & k_mask[None, :]
+                    dw = tl.load(dw_ptrs, mask=dw_mask, other=0.0)
+                    tl.store(dw_ptrs, _dot(dz_t, h, dw, DOT_PRECISION), mask=dw_mask)
+                    h_ptrs += BLOCK_H
+                    dw_ptrs += BLOCK_H
+    if NEED_DB:
+        tl.store(db_ptr + cols, db, mask=col_mask)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: three TF32 products (error ~1e-6 relative, fp32-class) on tensor cores; plain
+    # TF32 would cost ~1e-3 and IEEE fp32 runs on the CUDA cores (and spills registers).
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _fused_forward(hidden, weight, bias, targets, temperature, ignore_index, need_entropy):
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    ent = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    if n == 0:
+        return logp, ent, lse
+    n_splits = triton.cdiv(vocab, _VOCAB_SPLIT)
+    m_part = torch.empty((n_splits, n), dtype=torch.float32, device=dev)
+    s_part = torch.empty_like(m_part)
+    t_part = torch.empty_like(m_part) if need_entropy else m_part
+    zy = torch.zeros(n, dtype=torch.float32, device=dev)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)  # noqa: E731
+    _fused_fwd_kernel[grid](hidden, hidden.stride(0), weight, weight.stride(0),
+                            bias if bias is not None else weight, targets,
+                            m_part, s_part, t_part, zy, n, hdim, vocab, n_splits, float(temperature),
+                            HAS_BIAS=bias is not None, NEED_ENTROPY=bool(need_entropy),
+                            DOT_PRECISION=_dot_precision(hidden.dtype), VOCAB_SPLIT=_VOCAB_SPLIT, GROUP_N=_GROUP_N)
+    block = 16 if _INTERPRET else 128
+    _fused_combine_kernel[(triton.cdiv(n, block),)](m_part, s_part, t_part, zy, targets, logp, ent, lse, n, n_splits,
+                                                    int(ignore_index), NEED_ENTROPY=bool(need_entropy), BLOCK=block)
+    return logp, ent, lse
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Owns what is saved (inputs, per-row lse and entropy: O(N)) and what backward recomputes (logits)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, need_entropy):
+        logp, ent, lse = _fused_forward(hidden, weight, bias, targets, temperature, ignore_index, need_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.cfg = (temperature, ignore_index, need_entropy)
+        if not need_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, need_entropy = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        n, hdim = hidden.shape
+        vocab = weight.shape[0]
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(torch.float32).contiguous()
+        has_g_ent = need_entropy and g_ent is not None
+        g_ent = g_ent.to(torch.float32).contiguous() if has_g_ent else g_logp
+        common = dict(HAS_BIAS=bias is not None, HAS_G_ENT=has_g_ent, DOT_PRECISION=_dot_precision(hidden.dtype))
+        b_arg = bias if bias is not None else weight
+        d_hidden = d_weight = d_bias = None
+        if need_h:
+            # fp32 accumulator; for fp32 inputs it is the gradient itself.
+            dh = torch.zeros((n, hdim), dtype=torch.float32, device=hidden.device)
+            if n > 0:
+                grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+                _fused_bwd_hidden_kernel[grid](hidden, hidden.stride(0), weight, weight.stride(0), b_arg, targets,
+                                               lse, ent, g_logp, g_ent, dh, dh.stride(0), n, hdim, vocab,
+                                               float(temperature), int(ignore_index), **common)
+            d_hidden = dh.to(hidden.dtype)
+        if need_w or need_b:
+            dw = torch.zeros((vocab, hdim) if need_w else (1, 1), dtype=torch.float32, device=weight.device)
+            db = torch.zeros(vocab if need_b else 1, dtype=torch.float32, device=weight.device)
+            if n > 0:
+                grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+                _fused_bwd_weight_kernel[grid](hidden, hidden.stride(0), weight, weight.stride(0), b_arg, targets,
+                                               lse, ent, g_logp, g_ent, dw, dw.stride(0), db, n, hdim, vocab,
+                                               float(temperature), int(ignore_index),
+                                               NEED_DW=bool(need_w), NEED_DB=bool(need_b), **common)
+            d_weight = dw.to(weight.dtype) if need_w else None
+            d_bias = db.to(bias.dtype) if need_b else None
+        return d_hidden, d_weight, d_bias, None, None, None, None
+
+
+def fused_linear_logprobs(hidden, weight, bias, targets, temperature, ignore_index, need_entropy):
+    """Per-token ``(logp [N], entropy [N])`` fp32 of ``targets [N]`` under ``(hidden [N, H] @ weight[V, H].T
+    + bias [V]) / temperature``, without materialising the ``[N, V]`` logits. Differentiable in
+    ``hidden``, ``weight`` and ``bias``; gradients come back in the input dtype.
+    """
+    _check_dtype(hidden)
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    # int32 ids with -1 for ignored rows: the [BLOCK_N, BLOCK_V] target compares stay 32-bit.
+    targets = torch.where(targets == ignore_index, -1, targets).to(torch.int32)
+    return _FusedLinearLogprobs.apply(hidden, weight, bias, targets, float(temperature), -1, bool(need_entropy))
