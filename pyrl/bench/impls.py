@@ -1,0 +1,314 @@
+"""The registry: every implementation the suite runs, by op and name.
+
+An implementation is ``build(case) -> step``: ``build`` does the one-time work (imports, module
+construction, ``torch.compile`` wrapping) and ``step()`` runs forward and backward once and
+returns its outputs and gradients (``logp``, ``entropy``, ``loss``, ``d_hidden``, ``d_weight``,
+``d_logits``) for the correctness check. ``requires(device)`` returns why it cannot run here, or
+None. Optional packages are imported inside ``build``/``requires`` only.
+
+Kinds: ``pyrl`` (ours, a failure is an error), ``baseline`` (plain PyTorch and torch.compile),
+``third-party`` (a failure or a missing package is a skip with a note), ``floor`` (the matmuls or
+memory traffic alone: the time no implementation can beat; no correctness check).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pyrl.bench.cases import EPS_HIGH, EPS_LOW, Case, grpo_loss_from_logp, logprob_objective
+
+__all__ = ["Impl", "REGISTRY", "register", "implementations", "logprob_outputs", "loss_outputs",
+           "plain_linear_logprobs", "plain_logprobs_from_logits", "plain_grpo_loss"]
+
+Step = Callable[[], dict]
+
+
+@dataclass(frozen=True)
+class Impl:
+    op: str
+    name: str
+    build: Callable[[Case], Step]
+    requires: Callable[[torch.device], str | None] = lambda device: None
+    kind: str = "pyrl"                                # pyrl | baseline | third-party | floor
+    outputs: tuple[str, ...] = ("logp", "entropy")    # what a log-prob op's objective includes
+    note: str = ""
+
+
+REGISTRY: dict[tuple[str, str], Impl] = {}
+
+
+def register(impl: Impl) -> Impl:
+    REGISTRY[(impl.op, impl.name)] = impl
+    return impl
+
+
+def implementations(op: str) -> list[Impl]:
+    return [impl for (o, _), impl in REGISTRY.items() if o == op]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+def logprob_outputs(case: Case, logp, entropy) -> dict:
+    """Backward of the log-prob objective; the outputs the checker compares."""
+    grads = torch.autograd.grad(logprob_objective(case, logp, entropy), case.grad_inputs())
+    out = {"logp": logp.detach()}
+    if entropy is not None:
+        out["entropy"] = entropy.detach()
+    if case.logits is not None:
+        out["d_logits"] = grads[0]
+    else:
+        out["d_hidden"], out["d_weight"] = grads
+    return out
+
+
+def loss_outputs(case: Case, loss) -> dict:
+    d_hidden, d_weight = torch.autograd.grad(loss, [case.hidden, case.weight])
+    return {"loss": loss.detach(), "d_hidden": d_hidden, "d_weight": d_weight}
+
+
+def _missing(module: str, pip_name: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"{pip_name} is not installed (pip install {pip_name})"
+    return None
+
+
+def _cuda_only(what: str):
+    return lambda device: None if device.type == "cuda" else f"{what} runs on CUDA only"
+
+
+def _pyrl_backend(backend: str, attr: str | None = None):
+    def requires(device: torch.device) -> str | None:
+        import pyrl
+
+        if attr is not None and not hasattr(pyrl, attr):
+            return f"pyrl.{attr} is not available in this build yet"
+        info = pyrl.backends()[backend]
+        if not info["available"]:
+            return info["detail"]
+        if backend == "triton" and device.type != "cuda":
+            return "the Triton backend runs on CPU only under TRITON_INTERPRET=1, which is not benchmarked"
+        if backend == "cpp" and device.type != "cpu" and "with CUDA" not in info["detail"]:
+            return "pyrl._C was built without CUDA"
+        return None
+    return requires
+
+
+# --------------------------------------------------------------------------------------------
+# Plain PyTorch: what a user writes without a fused kernel (full [N, V] logits)
+# --------------------------------------------------------------------------------------------
+def plain_logprobs_from_logits(logits, targets):
+    # Upcast 16-bit logits as TRL does (log_softmax in fp32); float64 stays float64.
+    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def plain_linear_logprobs(hidden, weight, targets):
+    return plain_logprobs_from_logits(hidden @ weight.t(), targets)
+
+
+def plain_grpo_loss(hidden, weight, targets, mask, advantages, old_logp):
+    logp, _ = plain_linear_logprobs(hidden, weight, targets)
+    return grpo_loss_from_logp(logp, old_logp, advantages, mask)
+
+
+_COMPILED: dict = {}
+
+
+def _compile(fn):
+    # One wrapper per function and process: a later shape reuses Dynamo's cache (after one
+    # recompile with dynamic sizes) instead of compiling from scratch for every shape on a GPU.
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
+def _register_plain(op: str, fn):
+    def build_for(wrap):
+        def build(case: Case) -> Step:
+            f = wrap(fn)
+            if op == "grpo_loss":
+                return lambda: loss_outputs(case, f(case.hidden, case.weight, case.targets, case.mask,
+                                                     case.advantages, case.old_logp))
+            if op == "logits_logprobs":
+                return lambda: logprob_outputs(case, *f(case.logits, case.targets))
+            return lambda: logprob_outputs(case, *f(case.hidden, case.weight, case.targets))
+        return build
+
+    register(Impl(op, "torch", build_for(lambda f: f), kind="baseline",
+                  note="plain PyTorch, full logits"))
+    register(Impl(op, "torch.compile", build_for(_compile), kind="baseline",
+                  note="torch.compile of the plain PyTorch code"))
+
+
+# --------------------------------------------------------------------------------------------
+# Floors: the unavoidable work, measured on the same inputs
+# --------------------------------------------------------------------------------------------
+def _gemm_floor(case: Case) -> Step:
+    h = case.hidden.detach().reshape(-1, case.h)
+    w = case.weight.detach()
+
+    def step():
+        logits = h @ w.t()              # forward
+        d_hidden = logits @ w           # backward: the logits buffer stands in for d_logits
+        d_weight = logits.t() @ h
+        return {"d_hidden": d_hidden, "d_weight": d_weight}
+    return step
+
+
+def _copy_floor(case: Case) -> Step:
+    logits = case.logits.detach()
+    return lambda: {"d_logits": logits.clone()}  # one read and one write of [N, V]
+
+
+# --------------------------------------------------------------------------------------------
+# pyrl
+# --------------------------------------------------------------------------------------------
+def _pyrl_linear_logprobs(backend):
+    def build(case: Case) -> Step:
+        import pyrl
+
+        def step():
+            logp, ent = pyrl.fused_linear_logprobs(case.hidden, case.weight, case.targets,
+                                                   return_entropy=True, backend=backend)
+            return logprob_outputs(case, logp, ent)
+        return step
+    return build
+
+
+def _pyrl_logits_logprobs(backend):
+    def build(case: Case) -> Step:
+        import pyrl
+
+        def step():
+            logp, ent = pyrl.logprobs_from_logits(case.logits, case.targets, return_entropy=True,
+                                                  backend=backend)
+            return logprob_outputs(case, logp, ent)
+        return step
+    return build
+
+
+def _pyrl_grpo_loss(backend):
+    def build(case: Case) -> Step:
+        import pyrl
+
+        config = pyrl.PolicyLossConfig(loss_type="ppo", eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=0.0,
+                                       agg="token-mean")
+
+        def step():
+            loss, _ = pyrl.fused_linear_policy_loss(case.hidden, case.weight, case.targets, case.mask,
+                                                    case.advantages, old_logp=case.old_logp, config=config,
+                                                    backend=backend)
+            return loss_outputs(case, loss)
+        return step
+    return build
+
+
+# --------------------------------------------------------------------------------------------
+# Third parties
+# --------------------------------------------------------------------------------------------
+def _liger_grpo(case: Case) -> Step:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    # "dapo" is Liger's token-mean (sum(m*L) / sum(m)); compiled=True torch.compiles only the loss
+    # math, which on CPU costs a long C++ build for no gain, so CPU runs it eagerly.
+    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, compiled=case.device.type == "cuda", use_ref_model=False,
+                                       epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, loss_type="dapo",
+                                       temperature=1.0)
+
+    def step():
+        loss, _ = loss_fn(case.hidden, case.weight, case.targets, case.mask, case.advantages,
+                          old_per_token_logps=case.old_logp)
+        return loss_outputs(case, loss)
+    return step
+
+
+def _liger_triton_grpo(case: Case) -> Step:
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    def step():
+        # It takes [B, T+1, V] logits (position t scores token t) and drops the last position.
+        logits = F.pad(case.hidden, (0, 0, 0, 1)) @ case.weight.t()
+        loss, _ = triton_grpo_loss(logits, case.old_logp, None, case.targets, case.advantages, case.mask,
+                                   temperature=1.0, beta=0.0, eps_low=EPS_LOW, eps_high=EPS_HIGH,
+                                   inplace=True, loss_type="dapo", reduce=True)
+        return loss_outputs(case, loss)
+    return step
+
+
+def _cut_cross_entropy(case: Case) -> Step:
+    from cut_cross_entropy import linear_cross_entropy
+
+    def step():
+        # Default settings (filter_eps="high": backward skips small-gradient vocabulary tiles).
+        nll = linear_cross_entropy(case.hidden, case.weight, case.targets, reduction="none")
+        return logprob_outputs(case, -nll.float(), None)
+    return step
+
+
+def _requires_all(*checks):
+    def requires(device):
+        for check in checks:
+            why = check(device)
+            if why:
+                return why
+        return None
+    return requires
+
+
+def _not_runnable(case: Case) -> Step:
+    raise RuntimeError("this implementation's requires() always gives a reason; build is never called")
+
+
+def _grpo_step_requires(device) -> str | None:
+    if importlib.util.find_spec("pyrl.train") is None:
+        return "pyrl.train is not importable yet; the trainer-step benchmark runs once it lands"
+    return "the trainer-step benchmark is not written yet (pyrl.train exists)"
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+for _op in ("linear_logprobs", "grpo_loss"):
+    register(Impl(_op, "gemm-floor", _gemm_floor, kind="floor",
+                  note="the three matmuls alone (logits, d_hidden, d_weight)"))
+register(Impl("logits_logprobs", "copy-floor", _copy_floor, kind="floor",
+              note="one read and one write of the logits"))
+
+for _backend in ("torch", "cpp", "triton"):
+    register(Impl("linear_logprobs", f"pyrl[{_backend}]", _pyrl_linear_logprobs(_backend),
+                  requires=_pyrl_backend(_backend)))
+    register(Impl("logits_logprobs", f"pyrl[{_backend}]", _pyrl_logits_logprobs(_backend),
+                  requires=_pyrl_backend(_backend)))
+    register(Impl("grpo_loss", f"pyrl[{_backend}]", _pyrl_grpo_loss(_backend),
+                  requires=_pyrl_backend(_backend, "fused_linear_policy_loss")))
+
+_register_plain("linear_logprobs", plain_linear_logprobs)
+_register_plain("logits_logprobs", plain_logprobs_from_logits)
+_register_plain("grpo_loss", plain_grpo_loss)
+
+register(Impl("linear_logprobs", "liger", _not_runnable, kind="third-party",
+              requires=lambda device: "Liger-Kernel has no log-prob + entropy op from hidden states "
+                                      "(its fused linear cross-entropy returns a reduced loss)"))
+register(Impl("logits_logprobs", "liger", _not_runnable, kind="third-party",
+              requires=lambda device: "Liger-Kernel has no differentiable log-prob + entropy op from logits "
+                                      "(fused_selective_log_softmax is forward-only)"))
+register(Impl("linear_logprobs", "cut-cross-entropy", _cut_cross_entropy, kind="third-party",
+              outputs=("logp",), note="log-prob only (no entropy); default filter_eps",
+              requires=_requires_all(_cuda_only("cut-cross-entropy's kernel"),
+                                     lambda d: _missing("cut_cross_entropy", "cut-cross-entropy"))))
+register(Impl("grpo_loss", "liger", _liger_grpo, kind="third-party",
+              note="LigerFusedLinearGRPOLoss(loss_type='dapo')",
+              requires=_requires_all(lambda d: _missing("liger_kernel", "liger-kernel"),
+                                     lambda d: _missing("triton", "triton"))))
+register(Impl("grpo_loss", "liger.triton_grpo_loss", _liger_triton_grpo, kind="third-party",
+              note="Liger's Triton GRPO loss on full [B, T+1, V] logits",
+              requires=_requires_all(_cuda_only("triton_grpo_loss"),
+                                     lambda d: _missing("liger_kernel", "liger-kernel"))))
+register(Impl("grpo_step", "pyrl", _not_runnable, requires=_grpo_step_requires))
