@@ -18,8 +18,18 @@ at::ScalarType acc_of(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  return b.has_value() ? at::addmm(*b, h, w.t()) : at::mm(h, w.t());
+// Every logits GEMM runs on a multiple of kGemmRowQuantum rows (the last chunk is zero-padded): a
+// BLAS may round a row of h @ W.T differently depending on the number of rows of the call (MKL
+// does when it is not a multiple of 4), which would make a token's log-prob depend on its batch.
+// Keep equal to GEMM_ROW_QUANTUM in pyrl/ops/logprobs.py.
+constexpr int64_t kGemmRowQuantum = 16;
+
+// h [c, H] -> the padded logits buffer [c', V], c' = c rounded up to kGemmRowQuantum; its first c
+// rows are the chunk's logits (contiguous).
+at::Tensor padded_chunk_logits(const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  const int64_t pad = (kGemmRowQuantum - h.size(0) % kGemmRowQuantum) % kGemmRowQuantum;
+  const auto hp = pad ? at::cat({h, at::zeros({pad, h.size(1)}, h.options())}) : h;
+  return b.has_value() ? at::addmm(*b, hp, w.t()) : at::mm(hp, w.t());
 }
 
 void check(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, int64_t chunk_rows) {
@@ -45,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_fwd_cpu(
   auto logp = at::empty({N}, opts), ent = at::empty({N}, opts), lse = at::empty({N}, opts);
   for (int64_t s = 0; s < N; s += chunk_rows) {
     const int64_t c = std::min(chunk_rows, N - s);
-    const auto logits = chunk_logits(hidden.narrow(0, s, c).to(acc), w, b).contiguous();
+    const auto logits = padded_chunk_logits(hidden.narrow(0, s, c).to(acc), w, b);
     AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "fused_linear_logprobs_fwd", [&] {
       pyrl::fwd_rows<scalar_t, scalar_t>(logits.const_data_ptr<scalar_t>(), c, V, logits.stride(0),
                                          targets.const_data_ptr<int64_t>() + s, scalar_t(1.0 / temperature),
@@ -84,7 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_bwd_cpu(
     const int64_t c = std::min(chunk_rows, N - s);
     if (std::all_of(tgt + s, tgt + s + c, [&](int64_t y) { return y == ignore_index; })) continue;  // zero grad
     const auto h = hidden.narrow(0, s, c).to(acc);
-    auto dz = chunk_logits(h, w, b).contiguous();
+    auto full = padded_chunk_logits(h, w, b);  // [c', V]: rows past c are padding
+    auto dz = full.narrow(0, 0, c);
     AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "fused_linear_logprobs_bwd", [&] {
       scalar_t* p = dz.mutable_data_ptr<scalar_t>();
       pyrl::bwd_rows<scalar_t, scalar_t>(g1.const_data_ptr<scalar_t>() + s,
@@ -94,11 +105,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_logprobs_bwd_cpu(
                                          ignore_index);
     });
     if (need_hidden) {
-      if (hidden.scalar_type() == acc) {
+      // The GEMM runs over the padded rows too (zeroed), for the same reason as the logits GEMM.
+      if (full.size(0) != c) full.narrow(0, c, full.size(0) - c).zero_();
+      if (hidden.scalar_type() == acc && full.size(0) == c) {
         auto out = d_hidden.narrow(0, s, c);
-        at::mm_out(out, dz, w);
+        at::mm_out(out, full, w);
       } else {
-        d_hidden.narrow(0, s, c).copy_(at::mm(dz, w));
+        d_hidden.narrow(0, s, c).copy_(at::mm(full, w).narrow(0, 0, c));
       }
     }
     if (need_weight) d_weight.addmm_(dz.t(), h);

@@ -26,7 +26,10 @@ using pyrl::fwd_rows;
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
   TORCH_CHECK(logits.dim() == 2, "pyrl: logits must be 2-D [N, V], got ", logits.sizes());
-  TORCH_CHECK(logits.stride(1) == 1, "pyrl: logits rows must be contiguous");
+  // A vocabulary of 1 (or no rows) is contiguous whatever its stride: torch gives such tensors any
+  // stride and .contiguous() keeps it, and the kernels never step along the row then.
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1 || logits.size(0) == 0,
+              "pyrl: logits rows must be contiguous");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0),
               "pyrl: targets must have shape [N] = [", logits.size(0), "], got ", targets.sizes());
   TORCH_CHECK(targets.scalar_type() == at::kLong, "pyrl: targets must be int64");

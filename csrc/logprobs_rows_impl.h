@@ -142,7 +142,10 @@ void bwd_rows(int64_t begin, int64_t end, const acc_t* g_logp, const acc_t* g_en
         for (int64_t i = 0; i < len; ++i) {
           const acc_t zr = static_cast<acc_t>(in[i]) * inv_t;
           const acc_t z = zr > LOWEST ? zr : LOWEST;
-          buf[i] = vexp(z - l) * (a + c * (z - mu));
+          // (e * c) * (z - mu), not e * (c * (z - mu)): at a -inf logit z is the lowest finite
+          // value, e = 0, and c * (z - mu) may overflow to inf (0 * inf = NaN).
+          const acc_t e = vexp(z - l);
+          buf[i] = e * a + (e * c) * (z - mu);
         }
         scalar_t* out_block = orow + v0;
         for (int64_t i = 0; i < len; ++i) out_block[i] = static_cast<scalar_t>(buf[i]);

@@ -53,6 +53,19 @@ def check_positive(name: str, x) -> float:
     return float(x)
 
 
+def check_bool(name: str, x) -> bool:
+    """A real ``bool`` (``"no"`` or ``2`` would silently mean True)."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+    return x
+
+
+def check_chunk_bytes(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+        raise ValueError(f"chunk_bytes must be a positive int, got {x!r}")
+    return x
+
+
 def check_targets(name: str, targets, lead_shape: Sequence[int], vocab: int, ignore_index: int,
                   *, vocab_start: int = 0, vocab_total: int | None = None) -> torch.Tensor:
     """Targets must be int64 of shape ``lead_shape`` with ids in [0, V) or equal to ignore_index."""

@@ -203,12 +203,26 @@ def _group_std(rewards: torch.Tensor, G: int) -> torch.Tensor:
 def _masked_whiten(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over the valid entries, with the unbiased variance
     (verl's ``masked_whiten``); 0 at invalid entries, and 0 everywhere when fewer than two entries
-    are valid (never NaN)."""
+    are valid (never NaN).
+
+    Computed on shifted, scaled data: x minus the midrange of its valid entries (so constant data
+    gives exactly 0, where ``sum(x) / n != x`` in floating point would whiten rounding noise into
+    O(1) advantages), divided by a power of two >= 1 (so squares cannot overflow for large
+    values; ``eps`` is scaled alike). Both leave the formula unchanged in exact arithmetic."""
     m = valid.to(x.dtype)
     n = m.sum()
-    mean = (x * m).sum() / n.clamp(min=1)
-    var = ((x - mean) ** 2 * m).sum() / (n - 1).clamp(min=1)
-    return torch.where(valid, (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
+    lo, hi = torch.where(valid, x, inf).amin(), torch.where(valid, x, -inf).amax()
+    mid = torch.where(n > 0, lo * 0.5 + hi * 0.5, 0.0)
+    d = torch.where(valid, x - mid, 0.0)
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    scale = torch.ldexp(one, torch.frexp(d.abs().amax()).exponent.clamp(min=0))
+    d = d / scale
+    mean = (d * m).sum() / n.clamp(min=1)
+    var = ((d - mean) ** 2 * m).sum() / (n - 1).clamp(min=1)
+    return torch.where(valid, (d - mean) * torch.rsqrt(var + eps / scale / scale), torch.zeros_like(x))
 
 
 def _last_valid_index(valid: torch.Tensor) -> torch.Tensor:
@@ -306,7 +320,9 @@ def rloo(rewards, group_size):
     if G == 1:
         return torch.zeros_like(rewards)
     g = rewards.view(-1, G)
-    adv = ((G * g - g.sum(1, keepdim=True)) / (G - 1)).reshape(-1)
+    # R_i - (S - R_i) / (G - 1): the same as (G R_i - S) / (G - 1) without forming G * R_i, which
+    # overflows for rewards within a factor G of the dtype's largest value
+    adv = (g - (g.sum(1, keepdim=True) - g) / (G - 1)).reshape(-1)
     return _zero_where(_constant_groups(rewards, G), adv)
 
 

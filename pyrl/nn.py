@@ -10,10 +10,10 @@ from typing import Optional
 import torch
 
 from pyrl._backend import BACKENDS
-from pyrl._validate import shape_str
+from pyrl._validate import check_bool, check_positive, shape_str
 from pyrl.config import PolicyLossConfig
 from pyrl.ops.fused_policy_loss import fused_linear_policy_loss
-from pyrl.ops.logprobs import fused_linear_logprobs
+from pyrl.ops.logprobs import _check_linear_args, fused_linear_logprobs
 
 __all__ = ["FusedLinearGRPOLoss", "FusedLinearLogProbs"]
 
@@ -28,6 +28,13 @@ class FusedLinearLogProbs(torch.nn.Module):
     def __init__(self, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
                  backend: str = "auto"):
         super().__init__()
+        # checked here, not only at the first forward, so a bad module fails where it is built
+        check_positive("temperature", temperature)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+        check_bool("return_entropy", return_entropy)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         self.temperature = temperature
         self.ignore_index = ignore_index
         self.return_entropy = return_entropy
@@ -297,6 +304,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             got = shape_str(_input) if isinstance(_input, torch.Tensor) else type(_input).__name__
             raise ValueError(f"_input must be a [B, T, H] tensor, got {got}")
         B, T = _input.shape[:2]
+        _check_linear_args(_input, lin_weight, bias, self.temperature, -100, names=("_input", "lin_weight", "bias"))
         _check_per_sequence("selected_token_ids", selected_token_ids, B, T, ("BT",))
         _check_per_sequence("attention_mask", attention_mask, B, T, ("BT",))
         _check_per_sequence("advantages", advantages, B, T, ("B",) if self.loss_type == "vespo" else ("B", "BT"))

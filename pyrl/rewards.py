@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._validate import check_tensor, shape_str
+from ._validate import check_same_device, check_tensor, shape_str
 
 __all__ = [
     "compute", "names", "register", "extract_answer",
@@ -269,6 +269,7 @@ def dler_truncation(rewards: torch.Tensor, lengths: torch.Tensor, budget: int) -
     """DLER's truncation penalty (Liu et al. 2025, "DLER: Doing Length pEnalty Right"): a
     completion longer than the length ``budget`` gets reward 0, any other keeps its reward.
     ``rewards``, ``lengths`` ``[B]`` -> ``[B]``."""
+    check_same_device(rewards=rewards, lengths=lengths)
     _check_1d("rewards", rewards)
     _check_lengths(lengths, rewards.shape[0])
     budget = _check_num("budget", budget, positive=True)
@@ -290,6 +291,7 @@ def grpo_lambda_length_penalty(correct: torch.Tensor, lengths: torch.Tensor, gro
     ``ceil(top_fraction * groups)`` groups of highest accuracy in the batch are selected (the
     paper's batch-wise top-lambda rule; ties broken by position).
     """
+    check_same_device(correct=correct, lengths=lengths)
     _check_1d("correct", correct)
     n = correct.shape[0]
     _check_lengths(lengths, n)
@@ -328,6 +330,7 @@ def cosine_length_reward(correct: torch.Tensor, lengths: torch.Tensor, max_len: 
     (the paper's ``r_e``), else the ``max_len`` value. The paper's values are 2, 1, -10, 0,
     ``exceed=-10``; the defaults here are open-r1's milder 1, 0.5, -1, -0.5.
     """
+    check_same_device(correct=correct, lengths=lengths)
     _check_1d("correct", correct)
     _check_lengths(lengths, correct.shape[0])
     T = _check_num("max_len", max_len, positive=True)
@@ -370,6 +373,7 @@ class HistoryAwareLengthReward:
 
     def _inputs(self, prompt_ids, lengths, correct):
         check_tensor("prompt_ids", prompt_ids, dtypes=(torch.int64, torch.int32))
+        check_same_device(prompt_ids=prompt_ids, lengths=lengths, correct=correct)
         _check_1d("prompt_ids", prompt_ids)
         n = prompt_ids.shape[0]
         _check_lengths(lengths, n)
@@ -439,6 +443,7 @@ def mask_truncated_completions(mask: torch.Tensor, is_truncated: torch.Tensor) -
     check_tensor("mask", mask)
     if mask.dim() != 2:
         raise ValueError(f"mask must have shape [B, T], got {shape_str(mask)}")
+    check_same_device(mask=mask, is_truncated=is_truncated)
     _check_1d("is_truncated", is_truncated, mask.shape[0])
     keep = is_truncated == 0
     return mask * keep[:, None].to(mask.dtype) if mask.dtype != torch.bool else mask & keep[:, None]

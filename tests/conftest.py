@@ -18,3 +18,57 @@ def _seed():
 
 def require_extension() -> bool:
     return os.environ.get("PYRL_ALLOW_NO_EXT") != "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Hypothesis profiles (property-based tests: tests/test_fuzz.py; see docs/reliability.md).
+#   ci       (default) a fixed, reproducible set of examples (derandomize) that runs in CI time;
+#   nightly  10x the examples, freshly random each run (a failure prints its @reproduce_failure blob).
+# Select with HYPOTHESIS_PROFILE=nightly.
+# --------------------------------------------------------------------------------------------------
+FUZZ_EXAMPLES = {"ci": 200, "nightly": 2000}
+try:
+    from hypothesis import HealthCheck, settings
+
+    _suppress = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture,
+                 HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=FUZZ_EXAMPLES["ci"], deadline=None, derandomize=True,
+                              suppress_health_check=_suppress, print_blob=True)
+    settings.register_profile("nightly", max_examples=FUZZ_EXAMPLES["nightly"], deadline=None, derandomize=False,
+                              suppress_health_check=_suppress, print_blob=True)
+    HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+    settings.load_profile(HYPOTHESIS_PROFILE)
+except ImportError:  # hypothesis is a test extra; the fuzz tests skip without it
+    HYPOTHESIS_PROFILE = None
+
+
+def triton_on_cpu() -> bool:
+    """Make ``backend="triton"`` runnable on CPU tensors (the Triton interpreter) if Triton imports and
+    pyrl has a Triton body; returns whether it can run. Call at a test module's import.
+
+    ``TRITON_INTERPRET=1`` must hold before Triton's library functions are defined; ``pyrl.backends()``
+    above already imported triton, so its standard library is re-wrapped as interpreted functions
+    (the same step tests/test_triton.py takes; a no-op when it already ran).
+    """
+    from pyrl.ops import logprobs as _lp
+
+    if "triton" not in _lp._HAS:
+        return False
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except Exception:  # noqa: BLE001
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    if isinstance(tl.max, JITFunction):
+        wrapped = {}
+        for module in (tl.standard, tl.random, tl):
+            for name, fn in list(vars(module).items()):
+                if isinstance(fn, JITFunction):
+                    wrapped.setdefault(id(fn), InterpretedFunction(fn.fn))
+                    setattr(module, name, wrapped[id(fn)])
+    try:
+        return bool(pyrl.backends()["triton"]["available"])
+    except Exception:  # noqa: BLE001
+        return False

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from pyrl._validate import check_same_device, check_targets, check_shape, shape_str
+from pyrl._validate import check_chunk_bytes, check_same_device, check_targets, check_shape, shape_str
 from pyrl.config import PolicyLossConfig
 from pyrl._backend import resolve_backend
 from pyrl.ops.logprobs import (_ROWS, DEFAULT_CHUNK_BYTES, _acc_dtype, _check_linear_args, _chunk_logits, _chunk_rows,
+                               _padded_chunk_logits, _padded_rows_mm,
                                fused_linear_logprobs)
 from pyrl.ops.policy_loss import _agg_weights, _check_policy_args, _is_token_separable, _policy_loss_core
 
@@ -105,7 +106,8 @@ class _OnePassPolicyLoss(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             h = hidden[s:e].to(acc)
-            logits = _chunk_logits(h, w, b)
+            full = _padded_chunk_logits(h, w, b)
+            logits = full[: e - s]
             lp, ent, lse = rows.fwd(logits, targets[s:e], temperature, ignore_index, True)
             with torch.enable_grad():
                 lp_leaf, ent_leaf = lp.requires_grad_(), ent.requires_grad_()
@@ -118,7 +120,7 @@ class _OnePassPolicyLoss(torch.autograd.Function):
             g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
             dz = rows.bwd(g_lp, g_ent, logits, targets[s:e], lse, ent.detach(), temperature, ignore_index, out=logits)
             if need_h:
-                d_hidden[s:e] = (dz @ w).to(hidden.dtype)
+                d_hidden[s:e] = _padded_rows_mm(full, e - s, w).to(hidden.dtype)
             if need_w:
                 d_weight.addmm_(dz.t(), h)
             if need_b:
@@ -130,7 +132,8 @@ class _OnePassPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        grads = [None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads]
+        # The buffers are ours alone: scale them in place instead of allocating a second d_weight.
+        grads = [None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
         return (*grads, None, None, None, None, None, None)
 
@@ -206,23 +209,33 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a pyrl.PolicyLossConfig, got {type(config).__name__}")
     _check_linear_args(hidden, weight, bias, config.temperature, ignore_index)
+    check_chunk_bytes(chunk_bytes)
+    if 0 <= ignore_index < weight.shape[0]:
+        # padding is marked with ignore_index internally: a real token with that id would be dropped
+        raise ValueError(f"ignore_index must lie outside the vocabulary [0, {weight.shape[0]}) (mask decides which "
+                         f"tokens count; ignore_index only marks padding internally), got {ignore_index}")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, H], got {shape_str(hidden)}")
     B, T, _ = hidden.shape
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     check_shape("targets", targets, (B, T), "(the leading dims of hidden)")
-    full_kl = config.beta > 0 and config.effective_kl_type == "full"
+    # The exact KL is computed whenever kl_type="full" (with beta == 0 for the kl_mean metric only,
+    # as for the other estimators); it needs ref_hidden/ref_weight either way.
+    full_kl = config.effective_kl_type == "full"
     _check_policy_args(B, T, "hidden", hidden, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=None,
                        rollout_logp=rollout_logp, config=config, has_entropy=True, full_kl=full_kl,
                        ref_model=ref_hidden is not None, policy_weight=policy_weight)
-    check_same_device(hidden=hidden, weight=weight, targets=targets, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    if ref_hidden is not None:
+        _check_ref_model(ref_hidden, ref_weight, ref_bias, B, T, weight.shape[0], ignore_index)
+    check_same_device(hidden=hidden, weight=weight, targets=targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                      ref_bias=ref_bias)
     valid = mask.bool()
     # Padding never enters the log-prob pass: no work, no gradient, and any id is allowed there.
     targets = torch.where(valid, targets, torch.full_like(targets, ignore_index))
     name = resolve_backend(backend, hidden.device, has=("torch", "cpp", "triton"))
     if name == "cpp" and _is_token_separable(config) and B * T > 0:
-        if config.beta > 0 and ref_logp is None and ref_hidden is not None:
+        if config.effective_kl_type is not None and ref_logp is None and ref_hidden is not None:
             ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend,
                                      chunk_bytes)
         targets = check_targets("targets", targets, (B, T), weight.shape[0], ignore_index)
@@ -244,10 +257,25 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
         kl = _FullKL.apply(h2, weight, bias, ref_hidden.reshape(B * T, -1).detach(), ref_weight.detach(),
                            None if ref_bias is None else ref_bias.detach(), valid.reshape(-1),
                            config.temperature, chunk).reshape(B, T)
-    elif config.beta > 0 and ref_logp is None and ref_hidden is not None:
+    elif config.effective_kl_type is not None and ref_logp is None and ref_hidden is not None:
         ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes)
     return _policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
                              rollout_logp=rollout_logp, config=config, kl=kl, policy_weight=policy_weight)
+
+
+def _check_ref_model(ref_hidden, ref_weight, ref_bias, B, T, V, ignore_index):
+    """The reference model's hidden states [B, T, H_ref] and head [V, H_ref] (its own hidden size,
+    the policy's vocabulary), with errors that name the ref_* arguments."""
+    if ref_weight is None:
+        raise ValueError("ref_hidden was given without ref_weight: pass both (or pass ref_logp)")
+    _check_linear_args(ref_hidden, ref_weight, ref_bias, 1.0, ignore_index,
+                       names=("ref_hidden", "ref_weight", "ref_bias"))
+    if ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != (B, T):
+        raise ValueError(f"ref_hidden must have shape [{B}, {T}, H_ref] (the [B, T] of hidden), "
+                         f"got {shape_str(ref_hidden)}")
+    if ref_weight.shape[0] != V:
+        raise ValueError(f"ref_weight must have shape [V, H_ref] with V = weight.shape[0] = {V} (the policy's "
+                         f"vocabulary), got {shape_str(ref_weight)}")
 
 
 def _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes):

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from pyrl._backend import resolve_backend
-from pyrl._validate import check_float, check_positive, check_same_device, check_targets, shape_str
+from pyrl._validate import (check_bool, check_chunk_bytes, check_float, check_positive, check_same_device,
+                            check_targets, shape_str)
 
 __all__ = ["fused_linear_logprobs", "logprobs_from_logits"]
 
@@ -49,7 +50,7 @@ class _TorchRows:
         # logsumexp with an n-independent summation order (see _row_sum); the max is exact.
         zmax = z.amax(dim=-1, keepdim=True)
         zmax = torch.where(torch.isfinite(zmax), zmax, 0.0)
-        lse = _row_sum((z - zmax).exp()).log() + zmax.squeeze(1)
+        lse = _row_sum((z - zmax).exp_()).log_() + zmax.squeeze(1)
         finite = torch.isfinite(lse)
         valid = targets != ignore_index
         zy = z.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
@@ -164,13 +165,17 @@ def logprobs_from_logits(logits, targets, *, temperature=1.0, ignore_index=-100,
     temperature = check_positive("temperature", temperature)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_bool("return_entropy", return_entropy)
+    check_bool("inplace_backward", inplace_backward)
     check_same_device(logits=logits, targets=targets)
     targets = check_targets("targets", targets, logits.shape[:-1], vocab, ignore_index)
     name = resolve_backend(backend, logits.device, has=_HAS)
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, vocab)
     if flat.stride(-1) != 1:
-        flat = flat.contiguous()
+        # not .contiguous(): it keeps any stride of a size-1 (V == 1) or empty dimension, and the
+        # row bodies need unit stride along the vocabulary
+        flat = flat.clone(memory_format=torch.contiguous_format)
     rows = _triton_module().LogprobRows if name == "triton" else _ROWS[name]
     logp, ent = _LogprobsFromLogits.apply(flat, targets.reshape(-1), temperature, ignore_index,
                                           bool(return_entropy), bool(inplace_backward), rows)
@@ -228,10 +233,11 @@ def _row_sum(x):
     n, V = x.shape
     if V <= _SUM_BLOCK:
         return x.sum(-1)
-    pad = -V % _SUM_BLOCK
-    if pad:
-        x = torch.cat([x, x.new_zeros(n, pad)], dim=1)
-    return x.reshape(n, -1, _SUM_BLOCK).sum(-1).sum(-1)
+    k = V // _SUM_BLOCK
+    parts = x[:, : k * _SUM_BLOCK].unflatten(1, (k, _SUM_BLOCK)).sum(-1)  # a view: no copy
+    if V % _SUM_BLOCK:
+        parts = torch.cat([parts, x[:, k * _SUM_BLOCK:].sum(-1, keepdim=True)], dim=1)
+    return parts.sum(-1)
 
 
 class _ChunkedTorchLinear:
@@ -328,22 +334,24 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
-def _check_linear_args(hidden, weight, bias, temperature, ignore_index):
-    check_float("hidden", hidden, min_dim=1)
-    check_float("weight", weight, dim=2)
+def _check_linear_args(hidden, weight, bias, temperature, ignore_index, names=("hidden", "weight", "bias")):
+    """``names``: what the caller calls hidden, weight and bias (e.g. Liger's ``_input``, ``lin_weight``)."""
+    nh, nw, nb = names
+    check_float(nh, hidden, min_dim=1)
+    check_float(nw, weight, dim=2)
     if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+        raise ValueError(f"{nw} must have shape [V, H] with H = {nh}.shape[-1] = {hidden.shape[-1]}, "
                          f"got {shape_str(weight)}")
     if weight.shape[0] < 1:
-        raise ValueError(f"weight must have at least one vocabulary row, got shape {shape_str(weight)}")
+        raise ValueError(f"{nw} must have at least one vocabulary row, got shape {shape_str(weight)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+        raise TypeError(f"{nw} must have the dtype of {nh} ({hidden.dtype}), got {weight.dtype}")
     if bias is not None:
-        check_float("bias", bias, dim=1)
+        check_float(nb, bias, dim=1)
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {shape_str(bias)}")
+            raise ValueError(f"{nb} must have shape [V] = [{weight.shape[0]}], got {shape_str(bias)}")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+            raise TypeError(f"{nb} must have the dtype of {nh} ({hidden.dtype}), got {bias.dtype}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return check_positive("temperature", temperature)
@@ -372,6 +380,8 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         ``logp [...]`` fp32 (fp64 for fp64 input), or ``(logp, entropy)``.
     """
     temperature = _check_linear_args(hidden, weight, bias, temperature, ignore_index)
+    check_bool("return_entropy", return_entropy)
+    check_chunk_bytes(chunk_bytes)
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     if vocab_parallel_group is not None:
         from pyrl.ops.vocab_parallel import vocab_parallel_linear_logprobs
@@ -381,8 +391,6 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
                                               return_entropy=return_entropy, backend=backend,
                                               chunk_bytes=chunk_bytes)
     targets = check_targets("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index)
-    if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
     name = resolve_backend(backend, hidden.device, has=_HAS)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])

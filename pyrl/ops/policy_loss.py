@@ -252,7 +252,7 @@ def _is_token_separable(config: PolicyLossConfig) -> bool:
     ratio or mismatch weight, no batch-wide entropy quantile, no vocabulary-wide KL)."""
     return (config.effective_ratio_level == "token" and config.top_entropy_rho == 1.0
             and config.is_level in (None, "token")
-            and not (config.beta > 0 and config.effective_kl_type == "full"))
+            and config.effective_kl_type != "full")
 
 
 def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp, config,

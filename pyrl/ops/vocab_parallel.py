@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from pyrl._backend import BACKENDS
 from pyrl._validate import FLOAT_DTYPES, check_same_device, check_targets
-from pyrl.ops.logprobs import DEFAULT_CHUNK_BYTES, _acc_dtype, _check_linear_args, _chunk_logits, _chunk_rows
+from pyrl.ops.logprobs import (DEFAULT_CHUNK_BYTES, _acc_dtype, _check_linear_args, _chunk_logits, _chunk_rows,
+                               _row_sum)
 
 __all__ = ["vocab_parallel_linear_logprobs"]
 
@@ -100,10 +101,10 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
             ex = (z - m_safe).exp_()  # -inf logits give exactly 0
             owned = owned_all[s:e]
             zy = z.gather(1, torch.where(owned, local_all[s:e], 0).unsqueeze(1)).squeeze(1)
-            rows = [ex.sum(1), torch.where(owned, zy, 0.0)]
+            rows = [_row_sum(ex), torch.where(owned, zy, 0.0)]
             if need_entropy:
                 # -inf logits clamped so the term is 0 * (large finite) = 0, never 0 * inf.
-                rows.append((ex * (z.clamp_(min=fmin) - m_safe)).sum(1))
+                rows.append(_row_sum(ex * (z.clamp_(min=fmin) - m_safe)))
             packed = torch.stack(rows)
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
             sum_exp, zy = packed[0], packed[1]
