@@ -56,12 +56,19 @@ def _close(got, want, tol, what):
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
-def _grad_close(got, want, x, tol, what):
+def _grad_close(got, want, x, tol, what, factor=4):
     assert got.dtype == x.dtype, f"{what}: gradient dtype {got.dtype} != input dtype {x.dtype}"
     assert torch.isfinite(got).all(), f"{what}: non-finite gradient"
     scale = want.abs().max().clamp(min=1.0) if want.numel() else 1.0
-    torch.testing.assert_close(got.double() / scale, want / scale, atol=4 * tol, rtol=0,
+    torch.testing.assert_close(got.double() / scale, want / scale, atol=factor * tol, rtol=0,
                                msg=lambda m: f"{what}: {m}")
+
+
+def _grad_factor(backend, dtype):
+    """The fused Triton backward rounds d_logits to bf16/fp16 before its two matmuls (documented in
+    kernels/logprobs.py): one more rounding per product, which cancellation in the sum over the
+    vocabulary can leave at ~2 ulp of bf16 relative to the largest gradient entry."""
+    return 8 if backend == "triton" and dtype != torch.float32 else 4
 
 
 def _targets(g, n, v, ignore_frac):
@@ -117,6 +124,8 @@ def _check_logits_case(backend, dtype, n, v, temperature, ignore_frac, scale, ne
          two_d=False, seed=3)
 @example(dtype=torch.float32, n=4, v=1, temperature=1.0, ignore_frac=0.3, scale=1.0, neg_inf=False,
          two_d=True, seed=4)
+@example(dtype=torch.bfloat16, n=5, v=2, temperature=0.5, ignore_frac=0.3, scale=30.0, neg_inf=True,
+         two_d=False, seed=5)
 def test_fuzz_logprobs_from_logits(backend, dtype, n, v, temperature, ignore_frac, scale, neg_inf, two_d, seed):
     _check_logits_case(backend, dtype, n, v, temperature, ignore_frac, scale, neg_inf, two_d, seed)
 
@@ -159,7 +168,7 @@ def _check_linear_case(backend, dtype, n, h, v, use_bias, temperature, ignore_fr
     for got, want, x, name in ((hx.grad, hd.grad, hx, "d hidden"), (wx.grad, wd.grad, wx, "d weight"),
                                (None if bx is None else bx.grad, None if bd is None else bd.grad, bx, "d bias")):
         if x is not None:
-            _grad_close(got, want, x, tol, name)
+            _grad_close(got, want, x, tol, name, _grad_factor(backend, dtype))
     ign = y == -100
     assert (logp[ign] == 0).all() and (ent[ign] == 0).all() and (hx.grad[ign] == 0).all()
 
@@ -334,7 +343,7 @@ def _check_policy_case(backend, dtype, cfg, b, t, h, v, use_bias, adv_per_token,
     for got, want, x, name in ((hx.grad, hd.grad, hx, "d hidden"), (wx.grad, wd.grad, wx, "d weight"),
                                (None if bx is None else bx.grad, None if bd is None else bd.grad, bx, "d bias")):
         if x is not None:
-            _grad_close(got, want, x, tol, name)
+            _grad_close(got, want, x, tol, name, _grad_factor(backend, dtype))
     assert (hx.grad[~valid] == 0).all(), "padding must get no gradient"
 
 
@@ -355,6 +364,9 @@ def test_fuzz_fused_linear_policy_loss(backend, dtype, cfg, b, t, h, v, use_bias
 @pytest.mark.skipif(not TRITON, reason="no Triton body / triton does not import")
 @TRITON_SETTINGS
 @given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), cfg=policy_configs(), **_LOSS_GIVEN)
+@example(dtype=torch.bfloat16, cfg=pyrl.PolicyLossConfig(num_items_in_batch=torch.tensor(0)), b=3, t=3, h=7, v=2,
+         use_bias=True, adv_per_token=True, mask_kind="bool", ref_via_hidden=False, with_policy_weight=True,
+         seed=2_147_483_646)  # found by the nightly profile: bf16 d_hidden 8.02e-3 off (see _grad_factor)
 def test_fuzz_fused_linear_policy_loss_triton(dtype, cfg, b, t, h, v, use_bias, adv_per_token, mask_kind,
                                               ref_via_hidden, with_policy_weight, seed):
     _check_policy_case("triton", dtype, cfg, min(b, 3), min(t, 3), h, v, use_bias, adv_per_token, mask_kind,

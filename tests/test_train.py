@@ -84,6 +84,8 @@ def test_config_overrides_and_files(tmp_path):
     assert cfg.optim.lr == 1e-5 and cfg.algo.loss["eps_high"] == 0.28  # YAML's "1e-5" string is coerced
     assert cfg.algo.loss["eps_low"] == 0.2  # option dicts merge key by key over the preset
     assert merge(cfg, {}) == cfg
+    assert apply_overrides(cfg, ["task.name=arithmetic"]).task.options == {}  # a new task drops old options
+    assert apply_overrides(cfg, ["task.options.max_operand=5"]).task.options == {"max_operand": 5}
 
 
 @pytest.mark.parametrize("name", presets.names())

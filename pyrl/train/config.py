@@ -42,7 +42,7 @@ class TaskConfig:
     name: str = "addition"
     """A task of ``pyrl.train.tasks`` (``addition``, ``arithmetic``, ``gsm8k``)."""
     options: dict = field(default_factory=dict)
-    """Keyword arguments of the task (e.g. ``{"max_operand": 9}``)."""
+    """Keyword arguments of the task (e.g. ``{"max_operand": 9}``); changing ``name`` clears them."""
     eval_size: int = 0
     """Greedy accuracy on this many held-out prompts every ``eval_every`` steps (0: off)."""
 
@@ -164,6 +164,8 @@ def merge(cfg, updates: dict, *, where: str = ""):
         raise ValueError(f"config{where or ''} must be a mapping, got {type(updates).__name__}")
     changes = {}
     names = _field_names(type(cfg))
+    if "options" in names and updates.get("name", cfg.name) != cfg.name:
+        cfg = dataclasses.replace(cfg, options={})  # another task: the old task's options do not apply
     for key, value in updates.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
