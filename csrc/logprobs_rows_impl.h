@@ -160,3 +160,11 @@ void bwd_rows(int64_t begin, int64_t end, const acc_t* g_logp, const acc_t* g_en
 
 }  // namespace PYRL_ROWS_ISA
 }  // namespace pyrl
+
+// Explicit instantiation of both kernels for one (input, accumulation) dtype pair, used by each
+// ISA's translation unit inside its own namespace.
+#define PYRL_INSTANTIATE_ROWS(S, A)                                                                              \
+  template void fwd_rows<S, A>(int64_t, int64_t, const S*, int64_t, int64_t, const int64_t*, A, int64_t, bool,  \
+                               A*, A*, A*);                                                                      \
+  template void bwd_rows<S, A>(int64_t, int64_t, const A*, const A*, const S*, S*, int64_t, int64_t, int64_t,   \
+                               const int64_t*, const A*, const A*, A, int64_t);

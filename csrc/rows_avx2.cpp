@@ -5,13 +5,7 @@
 
 namespace pyrl {
 namespace isa_avx2 {
-#define PYRL_INSTANTIATE(S, A)                                                                                   \
-  template void fwd_rows<S, A>(int64_t, int64_t, const S*, int64_t, int64_t, const int64_t*, A, int64_t, bool,  \
-                               A*, A*, A*);                                                                      \
-  template void bwd_rows<S, A>(int64_t, int64_t, const A*, const A*, const S*, S*, int64_t, int64_t, int64_t,   \
-                               const int64_t*, const A*, const A*, A, int64_t);
-PYRL_INSTANTIATE(float, float)
-PYRL_INSTANTIATE(double, double)
-#undef PYRL_INSTANTIATE
+PYRL_INSTANTIATE_ROWS(float, float)
+PYRL_INSTANTIATE_ROWS(double, double)
 }  // namespace isa_avx2
 }  // namespace pyrl

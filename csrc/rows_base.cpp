@@ -8,16 +8,10 @@
 
 namespace pyrl {
 namespace isa_base {
-#define PYRL_INSTANTIATE(S, A)                                                                                   \
-  template void fwd_rows<S, A>(int64_t, int64_t, const S*, int64_t, int64_t, const int64_t*, A, int64_t, bool,  \
-                               A*, A*, A*);                                                                      \
-  template void bwd_rows<S, A>(int64_t, int64_t, const A*, const A*, const S*, S*, int64_t, int64_t, int64_t,   \
-                               const int64_t*, const A*, const A*, A, int64_t);
-PYRL_INSTANTIATE(float, float)
-PYRL_INSTANTIATE(double, double)
-PYRL_INSTANTIATE(c10::BFloat16, float)
-PYRL_INSTANTIATE(c10::Half, float)
-#undef PYRL_INSTANTIATE
+PYRL_INSTANTIATE_ROWS(float, float)
+PYRL_INSTANTIATE_ROWS(double, double)
+PYRL_INSTANTIATE_ROWS(c10::BFloat16, float)
+PYRL_INSTANTIATE_ROWS(c10::Half, float)
 }  // namespace isa_base
 
 bool use_avx2_rows() {
