@@ -1,37 +1,83 @@
 #!/usr/bin/env bash
-# The benchmark suite on one CUDA GPU, in under 10 minutes; results go to the folder given.
+# Everything pyrl checks on one CUDA GPU, in one call of under 10 minutes: install, GPU tests,
+# the GRPO-loss benchmark against Liger-Kernel and plain PyTorch, log-prob benchmarks, a trainer
+# smoke run. Stages run in priority order, each under its own time cap and the whole under BUDGET
+# seconds; a stage that fails is reported and the next one still runs.
 #
-#   bash benchmarks/gpu_check.sh benchmarks/results/h100 [extra pyrl bench flags]
+#   bash benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS]    (default 480)
 #
-# Shapes: the Qwen2.5-0.5B head (H=896, V=151936) and the Llama-3-8B head (H=4096, V=128256) from
-# 4k to 64k tokens, bf16. The runner starts no new measurement after --max-seconds and rewrites
-# results.json/results.md after every shape, so even the hard timeout below leaves results behind.
-set -euo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [pyrl bench flags...]}
-shift
+# --impls takes fnmatch patterns: 'pyrl*' (brackets would be a character class).
+#
+# Optional third-party wheels (liger-kernel, cut-cross-entropy) are installed from ./.whl if that
+# folder exists (machines without a package registry). Writes to OUT_DIR: log.txt, gpu_tests.xml,
+# grpo/results.{json,md}, logprobs/results.{json,md}, train_tiny.jsonl.
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS]}
+budget=${2:-480}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+log="$out/log.txt"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
 
-python - <<'PY'
-import sys
-import torch
-if not torch.cuda.is_available():
-    sys.exit("gpu_check: torch.cuda.is_available() is False; this script needs a CUDA GPU")
-print(f"gpu_check: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-import pyrl
-for name, b in pyrl.backends().items():
-    print(f"gpu_check: backend {name}: {'available' if b['available'] else 'unavailable'} ({b['detail']})")
+say() { echo "[gpu_check $(printf '%4d' "$SECONDS")s] $*" | tee -a "$log"; }
+left() { echo $((budget - SECONDS)); }
+# run_stage NAME CAP_SECONDS RESERVE_SECONDS CMD...: runs CMD under min(CAP, time left - RESERVE)
+run_stage() {
+  local name=$1 cap=$2 reserve=$3; shift 3
+  local t=$(( $(left) - reserve )); (( t > cap )) && t=$cap
+  if (( t < 20 )); then say "SKIP $name: $(left) s left"; return 0; fi
+  say "START $name (cap ${t}s)"
+  timeout --kill-after=10 "$t" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  say "END $name rc=$rc"
+  return 0
+}
+
+say "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1)"
+$PY - <<'PY' 2>&1 | tee -a "$log"
+import sys, torch, triton
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
+      f"cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
 PY
 
-if command -v pyrl >/dev/null 2>&1 && pyrl bench --help >/dev/null 2>&1; then
-  bench=(pyrl bench)
-else
-  bench=(python -m pyrl.bench)
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | tail -3 | tee -a "$log"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-status=0
-timeout --kill-after=20 570 "${bench[@]}" --device cuda --out "$out" \
-  --shapes 4096,896,151936 16384,896,151936 65536,896,151936 4096,4096,128256 16384,4096,128256 65536,4096,128256 \
-  --warmup 2 --repeats 5 --max-seconds 420 "$@" || status=$?
-[ -f "$out/results.md" ] && cat "$out/results.md"
-exit "$status"
+# Install pyrl (builds pyrl._C against this torch; the CUDA path itself needs only Triton).
+run_stage install 200 280 env MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  $PY -m pip install -q --no-deps --no-build-isolation -e .
+$PY -c "import pyrl, json; print(json.dumps(pyrl.backends(), indent=1))" 2>&1 | tee -a "$log"
+$PY -c "import liger_kernel, cut_cross_entropy; print('third parties: liger-kernel and cut-cross-entropy import')" \
+  2>&1 | tail -1 | tee -a "$log"
+
+# 1. Correctness on the GPU (the Triton kernels compiled for real, against float64).
+xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n 4)
+run_stage gpu-tests 150 220 $PY -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" --junitxml="$out/gpu_tests.xml" \
+  tests/test_gpu.py tests/test_advantages.py -k "gpu or cuda"
+
+# 2. Issue 10's benchmark: GRPO loss fwd+bwd at N=16384 (B=16, T=1024), H=4096, V=151936, bf16.
+run_stage bench-grpo 200 60 $PY -m pyrl.cli bench --device cuda --ops grpo_loss --shapes 16384,4096,151936 \
+  --impls 'pyrl*' torch 'liger*' --warmup 2 --repeats 5 \
+  --max-seconds 150 --no-plots --out "$out/grpo"
+
+# 3. Log-prob ops: the Qwen2.5-0.5B and a 4096-wide head at 16k tokens, bf16.
+run_stage bench-logprobs 120 40 $PY -m pyrl.cli bench --device cuda --ops linear_logprobs logits_logprobs \
+  --shapes 16384,896,151936 16384,4096,151936 --impls 'pyrl*' torch cut-cross-entropy \
+  --warmup 2 --repeats 5 --max-seconds 70 --no-plots --out "$out/logprobs"
+
+# 4. The trainer on one GPU (tiny preset, built-in model and task).
+run_stage train-tiny 40 0 $PY -m pyrl.cli train --preset tiny --device cuda --max-steps 40 --out /tmp/pyrl-tiny \
+  --no-progress
+ls /tmp/pyrl-tiny >>"$log" 2>&1
+cp /tmp/pyrl-tiny/metrics.jsonl "$out/train_tiny.jsonl" 2>/dev/null || true
+
+for f in "$out/grpo/results.md" "$out/logprobs/results.md"; do [ -f "$f" ] && cat "$f"; done
+say "done"

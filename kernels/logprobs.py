@@ -70,8 +70,21 @@ _WIDEN_DOT_OPERANDS = tl.constexpr(_INTERPRET)
 _GROUP_N = 8  # token tiles that sweep the same weight slices together (L2 reuse of W)
 
 
+# PYRL_TRITON_CONFIG=<name> pins one named config (below) in every kernel instead of autotuning:
+# no autotuning time per new (H, V), and the same tiling (so the same last bits) in every process.
+_PINNED = os.environ.get("PYRL_TRITON_CONFIG") or None
+
+
 def _configs(named: dict[str, triton.Config], small: triton.Config) -> list[triton.Config]:
-    return [small] if _INTERPRET else list(named.values())
+    if _INTERPRET:
+        return [small]
+    if _PINNED is not None:
+        if _PINNED not in named:
+            raise ValueError(f"PYRL_TRITON_CONFIG must name a config every kernel has, one of "
+                             f"{sorted(set(_FWD_CONFIGS) & set(_BWD_HIDDEN_CONFIGS) & set(_BWD_WEIGHT_CONFIGS))}; "
+                             f"got {_PINNED!r}")
+        return [named[_PINNED]]
+    return list(named.values())
 
 
 def _cfg(n: int, v: int, h: int, warps: int, stages: int) -> triton.Config:
