@@ -46,6 +46,9 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def run(self):
+        if os.environ.get("PYRL_SKIP_EXT") == "1":  # e.g. GPU-only machines: CUDA tensors use Triton
+            print("*** pyrl: PYRL_SKIP_EXT=1, the C++ extension pyrl._C is not built.", file=sys.stderr)
+            return
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - reported and optionally re-raised

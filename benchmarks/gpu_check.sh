@@ -5,6 +5,7 @@
 # seconds; a stage that fails is reported and the next one still runs.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS]    (default 480)
+#   GPU_CHECK_STAGES="install gpu-tests bench-grpo" PYRL_SKIP_EXT=1 bash benchmarks/gpu_check.sh OUT 270
 #
 # --impls takes fnmatch patterns: 'pyrl*' (brackets would be a character class).
 #
@@ -23,17 +24,22 @@ PY=${PYTHON:-python3}
 
 say() { echo "[gpu_check $(printf '%4d' "$SECONDS")s] $*" | tee -a "$log"; }
 left() { echo $((budget - SECONDS)); }
-# run_stage NAME CAP_SECONDS RESERVE_SECONDS CMD...: runs CMD under min(CAP, time left - RESERVE)
+# run_stage NAME CAP_SECONDS RESERVE_PERCENT CMD...: runs CMD (if NAME is in STAGES) under
+# t = min(CAP, time left - RESERVE_PERCENT of the budget).
 run_stage() {
-  local name=$1 cap=$2 reserve=$3; shift 3
+  local name=$1 cap=$2 reserve=$(( budget * $3 / 100 )); shift 3
+  case " $STAGES " in *" $name "*) ;; *) say "SKIP $name (not in STAGES)"; return 0 ;; esac
   local t=$(( $(left) - reserve )); (( t > cap )) && t=$cap
   if (( t < 20 )); then say "SKIP $name: $(left) s left"; return 0; fi
   say "START $name (cap ${t}s)"
+  # "bench ARGS": the benchmark runner, which starts no new measurement after --max-seconds
+  if [ "$1" = bench ]; then shift; set -- $PY -m pyrl.cli bench --device cuda --max-seconds $(( t * 3 / 4 )) "$@"; fi
   timeout --kill-after=10 "$t" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   say "END $name rc=$rc"
   return 0
 }
+STAGES=${GPU_CHECK_STAGES:-install gpu-tests bench-grpo bench-logprobs train-tiny}
 
 say "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1)"
 $PY - <<'PY' 2>&1 | tee -a "$log"
@@ -52,7 +58,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # Install pyrl (builds pyrl._C against this torch; the CUDA path itself needs only Triton).
-run_stage install 200 280 env MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+run_stage install 200 55 env MAX_JOBS=16 CMAKE_BUILD_PARALLEL_LEVEL=16 \
   $PY -m pip install -q --no-deps --no-build-isolation -e .
 $PY -c "import pyrl, json; print(json.dumps(pyrl.backends(), indent=1))" 2>&1 | tee -a "$log"
 $PY -c "import liger_kernel, cut_cross_entropy; print('third parties: liger-kernel and cut-cross-entropy import')" \
@@ -60,18 +66,17 @@ $PY -c "import liger_kernel, cut_cross_entropy; print('third parties: liger-kern
 
 # 1. Correctness on the GPU (the Triton kernels compiled for real, against float64).
 xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n 4)
-run_stage gpu-tests 150 220 $PY -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" --junitxml="$out/gpu_tests.xml" \
+run_stage gpu-tests 150 45 $PY -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" --junitxml="$out/gpu_tests.xml" \
   tests/test_gpu.py tests/test_advantages.py -k "gpu or cuda"
 
 # 2. Issue 10's benchmark: GRPO loss fwd+bwd at N=16384 (B=16, T=1024), H=4096, V=151936, bf16.
-run_stage bench-grpo 200 60 $PY -m pyrl.cli bench --device cuda --ops grpo_loss --shapes 16384,4096,151936 \
-  --impls 'pyrl*' torch 'liger*' --warmup 2 --repeats 5 \
-  --max-seconds 150 --no-plots --out "$out/grpo"
+run_stage bench-grpo 200 12 bench --ops grpo_loss --shapes 16384,4096,151936 \
+  --impls 'pyrl*' torch 'liger*' --warmup 2 --repeats 5 --no-plots --out "$out/grpo"
 
 # 3. Log-prob ops: the Qwen2.5-0.5B and a 4096-wide head at 16k tokens, bf16.
-run_stage bench-logprobs 120 40 $PY -m pyrl.cli bench --device cuda --ops linear_logprobs logits_logprobs \
+run_stage bench-logprobs 120 8 bench --ops linear_logprobs logits_logprobs \
   --shapes 16384,896,151936 16384,4096,151936 --impls 'pyrl*' torch cut-cross-entropy \
-  --warmup 2 --repeats 5 --max-seconds 70 --no-plots --out "$out/logprobs"
+  --warmup 2 --repeats 5 --no-plots --out "$out/logprobs"
 
 # 4. The trainer on one GPU (tiny preset, built-in model and task).
 run_stage train-tiny 40 0 $PY -m pyrl.cli train --preset tiny --device cuda --max-steps 40 --out /tmp/pyrl-tiny \

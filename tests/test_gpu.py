@@ -5,7 +5,8 @@ The CPU suites test the same kernels through Triton's interpreter, which accepts
 compiler treats differently (tl.dot precision, shared-memory layouts, specialisation on strides),
 so these repeat the checks that matter with the real compiler:
 
-* values and gradients of ``fused_linear_logprobs`` and ``logprobs_from_logits`` on odd shapes
+* values and gradients of ``fused_linear_logprobs`` (both bodies of ``backend="triton"``: the
+  chunked cuBLAS + row-kernel body and the single fused kernel) and ``logprobs_from_logits`` on odd shapes
   (N=1, V not a multiple of any tile, V=151936, ignored rows, ``-inf`` logits, bias, temperature),
   fp32 and bf16, against a float64 computation of the same (rounded) inputs;
 * ``fused_linear_policy_loss`` for every config of the CPU reference test, and at a realistic
@@ -54,10 +55,14 @@ def norm_err(out, ref) -> float:
 # --------------------------------------------------------------------------------------------
 # Log-probs from hidden states
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["chunked", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n,h,v", [(1, 64, 1000), (257, 128, 32003), (96, 896, 151936)])
+@pytest.mark.parametrize("n,h,v", [(1, 64, 1000), (257, 128, 32003), (600, 896, 151936)])
 @pytest.mark.parametrize("with_bias,temperature", [(False, 1.0), (True, 0.7)], ids=["plain", "bias-temp"])
-def test_fused_linear_logprobs_matches_float64(dtype, n, h, v, with_bias, temperature):
+def test_fused_linear_logprobs_matches_float64(monkeypatch, mode, dtype, n, h, v, with_bias, temperature):
+    # "chunked": cuBLAS GEMMs around the row kernels (the default for bf16); "fused": one Triton
+    # kernel (the default for fp32). n=600 at V=151936 walks three 256-row chunks.
+    monkeypatch.setenv("PYRL_TRITON_LINEAR", mode)
     g = torch.Generator().manual_seed(n * 7 + v)
     hidden = torch.randn(n, h, generator=g).to(dtype)
     weight = (torch.randn(v, h, generator=g) * 2 / math.sqrt(h)).to(dtype)
@@ -85,6 +90,8 @@ def test_fused_linear_logprobs_matches_float64(dtype, n, h, v, with_bias, temper
     ignored = (targets == -100).cuda()
     assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all() and (hd.grad[ignored] == 0).all()
     assert hd.grad.dtype == wd.grad.dtype == dtype
+    if mode == "chunked" and dtype == torch.bfloat16:
+        assert norm_err(wd.grad, w64.grad) <= 1e-2, "d_weight (accumulated in bf16 across chunks)"
     assert rel_err(hd.grad, h64.grad) <= tol["grad"], "d_hidden"
     assert rel_err(wd.grad, w64.grad) <= tol["grad"], "d_weight"
     if with_bias:
@@ -195,7 +202,7 @@ def test_policy_loss_realistic_bf16_shape():
     old_logp = (logp64.detach() + 0.2 * torch.randn(B, T, device="cuda", generator=g)).float()
     ref_logp = (logp64.detach() + 0.2 * torch.randn(B, T, device="cuda", generator=g)).float()
     rloss, _ = _policy_loss_core(logp64, adv.double(), mask, old_logp=old_logp.double(), ref_logp=ref_logp.double(),
-                                 entropy=ent64, config=cfg)
+                                 entropy=ent64, rollout_logp=None, config=cfg)
     rloss.backward()
     ref_dh, ref_dw = h64.grad.cpu(), w64.grad.cpu()
     del h64, w64, logp64, ent64
@@ -228,15 +235,17 @@ def test_policy_loss_all_masked_is_zero_and_finite(agg):
 # --------------------------------------------------------------------------------------------
 # Batch invariance
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["chunked", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_batch_invariance_bitwise(dtype):
+def test_batch_invariance_bitwise(monkeypatch, mode, dtype):
+    monkeypatch.setenv("PYRL_TRITON_LINEAR", mode)
     g = torch.Generator(device="cuda").manual_seed(3)
-    n, h, v = 300, 128, 32003
+    n, h, v = 3000, 128, 32003  # chunked: 1280-row chunks, so the slices below cross chunks
     hidden = torch.randn(n, h, device="cuda", generator=g).to(dtype)
     weight = torch.randn(v, h, device="cuda", generator=g).to(dtype) / math.sqrt(h)
     y = torch.randint(0, v, (n,), device="cuda", generator=g)
     full = pyrl.fused_linear_logprobs(hidden, weight, y, return_entropy=True, backend="triton")
-    for rows in (slice(0, 1), slice(0, 37), slice(100, 300)):
+    for rows in (slice(0, 1), slice(0, 37), slice(100, 300), slice(1200, 3000)):
         part = pyrl.fused_linear_logprobs(hidden[rows], weight, y[rows], return_entropy=True, backend="triton")
         assert torch.equal(part[0], full[0][rows]) and torch.equal(part[1], full[1][rows]), rows
     logits = (hidden @ weight.t()).contiguous()
@@ -266,6 +275,10 @@ def test_fused_linear_grpo_loss_matches_liger_on_cuda(loss_type):
     old = base + 0.3 * torch.randn(B, T, device="cuda", generator=g)
     ref = base + 0.3 * torch.randn(B, T, device="cuda", generator=g)
     kw = dict(beta=0.04, loss_type=loss_type, temperature=0.9)
+    if loss_type == "dr_grpo":
+        kw["max_completion_length"] = T
+    if loss_type == "cispo":
+        kw["epsilon_high"] = 3.0  # CISPO's bound is absolute (pyrl refuses one below 1)
     results = []
     for module in (FusedLinearGRPOLoss(**kw), liger.LigerFusedLinearGRPOLoss(compiled=False, **kw)):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()

@@ -288,3 +288,87 @@ def test_kernels_compile_for_hopper():
                           "--quick"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("sm90") == 6, out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The chunked body of backend="triton" (cuBLAS GEMMs per token chunk around the row kernels; the
+# default for bf16/fp16 on CUDA), forced on CPU tensors with PYRL_TRITON_LINEAR=chunked.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def chunked(monkeypatch):
+    monkeypatch.setenv("PYRL_TRITON_LINEAR", "chunked")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,v,use_bias,temperature", [(1, 16, 37, False, 1.0), (70, 24, 1000, True, 0.7)])
+def test_chunked_linear_matches_float64(chunked, dtype, n, h, v, use_bias, temperature):
+    hidden = torch.randn(n, h).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h) / math.sqrt(h)).to(dtype).requires_grad_()
+    bias = torch.randn(v).to(dtype).requires_grad_() if use_bias else None
+    y = _targets(n, v)
+    g1, g2 = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    inputs = [hidden, weight, bias]
+    # 64 rows per chunk (the smallest): n=70 walks two chunks, the second padded to 64 rows
+    logp, ent, grads = _grads(lambda: pyrl.fused_linear_logprobs(
+        hidden, weight, y, bias=bias, temperature=temperature, return_entropy=True, backend="triton",
+        chunk_bytes=64 * v * 4), inputs, g1, g2)
+    ref_inputs = [_rounded_leaf(x) for x in inputs]
+    rlogp, rent, rgrads = _grads(lambda: linear_logprobs_ref(*ref_inputs[:2], y, ref_inputs[2], temperature),
+                                 ref_inputs, g1, g2)
+    tol = TOL[dtype]
+    torch.testing.assert_close(logp.double(), rlogp, atol=tol, rtol=tol)
+    torch.testing.assert_close(ent.double(), rent, atol=tol, rtol=tol)
+    # bf16: d logits is rounded to bf16 before the gradient GEMMs and d_weight accumulates in bf16
+    _assert_grads_close(grads, rgrads, inputs, tol if dtype == torch.float32 else 4 * tol)
+    ign = y == -100
+    assert (logp[ign] == 0).all() and (grads[0][ign] == 0).all()
+
+
+def test_chunked_linear_is_batch_invariant_bitwise(chunked):
+    # Every chunk GEMM is padded to the same row count, so a row's result never depends on N.
+    n, h, v = 150, 16, 300
+    hidden = torch.randn(n, h).to(torch.bfloat16)
+    weight = torch.randn(v, h).to(torch.bfloat16)
+    y = torch.randint(0, v, (n,))
+    kw = dict(return_entropy=True, backend="triton", chunk_bytes=64 * v * 4)
+    full = pyrl.fused_linear_logprobs(hidden, weight, y, **kw)
+    for rows in (slice(0, 1), slice(64, 150), slice(3, 70)):
+        part = pyrl.fused_linear_logprobs(hidden[rows], weight, y[rows], **kw)
+        assert torch.equal(part[0], full[0][rows]) and torch.equal(part[1], full[1][rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_one_pass_policy_loss_matches_two_pass(chunked, dtype):
+    # The token-separable config takes the one-pass plan on the chunked body; the torch backend's
+    # two-pass plan on the same (rounded) inputs in float64 is the reference.
+    B, T, H, V = 3, 50, 16, 300
+    hidden = torch.randn(B, T, H).to(dtype)
+    weight = (torch.randn(V, H) / math.sqrt(H)).to(dtype)
+    y = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T)
+    mask[0, 30:] = 0
+    adv = torch.randn(B)
+    old = -torch.rand(B, T) * 5
+    cfg = pyrl.PolicyLossConfig(eps_high=0.28, beta=0.05, kl_type="k3", entropy_coef=0.01, agg="seq-mean-token-mean")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = pyrl.fused_linear_policy_loss(h, w, y, mask, adv, old_logp=old, ref_logp=old - 0.1, config=cfg,
+                                                  backend="triton", chunk_bytes=64 * V * 4)
+    loss.backward()
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    rloss, rmetrics = pyrl.fused_linear_policy_loss(hd, wd, y, mask, adv, old_logp=old.double(),
+                                                    ref_logp=old.double() - 0.1, config=cfg, backend="torch")
+    rloss.backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), rloss, atol=tol, rtol=tol)
+    for k, v in rmetrics.items():
+        torch.testing.assert_close(metrics[k].double(), v, atol=tol, rtol=tol, msg=k)
+    for g, r in ((h.grad, hd.grad), (w.grad, wd.grad)):
+        assert g.dtype == dtype
+        scale = r.abs().max()
+        assert float((g.double() - r).abs().max() / scale) <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_unknown_triton_linear_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("PYRL_TRITON_LINEAR", "fast")
+    with pytest.raises(ValueError, match="PYRL_TRITON_LINEAR must be"):
+        pyrl.fused_linear_logprobs(torch.randn(2, 16), torch.randn(30, 16), torch.tensor([1, 2]), backend="triton")

@@ -92,8 +92,8 @@ def _pyrl_backend(backend: str, attr: str | None = None):
             return info["detail"]
         if backend == "triton" and device.type != "cuda":
             return "the Triton backend runs on CPU only under TRITON_INTERPRET=1, which is not benchmarked"
-        if backend == "cpp" and device.type != "cpu" and "with CUDA" not in info["detail"]:
-            return "pyrl._C was built without CUDA"
+        if backend == "cpp" and device.type != "cpu":
+            return "pyrl._C has CPU kernels only (CUDA tensors take backend='triton')"
         return None
     return requires
 
@@ -170,13 +170,13 @@ def _copy_floor(case: Case) -> Step:
 # --------------------------------------------------------------------------------------------
 # pyrl
 # --------------------------------------------------------------------------------------------
-def _pyrl_linear_logprobs(backend):
+def _pyrl_linear_logprobs(backend, chunk_bytes=None):
     def build(case: Case) -> Step:
         import pyrl
 
         def step():
             logp, ent = pyrl.fused_linear_logprobs(case.hidden, case.weight, case.targets,
-                                                   return_entropy=True, backend=backend)
+                                                   return_entropy=True, backend=backend, chunk_bytes=chunk_bytes)
             return logprob_outputs(case, logp, ent)
         return step
     return build
@@ -194,7 +194,7 @@ def _pyrl_logits_logprobs(backend):
     return build
 
 
-def _pyrl_grpo_loss(backend):
+def _pyrl_grpo_loss(backend, chunk_bytes=None):
     def build(case: Case) -> Step:
         import pyrl
 
@@ -204,7 +204,7 @@ def _pyrl_grpo_loss(backend):
         def step():
             loss, _ = pyrl.fused_linear_policy_loss(case.hidden, case.weight, case.targets, case.mask,
                                                     case.advantages, old_logp=case.old_logp, config=config,
-                                                    backend=backend)
+                                                    backend=backend, chunk_bytes=chunk_bytes)
             return loss_outputs(case, loss)
         return step
     return build
@@ -288,6 +288,12 @@ for _backend in ("torch", "cpp", "triton"):
                   requires=_pyrl_backend(_backend)))
     register(Impl("grpo_loss", f"pyrl[{_backend}]", _pyrl_grpo_loss(_backend),
                   requires=_pyrl_backend(_backend, "fused_linear_policy_loss")))
+
+# CUDA: the same backend with 1 GiB chunks (fewer, larger chunk GEMMs for more working memory).
+register(Impl("linear_logprobs", "pyrl[triton]/chunk=1GiB", _pyrl_linear_logprobs("triton", 2**30),
+              requires=_pyrl_backend("triton"), note="chunk_bytes=1 GiB"))
+register(Impl("grpo_loss", "pyrl[triton]/chunk=1GiB", _pyrl_grpo_loss("triton", 2**30),
+              requires=_pyrl_backend("triton", "fused_linear_policy_loss"), note="chunk_bytes=1 GiB"))
 
 _register_plain("linear_logprobs", plain_linear_logprobs)
 _register_plain("logits_logprobs", plain_logprobs_from_logits)

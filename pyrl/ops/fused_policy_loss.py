@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from pyrl._validate import check_chunk_bytes, check_same_device, check_targets, check_shape, shape_str
+from pyrl._validate import check_same_device, check_targets, check_shape, shape_str
 from pyrl.config import PolicyLossConfig
 from pyrl._backend import resolve_backend
-from pyrl.ops.logprobs import (_ROWS, DEFAULT_CHUNK_BYTES, _acc_dtype, _check_linear_args, _chunk_logits, _chunk_rows,
-                               _padded_chunk_logits, _padded_rows_mm,
-                               fused_linear_logprobs)
+from pyrl.ops.logprobs import (_ROWS, _AccMath, _acc_dtype, _check_linear_args, _chunk_logits, _chunk_rows,
+                               _resolve_chunk_bytes, _triton_linear, fused_linear_logprobs)
 from pyrl.ops.policy_loss import _agg_weights, _check_policy_args, _is_token_separable, _policy_loss_core
 
 __all__ = ["fused_linear_policy_loss"]
@@ -92,21 +91,16 @@ class _OnePassPolicyLoss(torch.autograd.Function):
     """Forward computes the loss *and* d_hidden/d_weight/d_bias chunk by chunk; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, rows, chunk, chunk_loss):
-        acc = _acc_dtype(hidden.dtype)
-        w = weight.to(acc)
-        b = bias.to(acc) if bias is not None else None
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, rows, math, chunk, chunk_loss):
+        need = ctx.needs_input_grad[:3]
+        m = math(hidden, weight, bias, chunk, need=need)
         n = hidden.shape[0]
-        d_hidden = torch.zeros_like(hidden) if need_h else None
-        d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
-        d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        loss = hidden.new_zeros((), dtype=acc)
+        loss = hidden.new_zeros((), dtype=_acc_dtype(hidden.dtype))
         sums = None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            h = hidden[s:e].to(acc)
-            full = _padded_chunk_logits(h, w, b)
+            h = m.operand(s, e)
+            full = m.logits(h)
             logits = full[: e - s]
             lp, ent, lse = rows.fwd(logits, targets[s:e], temperature, ignore_index, True)
             with torch.enable_grad():
@@ -115,18 +109,12 @@ class _OnePassPolicyLoss(torch.autograd.Function):
                 g_lp, g_ent = torch.autograd.grad(loss_c, (lp_leaf, ent_leaf), allow_unused=True)
             loss += loss_c.detach()
             sums = sums_c if sums is None else _merge_sums(sums, sums_c)
-            if not (need_h or need_w or need_b):
+            if not any(need):
                 continue
             g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
-            dz = rows.bwd(g_lp, g_ent, logits, targets[s:e], lse, ent.detach(), temperature, ignore_index, out=logits)
-            if need_h:
-                d_hidden[s:e] = _padded_rows_mm(full, e - s, w).to(hidden.dtype)
-            if need_w:
-                d_weight.addmm_(dz.t(), h)
-            if need_b:
-                d_bias += dz.sum(0)
-        ctx.grads = (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
-                     None if d_bias is None else d_bias.to(bias.dtype))
+            rows.bwd(g_lp, g_ent, logits, targets[s:e], lse, ent.detach(), temperature, ignore_index, out=logits)
+            m.backprop(full, s, e, h)
+        ctx.grads = m.grads()
         ctx.mark_non_differentiable(*sums.values())
         return (loss, *sums.values())
 
@@ -135,7 +123,7 @@ class _OnePassPolicyLoss(torch.autograd.Function):
         # The buffers are ours alone: scale them in place instead of allocating a second d_weight.
         grads = [None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _merge_sums(a: dict, b: dict) -> dict:
@@ -143,7 +131,7 @@ def _merge_sums(a: dict, b: dict) -> dict:
 
 
 def _one_pass_loss(hidden, weight, bias, targets, mask, advantages, *, old_logp, ref_logp, rollout_logp,
-                   policy_weight, config, rows, ignore_index, chunk_bytes):
+                   policy_weight, config, rows, math, chunk, ignore_index):
     """The one-pass plan (see the module docstring) over flattened tokens."""
     B, T, H = hidden.shape
     valid = mask.bool()
@@ -169,9 +157,8 @@ def _one_pass_loss(hidden, weight, bias, targets, mask, advantages, *, old_logp,
         # the core reports means over the chunk's valid tokens: turn them into sums to merge chunks
         return loss, {k: v if k == "ratio_max" else v * count for k, v in metrics.items()}
 
-    chunk = _chunk_rows(B * T, weight.shape[0], chunk_bytes)
     loss, *values = _OnePassPolicyLoss.apply(hidden.reshape(B * T, H), weight, bias, targets.reshape(-1),
-                                             config.temperature, ignore_index, rows, chunk, chunk_loss)
+                                             config.temperature, ignore_index, rows, math, chunk, chunk_loss)
     keys = ["clip_frac", "kl_mean", "entropy_mean", "ratio_mean", "ratio_max"]
     if config.is_level is not None:
         keys.append("is_weight_mean")
@@ -184,7 +171,7 @@ def _one_pass_loss(hidden, weight, bias, targets, mask, advantages, *, old_logp,
 def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=None, old_logp=None,
                              ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, rollout_logp=None,
                              policy_weight=None, config: PolicyLossConfig = PolicyLossConfig(), backend="auto",
-                             ignore_index=-100, chunk_bytes=DEFAULT_CHUNK_BYTES):
+                             ignore_index=-100, chunk_bytes=None):
     """The full RL policy loss from hidden states and the LM-head weight. Returns ``(loss, metrics)``.
 
     Args:
@@ -209,7 +196,6 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a pyrl.PolicyLossConfig, got {type(config).__name__}")
     _check_linear_args(hidden, weight, bias, config.temperature, ignore_index)
-    check_chunk_bytes(chunk_bytes)
     if 0 <= ignore_index < weight.shape[0]:
         # padding is marked with ignore_index internally: a real token with that id would be dropped
         raise ValueError(f"ignore_index must lie outside the vocabulary [0, {weight.shape[0]}) (mask decides which "
@@ -234,14 +220,23 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
     # Padding never enters the log-prob pass: no work, no gradient, and any id is allowed there.
     targets = torch.where(valid, targets, torch.full_like(targets, ignore_index))
     name = resolve_backend(backend, hidden.device, has=("torch", "cpp", "triton"))
-    if name == "cpp" and _is_token_separable(config) and B * T > 0:
+    chunk_bytes = _resolve_chunk_bytes(chunk_bytes, hidden.device)
+    one_pass = None
+    if name == "cpp":
+        one_pass = _ROWS["cpp"], _AccMath, _chunk_rows(B * T, weight.shape[0], chunk_bytes)
+    elif name == "triton":
+        body, chunk = _triton_linear(hidden.reshape(B * T, -1), weight.shape[0], chunk_bytes)
+        if body is not None:
+            one_pass = body.rows, body.math, chunk
+    if one_pass is not None and _is_token_separable(config) and B * T > 0:
         if config.effective_kl_type is not None and ref_logp is None and ref_hidden is not None:
             ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend,
                                      chunk_bytes)
         targets = check_targets("targets", targets, (B, T), weight.shape[0], ignore_index)
+        rows, math, chunk = one_pass
         return _one_pass_loss(hidden, weight, bias, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp,
                               rollout_logp=rollout_logp, policy_weight=policy_weight, config=config,
-                              rows=_ROWS["cpp"], ignore_index=ignore_index, chunk_bytes=chunk_bytes)
+                              rows=rows, math=math, chunk=chunk, ignore_index=ignore_index)
     logp, entropy = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=config.temperature,
                                           ignore_index=ignore_index, return_entropy=True, backend=backend,
                                           chunk_bytes=chunk_bytes)

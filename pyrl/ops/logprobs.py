@@ -21,6 +21,8 @@ reduction order is fixed per row, and every logits GEMM of the fused op runs on 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pyrl._backend import resolve_backend
@@ -31,6 +33,15 @@ __all__ = ["fused_linear_logprobs", "logprobs_from_logits"]
 
 # Rows per chunk are chosen so one chunk of fp32 logits stays under this many bytes.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
+# On CUDA a chunk must be large for the GEMMs to fill the GPU: 160 MB of fp32 logits is 256 rows at
+# V=151936 (with the chunk's bf16 copy, ~240 MB of working memory).
+DEFAULT_CUDA_CHUNK_BYTES = 160 * 2**20
+
+
+def _resolve_chunk_bytes(chunk_bytes, device: torch.device) -> int:
+    if chunk_bytes is None:
+        return DEFAULT_CUDA_CHUNK_BYTES if device.type == "cuda" else DEFAULT_CHUNK_BYTES
+    return check_chunk_bytes(chunk_bytes)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -240,53 +251,174 @@ def _row_sum(x):
     return parts.sum(-1)
 
 
-class _ChunkedTorchLinear:
-    """Reference body of the fused op: a Python loop over token chunks with the torch row body."""
+def _mm_fp32(a, b):
+    """``a @ b`` with an fp32 result from 16-bit operands: cuBLAS accumulates in fp32 and writes fp32
+    (``out_dtype``, CUDA); elsewhere, or on a torch without it, the operands are widened first."""
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE is not False and a.is_cuda:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return a.float() @ b.float()
 
-    @staticmethod
-    def fwd(hidden, weight, bias, targets, temperature, ignore_index, need_entropy, chunk):
+
+_MM_OUT_DTYPE = None  # unknown until the first CUDA call
+
+
+class _AccMath:
+    """The GEMMs of one token chunk with every operand in the accumulation dtype (fp32; fp64 for
+    fp64): the reference, and the CPU path. Chunks are padded to a multiple of GEMM_ROW_QUANTUM rows.
+
+    A *math* object owns the operands and the gradient buffers of one forward or backward walk:
+    ``operand(s, e)`` is the chunk of hidden states as the GEMMs take it, ``logits(h)`` the padded
+    ``[c', V]`` fp32 buffer whose first rows are the chunk's logits, and ``backprop`` consumes that
+    buffer once it holds ``d logits`` (it may be overwritten).
+    """
+
+    def __init__(self, hidden, weight, bias, chunk, need=(False, False, False)):
         acc = _acc_dtype(hidden.dtype)
-        w = weight.to(acc)
-        b = bias.to(acc) if bias is not None else None
+        self.hidden, self.weight, self.bias, self.chunk = hidden, weight, bias, chunk
+        self.w = weight.to(acc)
+        self.b = None if bias is None else bias.to(acc)
+        need_h, need_w, need_b = need
+        self.d_hidden = torch.zeros_like(hidden) if need_h else None
+        self.d_weight = torch.zeros_like(weight, dtype=self._d_weight_dtype()) if need_w else None
+        self.d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+
+    def _d_weight_dtype(self):
+        return self.w.dtype
+
+    def operand(self, s, e):
+        return self.hidden[s:e].to(self.w.dtype)
+
+    def logits(self, h):
+        return _padded_chunk_logits(h, self.w, self.b)
+
+    def backprop(self, full, s, e, h):
+        """Accumulate the chunk's gradients from ``full[:e - s]`` = d logits (the rest is scratch)."""
+        dz = full[: e - s]
+        if self.d_hidden is not None:
+            self.d_hidden[s:e] = _padded_rows_mm(full, e - s, self.w).to(self.hidden.dtype)
+        if self.d_weight is not None:
+            self.d_weight.addmm_(dz.t(), h)
+        if self.d_bias is not None:
+            self.d_bias += dz.sum(0)
+
+    def grads(self):
+        """(d_hidden, d_weight, d_bias) in the dtypes of hidden, weight and bias."""
+        return (self.d_hidden, None if self.d_weight is None else self.d_weight.to(self.weight.dtype),
+                None if self.d_bias is None else self.d_bias.to(self.bias.dtype))
+
+
+class _LowpMath(_AccMath):
+    """bf16/fp16 (made for CUDA): the GEMMs run on the tensor cores in the input dtype, the weight is
+    used as it is (no fp32 copy), and the logits come out of cuBLAS in fp32 (fp32 accumulation).
+    ``d logits`` is rounded to the input dtype for the two gradient GEMMs (as flash-attention does
+    with P), and ``d_weight`` accumulates in the weight's dtype, rounded once per chunk (an fp32
+    accumulator would be 2.5 GB at V=151936, H=4096). Every chunk GEMM is padded to the same
+    ``chunk`` rows, so a token's logits never depend on how many tokens share its chunk (batch
+    invariance).
+    """
+
+    def __init__(self, hidden, weight, bias, chunk, need=(False, False, False)):  # noqa: super() would copy W
+        self.hidden, self.weight, self.bias, self.chunk = hidden, weight, bias, chunk
+        self.w = weight
+        self.b = None if bias is None else bias.float()
+        need_h, need_w, need_b = need
+        self.d_hidden = torch.zeros_like(hidden) if need_h else None
+        self.d_weight = torch.zeros_like(weight) if need_w else None
+        self.d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+
+    def operand(self, s, e):
+        return self.hidden[s:e]
+
+    def logits(self, h):
+        if h.shape[0] != self.chunk:
+            h = torch.cat([h, h.new_zeros(self.chunk - h.shape[0], h.shape[1])])
+        z = _mm_fp32(h, self.w.t())
+        return z.add_(self.b) if self.b is not None else z
+
+    def backprop(self, full, s, e, h):
+        rows = e - s
+        if full.shape[0] != rows:
+            full[rows:] = 0
+        if self.d_bias is not None:
+            self.d_bias += full[:rows].sum(0)
+        dz = full.to(self.w.dtype)
+        if self.d_hidden is not None:
+            self.d_hidden[s:e] = (dz @ self.w)[:rows]
+        if self.d_weight is not None:
+            self.d_weight.addmm_(dz[:rows].t(), h)
+
+
+def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
+    """Rows of every chunk GEMM of ``_LowpMath``: a multiple of 64 in [64, 4096]."""
+    rows = chunk_bytes // max(1, vocab * 4)
+    return int(min(4096, max(64, rows - rows % 64)))
+
+
+def _triton_linear(hidden, vocab: int, chunk_bytes: int):
+    """The body of ``backend="triton"`` for the fused op: ``(body, chunk)``, or ``(None, None)`` for
+    the single Triton kernel (``kernels.fused_linear_logprobs``).
+
+    bf16/fp16 on CUDA take cuBLAS GEMMs per token chunk around Triton's row kernels (the GEMMs run
+    at tensor-core speed; the single kernel's tl.dot tiles reached ~100 TFLOP/s on an H100, see
+    benchmarks/results/h100-gpu-check-1); fp32 takes the single kernel (3xTF32 dot products instead
+    of full-fp32 GEMMs). ``PYRL_TRITON_LINEAR=fused|chunked`` overrides the choice.
+    """
+    low = hidden.dtype in (torch.bfloat16, torch.float16)
+    mode = os.environ.get("PYRL_TRITON_LINEAR") or ("chunked" if low and hidden.is_cuda else "fused")
+    if mode == "fused":
+        return None, None
+    if mode != "chunked":
+        raise ValueError(f"PYRL_TRITON_LINEAR must be 'fused' or 'chunked', got {mode!r}")
+    rows = _triton_module().LogprobRows
+    if low:
+        return _ChunkedLinear(rows, _LowpMath), _lowp_chunk_rows(vocab, chunk_bytes)
+    return _ChunkedLinear(rows, _AccMath), _chunk_rows(hidden.shape[0], vocab, chunk_bytes)
+
+
+class _ChunkedLinear:
+    """The fused op as a Python loop over token chunks: a row body (``_TorchRows`` or Triton's
+    ``LogprobRows``) on each chunk's logits, and a math class for the GEMMs around it."""
+
+    def __init__(self, rows, math):
+        self.rows, self.math = rows, math
+
+    def fwd(self, hidden, weight, bias, targets, temperature, ignore_index, need_entropy, chunk):
+        m = self.math(hidden, weight, bias, chunk)
         n = hidden.shape[0]
-        logp = hidden.new_empty(n, dtype=acc)
-        ent = hidden.new_empty(n, dtype=acc)
-        lse = hidden.new_empty(n, dtype=acc)
+        acc = _acc_dtype(hidden.dtype)
+        logp, ent, lse = (hidden.new_empty(n, dtype=acc) for _ in range(3))
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            logits = _chunk_logits(hidden[s:e].to(acc), w, b)
-            logp[s:e], ent[s:e], lse[s:e] = _TorchRows.fwd(logits, targets[s:e], temperature, ignore_index,
+            logits = m.logits(m.operand(s, e))[: e - s]
+            logp[s:e], ent[s:e], lse[s:e] = self.rows.fwd(logits, targets[s:e], temperature, ignore_index,
                                                            need_entropy)
         return logp, ent, lse
 
-    @staticmethod
-    def bwd(g_logp, g_ent, hidden, weight, bias, targets, lse, ent, temperature, ignore_index, chunk,
+    def bwd(self, g_logp, g_ent, hidden, weight, bias, targets, lse, ent, temperature, ignore_index, chunk,
             need_h, need_w, need_b):
-        acc = _acc_dtype(hidden.dtype)
-        w = weight.to(acc)
-        b = bias.to(acc) if bias is not None else None
+        m = self.math(hidden, weight, bias, chunk, need=(need_h, need_w, need_b))
         n = hidden.shape[0]
-        d_hidden = torch.zeros_like(hidden) if need_h else None
-        d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
-        d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         active = targets != ignore_index
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             if not bool(active[s:e].any()):
                 continue  # every row ignored: its gradient is exactly zero
-            h = hidden[s:e].to(acc)
-            full = _padded_chunk_logits(h, w, b)
+            h = m.operand(s, e)
+            full = m.logits(h)
             logits = full[: e - s]
-            dz = _TorchRows.bwd(g_logp[s:e], None if g_ent is None else g_ent[s:e], logits, targets[s:e],
-                                lse[s:e], ent[s:e], temperature, ignore_index, out=logits)
-            if need_h:
-                d_hidden[s:e] = _padded_rows_mm(full, e - s, w).to(hidden.dtype)
-            if need_w:
-                d_weight.addmm_(dz.t(), h)
-            if need_b:
-                d_bias += dz.sum(0)
-        return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
-                None if d_bias is None else d_bias.to(bias.dtype))
+            self.rows.bwd(g_logp[s:e], None if g_ent is None else g_ent[s:e], logits, targets[s:e],
+                          lse[s:e], ent[s:e], temperature, ignore_index, out=logits)
+            m.backprop(full, s, e, h)
+        return m.grads()
+
+
+_ChunkedTorchLinear = _ChunkedLinear(_TorchRows, _AccMath)
 
 
 class _CppLinear:
@@ -359,7 +491,7 @@ def _check_linear_args(hidden, weight, bias, temperature, ignore_index, names=("
 
 def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                           return_entropy=False, vocab_parallel_group=None, backend="auto",
-                          chunk_bytes=DEFAULT_CHUNK_BYTES):
+                          chunk_bytes=None):
     """Per-token log-prob (and entropy) of ``targets`` from hidden states and the LM-head weight.
 
     Never holds ``[N, V]`` logits: tokens are processed in chunks of at most ``chunk_bytes`` of fp32
@@ -375,14 +507,16 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         vocab_parallel_group: a ``torch.distributed`` group across which ``weight`` is split by
             vocabulary (see ``pyrl.ops.vocab_parallel``).
         backend: ``"auto" | "triton" | "cpp" | "torch"``.
+        chunk_bytes: the fp32 logits of one token chunk, in bytes (default: 32 MiB on CPU,
+            160 MiB on CUDA, where the chunk GEMMs need more rows to fill the GPU).
 
     Returns:
         ``logp [...]`` fp32 (fp64 for fp64 input), or ``(logp, entropy)``.
     """
     temperature = _check_linear_args(hidden, weight, bias, temperature, ignore_index)
     check_bool("return_entropy", return_entropy)
-    check_chunk_bytes(chunk_bytes)
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    chunk_bytes = _resolve_chunk_bytes(chunk_bytes, hidden.device)
     if vocab_parallel_group is not None:
         from pyrl.ops.vocab_parallel import vocab_parallel_linear_logprobs
 
@@ -395,12 +529,16 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
+    body = None
     if name == "triton":
+        body, chunk = _triton_linear(h2, weight.shape[0], chunk_bytes)
+    else:
+        body, chunk = _LINEAR[name], _chunk_rows(h2.shape[0], weight.shape[0], chunk_bytes)
+    if body is None:
         logp, ent = _triton_module().fused_linear_logprobs(h2, weight, bias, t1, temperature, ignore_index,
                                                            bool(return_entropy))
     else:
-        chunk = _chunk_rows(h2.shape[0], weight.shape[0], chunk_bytes)
         logp, ent = _FusedLinearLogprobs.apply(h2, weight, bias, t1, temperature, ignore_index,
-                                               bool(return_entropy), _LINEAR[name], chunk)
+                                               bool(return_entropy), body, chunk)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
