@@ -182,7 +182,9 @@ def update(model, optimizer, scheduler, data: dict, *, cfg: TrainConfig, dist, p
     mb = B // algo.minibatches
     W = dist.world_size
     token_mean = policy.loss_config.agg == "token-mean"
-    full_kl = ref is not None and policy.loss_config.effective_kl_type == "full" and policy.loss_config.beta > 0
+    # The exact KL needs the reference's hidden states whenever it is computed: as a penalty
+    # (beta > 0) or for the kl_mean metric only (beta == 0).
+    full_kl = ref is not None and policy.loss_config.effective_kl_type == "full"
     gen = torch.Generator().manual_seed(seed)
     dev = dist.device
     sums = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=dev))
@@ -319,7 +321,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool) -> dict:
                                         lm=lm, tokenizer=tokenizer)
             distributed.barrier()
     ref = None
-    if loss_cfg.beta > 0:  # no reference model at all without a KL penalty
+    if loss_cfg.effective_kl_type is not None:  # a KL penalty, or a kl_type for the kl_mean metric
         ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False), loss_cfg, backend=cfg.backend)
 
     # 2. Policy (+ critic), data parallel wrapper, optimizer, schedule; restore a checkpoint.
