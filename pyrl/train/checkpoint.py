@@ -12,14 +12,18 @@
 
 Everything is written into a hidden temporary folder next to the final one, fsynced, then renamed
 into place with ``os.replace`` (atomic on one filesystem), and only then is ``latest`` switched (again
-by rename). A crash leaves at worst a ``.tmp-*`` folder, which is ignored and cleaned up. Loading
-checks the manifest and raises ``CheckpointError`` naming what is missing or damaged.
+by rename). A crash leaves at worst a ``.tmp-*`` folder (or, killed between the rename and the
+switch, a complete folder newer than ``latest``): ``latest`` ignores both, and ``clean_incomplete``
+(called by a resuming run) removes them and says so. Loading checks the manifest and raises
+``CheckpointError`` naming what is missing or damaged. ``pyrl.train.faults`` can pause a write at
+either point (``PYRL_FAULT_PAUSE_IN_CHECKPOINT``) so that tests can kill it there.
 
 State dicts are taken with ``torch.distributed.checkpoint.state_dict`` (full, on CPU), so the same
 code saves a plain module, DDP and FSDP2; rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,10 +35,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from pyrl.train import distributed
+from pyrl.train import distributed, faults as _faults
 
-__all__ = ["CheckpointError", "save", "load", "latest", "verify", "save_weights", "load_weights", "save_initial",
-           "load_initial"]
+__all__ = ["CheckpointError", "save", "load", "latest", "verify", "clean_incomplete", "save_weights", "load_weights",
+           "save_initial", "load_initial"]
 
 MANIFEST = "checkpoint.json"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -137,9 +141,11 @@ def load_weights(folder: str, aliases: dict | None = None) -> dict:
 
 
 def save(root: str, step: int, *, model, optimizer, scheduler, data_position: int, config: dict,
-         lm=None, tokenizer=None, keep: int = 2, extra: dict | None = None) -> str | None:
+         lm=None, tokenizer=None, keep: int = 2, extra: dict | None = None,
+         faults: _faults.FaultConfig | None = None) -> str | None:
     """Write ``root/step-{step:06d}`` atomically (collective: call on every rank). Returns its path
-    on rank 0. ``extra``: JSON data returned by ``load`` under ``"extra"``."""
+    on rank 0. ``extra``: JSON data returned by ``load`` under ``"extra"``. ``faults``: the test
+    hook of ``pyrl.train.faults`` (``None``: none)."""
     opts = _FULL
     model_state = get_model_state_dict(model, options=opts)
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
@@ -150,12 +156,13 @@ def save(root: str, step: int, *, model, optimizer, scheduler, data_position: in
     path = None
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         path = _write(root, step, model_state, optim_state, rngs, scheduler, data_position, config, lm, tokenizer,
-                      keep, extra or {})
+                      keep, extra or {}, faults)
     distributed.barrier()
     return path
 
 
-def _write(root, step, model_state, optim_state, rngs, scheduler, data_position, config, lm, tokenizer, keep, extra):
+def _write(root, step, model_state, optim_state, rngs, scheduler, data_position, config, lm, tokenizer, keep, extra,
+           faults=None):
     os.makedirs(root, exist_ok=True)
     name = f"step-{step:06d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
@@ -171,6 +178,7 @@ def _write(root, step, model_state, optim_state, rngs, scheduler, data_position,
         for k, v in st.items():
             optim_tensors[f"{pname}::{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).contiguous()
     save_file(optim_tensors, os.path.join(tmp, "optimizer.safetensors"))
+    _faults.pause_in_checkpoint(faults, root, step, "write")  # test hook: a half-written folder
     rng_tensors = {}
     for r, st in enumerate(rngs):
         rng_tensors[f"rank{r}.torch"] = st["torch"]
@@ -192,6 +200,7 @@ def _write(root, step, model_state, optim_state, rngs, scheduler, data_position,
         json.dump(state, f, indent=1)
 
     _finalize(tmp, final, step=step)
+    _faults.pause_in_checkpoint(faults, root, step, "commit")  # test hook: complete, not yet `latest`
     _write_text_atomic(os.path.join(root, "latest"), name + "\n")
     _prune(root, keep, protect=name)
     return final
@@ -239,7 +248,43 @@ def _prune(root: str, keep: int, protect: str) -> None:
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
     for n in os.listdir(root):  # leftovers of interrupted writes
         if n.startswith(".tmp-") and n != f".tmp-{protect}":
-            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            _remove(os.path.join(root, n))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def clean_incomplete(root: str) -> list[str]:
+    """Remove what interrupted writes left under ``root``: ``.tmp-*`` folders and files, a torn
+    ``latest.tmp``, and ``step-*`` folders newer than the one ``latest`` names (killed after their
+    rename, before ``latest`` switched: never committed). Returns one line per removal, for the log.
+    Call on one rank, before anything reads ``root``."""
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    committed = None
+    pointer = os.path.join(root, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            committed = f.read().strip()
+    for n in sorted(os.listdir(root)):
+        path = os.path.join(root, n)
+        if n.startswith(".tmp-") or n == "latest.tmp":
+            why = "an interrupted checkpoint write (never loaded)"
+        elif committed and n.startswith("step-") and os.path.isdir(path) and n > committed:
+            why = f"a checkpoint written after {committed} but never committed to 'latest' (never loaded)"
+        else:
+            continue
+        _remove(path)
+        removed.append(f"removed {path}: {why}")
+    if removed:
+        _fsync_dir(root)
+    return removed
 
 
 def _py_rng_to_json(st):

@@ -5,6 +5,9 @@
     pyrl train --config my.yaml --out runs/x --set optim.lr=1e-6 --set algo.loss.beta=0.04
     pyrl train --preset tiny --out runs/tiny --resume        # continue from the newest checkpoint
     torchrun --nproc-per-node 2 -m pyrl.cli train --preset tiny --out runs/tiny-ddp
+
+Exit status: 0 done; 1 a checkpoint problem; 2 a usage error or a missing package; 143 stopped by
+SIGTERM after writing a checkpoint (``--resume`` continues); any other failure raises (status 1).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import argparse
 import json
 import sys
 
-from pyrl.train import presets
+from pyrl.train import faults, presets
 from pyrl.train.config import TrainConfig, apply_overrides, load_config
 
 __all__ = ["run", "build_parser", "config_from_args", "check_config"]
@@ -74,6 +77,9 @@ def check_config(cfg: TrainConfig) -> None:
     n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     if n % cfg.algo.minibatches:
         raise ValueError(f"algo.minibatches={cfg.algo.minibatches} must divide the {n} sequences of a step")
+    t = cfg.dist_timeout_s
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        raise ValueError(f"dist_timeout_s must be a finite number of seconds > 0, got {t!r}")
 
 
 def run(argv=None) -> int:
@@ -88,6 +94,7 @@ def run(argv=None) -> int:
     try:
         cfg = config_from_args(args)
         check_config(cfg)
+        faults.from_env()  # a malformed PYRL_FAULT_* variable is a usage error
     except (ValueError, TypeError, OSError) as e:
         print(f"pyrl train: {e}", file=sys.stderr)
         return 2
@@ -117,6 +124,9 @@ def run(argv=None) -> int:
     except CheckpointError as e:
         print(f"pyrl train: {e}", file=sys.stderr)
         return 1
+    except faults.Stopped as e:
+        print(f"pyrl train: {e}", file=sys.stderr)
+        return faults.EXIT_STOPPED
     finally:
         distributed.teardown()
     return 0

@@ -137,8 +137,15 @@ class TrainConfig:
     data_parallel: str = "auto"
     """With several ranks: ``"fsdp"`` (FSDP2 ``fully_shard``), ``"ddp"``, or ``"auto"`` (FSDP2 on CUDA,
     DDP on CPU)."""
+    dist_timeout_s: float = 900.0
+    """With several ranks: how long a rank waits at process-group start-up and in any collective
+    (gloo and NCCL) before it fails with an error, so a crashed or stuck rank ends the job instead of
+    hanging it. Must exceed the longest time one rank can spend alone (rank 0 writing a checkpoint,
+    the slowest rank's rollout). ``> 0``."""
     deterministic: bool = False
-    """``torch.use_deterministic_algorithms`` (bitwise-reproducible runs and resumes on CPU)."""
+    """``torch.use_deterministic_algorithms`` and a fixed seed (``seed + rank`` for sampling): two
+    runs with the same config and seed, and a resumed run, give bitwise-identical metrics and
+    parameters on CPU."""
     save_every: int = 50
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_checkpoints: int = 2

@@ -9,6 +9,7 @@ FSDP2 ``fully_shard`` on CUDA. One process per device; nothing here is a framewo
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as tdist
 
 __all__ = ["DistInfo", "setup", "wrap", "unwrap", "is_fsdp", "grad_sync", "gathered_for_generation", "all_reduce_sum",
-           "all_gather_object", "broadcast_object", "barrier", "teardown"]
+           "all_gather_object", "broadcast_object", "barrier", "any_rank", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA), or run alone."""
+def setup(device: str = "auto", timeout_s: float = 900.0) -> DistInfo:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA), or run alone.
+    ``timeout_s``: how long start-up and every collective may wait for the other ranks before
+    raising (a crashed or stuck rank then ends the job instead of hanging it)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0 \
+            or timeout_s == float("inf"):
+        raise ValueError(f"timeout_s (dist_timeout_s) must be a finite number of seconds > 0, got {timeout_s!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -52,6 +58,7 @@ def setup(device: str = "auto") -> DistInfo:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if world > 1 and not tdist.is_initialized():
         tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                 timeout=datetime.timedelta(seconds=timeout_s),
                                  **({"device_id": dev} if dev.type == "cuda" else {}))
     return DistInfo(rank, world, local, dev)
 
@@ -148,3 +155,14 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (collective; the flag itself when alone)."""
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    if tdist.get_backend() == "nccl":
+        t = t.cuda()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -25,7 +25,7 @@ import torch
 
 import pyrl
 from pyrl.integrations.hf import lm_head
-from pyrl.train import checkpoint, distributed
+from pyrl.train import checkpoint, distributed, faults
 from pyrl.train.config import TrainConfig
 from pyrl.train.metrics import MetricsLogger, plot_curves, read_metrics
 from pyrl.train.models import load_model
@@ -182,7 +182,9 @@ def update(model, optimizer, scheduler, data: dict, *, cfg: TrainConfig, dist, p
     mb = B // algo.minibatches
     W = dist.world_size
     token_mean = policy.loss_config.agg == "token-mean"
-    full_kl = ref is not None and policy.loss_config.effective_kl_type == "full" and policy.loss_config.beta > 0
+    # The exact KL needs the reference's hidden states whenever it is computed: as a penalty
+    # (beta > 0) or for the kl_mean metric only (beta == 0).
+    full_kl = ref is not None and policy.loss_config.effective_kl_type == "full"
     gen = torch.Generator().manual_seed(seed)
     dev = dist.device
     sums = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=dev))
@@ -272,21 +274,52 @@ def _rollout_stats(roll, rewards, old_logp, G: int, dev) -> tuple[dict, float]:
 def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False) -> dict:
     """Run ``cfg`` into ``out_dir`` (``metrics.jsonl``, ``checkpoints/``, ``curves.png``,
     ``summary.json``); with ``resume`` continue from the newest checkpoint there. Returns the summary
-    (empty on ranks other than 0). Torch's thread count and determinism switch are restored after."""
+    (empty on ranks other than 0). Torch's thread count and determinism switch are restored after.
+
+    A SIGTERM stops the run after the current step and a checkpoint of it (``faults.Stopped``). With
+    several ranks, a rank that fails says so (rank, step, error) on stderr before raising."""
+    fault_cfg = faults.from_env()  # test hooks; all off unless PYRL_FAULT_* is set
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    where = {"step": None}
     try:
-        return _train(cfg, out_dir, resume)
+        with faults.handle_sigterm():
+            return _train(cfg, out_dir, resume, fault_cfg, where)
+    except faults.Stopped:
+        raise
+    except Exception as e:
+        _report_rank_failure(e, cfg, where["step"])
+        raise
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _train(cfg: TrainConfig, out_dir: str, resume: bool) -> dict:
+def _report_rank_failure(e: Exception, cfg: TrainConfig, step) -> None:
+    """One line naming this rank, the step and the error (torchrun's summary shows only exit codes)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    rank = os.environ.get("RANK", "?")
+    at = f" in step {step}" if step is not None else ""
+    hint = ""
+    if isinstance(e, torch.distributed.DistError) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
+        hint = (f" (a collective failed: another rank probably crashed or is stuck, see its message; a rank "
+                f"waits at most dist_timeout_s={cfg.dist_timeout_s:g} s)")
+    print(f"pyrl train: rank {rank} of {world} failed{at}: {type(e).__name__}: {e}{hint}", file=sys.stderr,
+          flush=True)
+
+
+def _train(cfg: TrainConfig, out_dir: str, resume: bool, fault_cfg: faults.FaultConfig, where: dict) -> dict:
     t_start = time.time()
-    dist = distributed.setup(cfg.device)
+    dist = distributed.setup(cfg.device, cfg.dist_timeout_s)
     _setup_torch(cfg, dist)
     dev = dist.device
     ckpt_root = os.path.join(out_dir, "checkpoints")
+    if resume and dist.is_main:  # what a killed checkpoint write left is never loaded: remove it, say so
+        for line in checkpoint.clean_incomplete(ckpt_root):
+            print(f"pyrl train: {line}", file=sys.stderr, flush=True)
+    if resume:
+        distributed.barrier()
     ckpt = checkpoint.latest(ckpt_root) if resume else None
     if not resume and checkpoint.latest(ckpt_root) is not None:
         raise checkpoint.CheckpointError(f"{ckpt_root} already holds checkpoints: pass --resume to continue "
@@ -319,7 +352,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool) -> dict:
                                         lm=lm, tokenizer=tokenizer)
             distributed.barrier()
     ref = None
-    if loss_cfg.beta > 0:  # no reference model at all without a KL penalty
+    if loss_cfg.effective_kl_type is not None:  # a KL penalty, or a kl_type for the kl_mean metric
         ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False), loss_cfg, backend=cfg.backend)
 
     # 2. Policy (+ critic), data parallel wrapper, optimizer, schedule; restore a checkpoint.
@@ -366,8 +399,14 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool) -> dict:
         if dist.is_main:
             print(f"pyrl train: greedy eval accuracy before RL: {initial_eval:.3f}", file=sys.stderr)
 
-    # 3. The loop.
+    # 3. The loop. A SIGTERM (faults.handle_sigterm) is honoured between steps, on all ranks at once.
+    if distributed.any_rank(faults.stop_requested()):
+        log.close()
+        raise faults.Stopped(f"stopped by SIGTERM before step {start_step + 1}; --resume continues from the "
+                             "newest checkpoint")
     for step in range(start_step, cfg.max_steps):
+        where["step"] = step + 1
+        faults.maybe_crash(fault_cfg, step + 1, dist.rank)
         t0 = time.time()
         # rollout: this rank's prompts, each repeated G times (a group)
         examples = task.examples(data_position + dist.rank * local_prompts, local_prompts)
@@ -412,10 +451,20 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool) -> dict:
                 record["eval_accuracy"] = evaluate(policy.lm, tokenizer, task, cfg, dist)
         log.log(step + 1, record)
 
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.max_steps:
+        last = step + 1 == cfg.max_steps
+        stop = not last and distributed.any_rank(faults.stop_requested())  # all ranks agree
+        if stop or last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             checkpoint.save(ckpt_root, step + 1, model=model, optimizer=optimizer, scheduler=scheduler,
                             data_position=data_position, config=cfg.to_dict(), lm=policy.lm, tokenizer=tokenizer,
-                            keep=cfg.keep_checkpoints, extra={"initial_eval": initial_eval})
+                            keep=cfg.keep_checkpoints, extra={"initial_eval": initial_eval}, faults=fault_cfg)
+            if not stop and not last:  # a SIGTERM during that write: it completed, so stop here
+                stop = distributed.any_rank(faults.stop_requested())
+        if stop:
+            log.close()
+            raise faults.Stopped(f"stopped by SIGTERM after step {step + 1}: the checkpoint "
+                                 f"{os.path.join(ckpt_root, f'step-{step + 1:06d}')} is complete; "
+                                 "--resume continues from it")
+    where["step"] = None
 
     log.close()
     summary = {}
