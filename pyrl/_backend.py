@@ -20,7 +20,12 @@ try:  # the extension is optional: a failed build must not break `import pyrl`
     from pyrl import _C  # noqa: F401  (importing it registers torch.ops.pyrl.*)
 except Exception as exc:  # noqa: BLE001
     _C = None
-    _C_ERROR = f"{type(exc).__name__}: {exc}"
+    import importlib.util
+
+    if importlib.util.find_spec("pyrl._C") is None:  # not built (PYRL_SKIP_EXT=1, or the build failed)
+        _C_ERROR = "pyrl._C is not built in this installation"
+    else:
+        _C_ERROR = f"{type(exc).__name__}: {exc}"
 
 _TRITON: dict = {}
 

@@ -289,6 +289,9 @@ for _backend in ("torch", "cpp", "triton"):
     register(Impl("grpo_loss", f"pyrl[{_backend}]", _pyrl_grpo_loss(_backend),
                   requires=_pyrl_backend(_backend, "fused_linear_policy_loss")))
 
+# CPU: 64 MiB chunks (twice the default: fewer passes over the weight, twice the chunk memory).
+register(Impl("grpo_loss", "pyrl[cpp]/chunk=64MiB", _pyrl_grpo_loss("cpp", 64 * 2**20),
+              requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="chunk_bytes=64 MiB"))
 # CUDA: the same backend with 1 GiB chunks (fewer, larger chunk GEMMs for more working memory).
 register(Impl("linear_logprobs", "pyrl[triton]/chunk=1GiB", _pyrl_linear_logprobs("triton", 2**30),
               requires=_pyrl_backend("triton"), note="chunk_bytes=1 GiB"))

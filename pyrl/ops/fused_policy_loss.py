@@ -49,6 +49,7 @@ class _FullKL(torch.autograd.Function):
         kl = hidden.new_zeros(n, dtype=acc)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
+            lp = lq = None  # the last chunk's buffers go before the next ones are allocated
             lp = torch.log_softmax(_chunk_logits(hidden[s:e].to(acc), w, b) / temperature, -1)
             lq = torch.log_softmax(_chunk_logits(ref_hidden[s:e].to(acc), rw, rb) / temperature, -1)
             kl[s:e] = (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0)
@@ -74,6 +75,7 @@ class _FullKL(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             h = hidden[s:e].to(acc)
+            lp = lq = dz = None  # the last chunk's buffers go before the next ones are allocated
             lp = torch.log_softmax(_chunk_logits(h, w, b) / temperature, -1)
             lq = torch.log_softmax(_chunk_logits(ref_hidden[s:e].to(acc), rw, rb) / temperature, -1)
             dz = lp.exp() * (lp - lq - kl[s:e, None]) * (g[s:e, None] / temperature)
@@ -99,6 +101,7 @@ class _OnePassPolicyLoss(torch.autograd.Function):
         sums = None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
+            full = logits = None  # one chunk alive at a time, not two
             h = m.operand(s, e)
             full = m.logits(h)
             logits = full[: e - s]

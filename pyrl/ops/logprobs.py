@@ -395,6 +395,7 @@ class _ChunkedLinear:
         logp, ent, lse = (hidden.new_empty(n, dtype=acc) for _ in range(3))
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
+            logits = None  # drop the last chunk before the next is allocated: one chunk alive, not two
             logits = m.logits(m.operand(s, e))[: e - s]
             logp[s:e], ent[s:e], lse[s:e] = self.rows.fwd(logits, targets[s:e], temperature, ignore_index,
                                                            need_entropy)
@@ -409,6 +410,7 @@ class _ChunkedLinear:
             e = min(n, s + chunk)
             if not bool(active[s:e].any()):
                 continue  # every row ignored: its gradient is exactly zero
+            full = logits = None  # one chunk alive at a time, not two
             h = m.operand(s, e)
             full = m.logits(h)
             logits = full[: e - s]

@@ -94,6 +94,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         owned_all = valid_all & (local_all >= 0) & (local_all < v_local)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
+            z = ex = None  # the last chunk's buffers go before the next ones are allocated
             z = _chunk_logits(hidden[s:e].to(acc), w, b).div_(temperature)  # [c, V_r]
             m = z.amax(dim=1)
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -151,6 +152,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
             ok = ok_all[s:e]
             h = hidden[s:e].to(acc)
             if bool(ok.any()):
+                z = p = dz = None  # the last chunk's buffers go before the next ones are allocated
                 z = _chunk_logits(h, w, b).div_(temperature).clamp_(min=fmin)
                 safe_lse = torch.where(finite_all[s:e], lse[s:e], 0.0).unsqueeze(1)
                 p = (z - safe_lse).exp_()
