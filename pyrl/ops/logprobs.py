@@ -236,7 +236,9 @@ def _padded_rows_mm(full, rows, w):
     so the call has a multiple of GEMM_ROW_QUANTUM rows (see ``_padded_chunk_logits``)."""
     if full.shape[0] != rows:
         full[rows:] = 0
-    return (full @ w)[:rows]
+    # As (W.T @ full.T).T: with few rows and a large V, MKL streams W through this layout ~1.35x
+    # faster than through full @ W (87 vs 117 ms at 48 x 151936 x 896 fp32 on 2 EPYC cores).
+    return torch.mm(w.t(), full.t()).t()[:rows]
 
 
 def _row_sum(x):
