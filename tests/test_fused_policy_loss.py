@@ -215,3 +215,30 @@ def test_one_pass_without_grad_and_with_frozen_head():
     h2 = hidden.clone().requires_grad_()
     pyrl.fused_linear_policy_loss(h2, weight, targets, mask, adv, backend="torch")[0].backward()
     torch.testing.assert_close(h.grad, h2.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_entropy_quantile_fn_sets_the_threshold(backend):
+    # The hook decides the top-entropy threshold (e.g. one quantile over every data-parallel rank):
+    # a threshold of -inf keeps every token, which is the loss with no entropy mask.
+    hidden, weight, _, targets, mask, adv, noise = _batch()
+    old = (noise() - 3).float()
+    seen = {}
+
+    def keep_all(entropy, valid, q):
+        seen.update(shape=tuple(entropy.shape), valid=valid.dtype, q=q)
+        return torch.tensor(float("-inf"))
+
+    masked = pyrl.PolicyLossConfig(top_entropy_rho=0.3)
+    a, _ = pyrl.fused_linear_policy_loss(hidden, weight, targets, mask, adv, old_logp=old, config=masked,
+                                         backend=backend, entropy_quantile_fn=keep_all)
+    b, _ = pyrl.fused_linear_policy_loss(hidden, weight, targets, mask, adv, old_logp=old,
+                                         config=pyrl.PolicyLossConfig(), backend=backend)
+    c, _ = pyrl.fused_linear_policy_loss(hidden, weight, targets, mask, adv, old_logp=old, config=masked,
+                                         backend=backend)
+    assert seen == dict(shape=(B, T), valid=torch.bool, q=pytest.approx(0.7))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)  # the default (local quantile) masks some tokens
+    with pytest.raises(TypeError, match="entropy_quantile_fn must be callable"):
+        pyrl.fused_linear_policy_loss(hidden, weight, targets, mask, adv, config=masked, backend=backend,
+                                      entropy_quantile_fn=0.5)

@@ -118,6 +118,38 @@ def _bad_inputs(rank, group):
     }
 
 
+POLICY_CFG = dict(beta=0.05, kl_type="k3", entropy_coef=0.01, top_entropy_rho=0.5, agg="seq-mean-token-mean",
+                  temperature=0.8)
+
+
+def _policy_case():
+    """fused_linear_policy_loss with a vocab-split head: KL to a reference head (split too), the
+    entropy bonus and the top-entropy mask (which need the entropy over the whole vocabulary)."""
+    g = torch.Generator().manual_seed(99)
+    B, T = 2, 5
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / math.sqrt(H)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[0, 0], targets[1, 1] = 3, 30  # ids owned by each rank
+    mask = torch.ones(B, T)
+    mask[1, 3:] = 0
+    targets[1, 4] = 10_000  # padding may hold any id
+    return dict(hidden=hidden, weight=weight, targets=targets, mask=mask,
+                adv=torch.tensor([0.7, -1.2], dtype=torch.float64),
+                old=-3 * torch.rand(B, T, generator=g, dtype=torch.float64),
+                ref_hidden=hidden + 0.1 * torch.randn(B, T, H, generator=g, dtype=torch.float64))
+
+
+def _policy_run(case, lo, hi, group):
+    h = case["hidden"].clone().requires_grad_()
+    w = case["weight"][lo:hi].clone().requires_grad_()
+    loss, metrics = pyrl.fused_linear_policy_loss(
+        h, w, case["targets"], case["mask"], case["adv"], old_logp=case["old"], ref_hidden=case["ref_hidden"],
+        ref_weight=case["weight"][lo:hi], config=pyrl.PolicyLossConfig(**POLICY_CFG), vocab_parallel_group=group)
+    loss.backward()
+    return dict(loss=loss.detach(), metrics=metrics, d_hidden=h.grad, d_weight=w.grad)
+
+
 def _worker(rank, tmp):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
@@ -132,6 +164,10 @@ def _worker(rank, tmp):
             except Exception:  # noqa: BLE001  (report it in the parent, keep the other cases going)
                 out[name] = {"error": traceback.format_exc()}
         out["bad_inputs"] = _bad_inputs(rank, group)
+        try:
+            out["policy_loss"] = _policy_run(_policy_case(), OFFSETS[rank], OFFSETS[rank] + SPLIT[rank], group)
+        except Exception:  # noqa: BLE001
+            out["policy_loss"] = {"error": traceback.format_exc()}
         torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -264,3 +300,28 @@ def test_not_a_group_in_this_process():
     h, w = torch.randn(2, H), torch.randn(5, H)
     with pytest.raises(TypeError, match="ProcessGroup"):
         pyrl.fused_linear_logprobs(h, w, torch.tensor([0, 1]), vocab_parallel_group=object())
+
+
+def test_policy_loss_matches_single_process(results):
+    _, ranks = results
+    case = _policy_case()
+    ref = _policy_run(case, 0, V, None)
+    for r in range(WORLD):
+        got = ranks[r]["policy_loss"]
+        assert "error" not in got, f"rank {r} failed:\n{got.get('error')}"
+        lo, hi = OFFSETS[r], OFFSETS[r] + SPLIT[r]
+        _close(f"rank {r} loss", got["loss"], ref["loss"], 1e-10)
+        for k, v in ref["metrics"].items():
+            _close(f"rank {r} {k}", got["metrics"][k], v, 1e-10)
+        _close(f"rank {r} d_hidden", got["d_hidden"], ref["d_hidden"], 1e-10)
+        _close(f"rank {r} d_weight", got["d_weight"], ref["d_weight"][lo:hi], 1e-10)
+    assert torch.equal(ranks[0]["policy_loss"]["loss"], ranks[1]["policy_loss"]["loss"])
+
+
+def test_policy_loss_full_kl_is_refused_with_a_group():
+    case = _policy_case()
+    cfg = pyrl.PolicyLossConfig(beta=0.1, kl_type="full")
+    with pytest.raises(ValueError, match="kl_type='full' is not supported with vocab_parallel_group"):
+        pyrl.fused_linear_policy_loss(case["hidden"], case["weight"], case["targets"], case["mask"], case["adv"],
+                                      ref_hidden=case["ref_hidden"], ref_weight=case["weight"], config=cfg,
+                                      vocab_parallel_group=object())

@@ -174,7 +174,8 @@ def _one_pass_loss(hidden, weight, bias, targets, mask, advantages, *, old_logp,
 def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=None, old_logp=None,
                              ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, rollout_logp=None,
                              policy_weight=None, config: PolicyLossConfig = PolicyLossConfig(), backend="auto",
-                             ignore_index=-100, chunk_bytes=None):
+                             ignore_index=-100, chunk_bytes=None, vocab_parallel_group=None,
+                             entropy_quantile_fn=None):
     """The full RL policy loss from hidden states and the LM-head weight. Returns ``(loss, metrics)``.
 
     Args:
@@ -192,6 +193,14 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
         policy_weight: optional [B], [B, 1] or [B, T] constant factor on the policy term (e.g.
             vLLM's importance ratio); see ``pyrl.policy_loss``.
         config: a ``PolicyLossConfig``; ``config.temperature`` divides the logits.
+        chunk_bytes: fp32 logits per token chunk (default 32 MiB on CPU, 160 MiB on CUDA).
+        vocab_parallel_group: a ``torch.distributed`` group across which ``weight`` (and
+            ``bias``/``ref_weight``/``ref_bias``) are split by vocabulary, as in
+            ``fused_linear_logprobs``; ``targets`` hold global ids. Every rank gets the same loss;
+            ``kl_type="full"`` is not supported there.
+        entropy_quantile_fn: ``fn(entropy [B, T], valid [B, T] bool, q) -> threshold`` for
+            ``top_entropy_rho``; default: the quantile over this call's valid tokens. Pass one that
+            gathers the entropies of every data-parallel rank for one global quantile (TRL's mask).
 
     Entropy is always computed in the same pass (it is nearly free there) and reported as
     ``metrics["entropy_mean"]``.
@@ -199,6 +208,8 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a pyrl.PolicyLossConfig, got {type(config).__name__}")
     _check_linear_args(hidden, weight, bias, config.temperature, ignore_index)
+    if entropy_quantile_fn is not None and not callable(entropy_quantile_fn):
+        raise TypeError(f"entropy_quantile_fn must be callable, got {type(entropy_quantile_fn).__name__}")
     if 0 <= ignore_index < weight.shape[0]:
         # padding is marked with ignore_index internally: a real token with that id would be dropped
         raise ValueError(f"ignore_index must lie outside the vocabulary [0, {weight.shape[0]}) (mask decides which "
@@ -231,10 +242,15 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
         body, chunk = _triton_linear(hidden.reshape(B * T, -1), weight.shape[0], chunk_bytes)
         if body is not None:
             one_pass = body.rows, body.math, chunk
+    if vocab_parallel_group is not None:
+        if full_kl:
+            raise ValueError("kl_type='full' is not supported with vocab_parallel_group (the exact KL over a split "
+                             "vocabulary is not implemented); use kl_type='k1'/'k2'/'k3' with ref_logp or ref_hidden")
+        one_pass = None  # the vocabulary-parallel log-prob op owns the collectives
     if one_pass is not None and _is_token_separable(config) and B * T > 0:
         if config.effective_kl_type is not None and ref_logp is None and ref_hidden is not None:
             ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend,
-                                     chunk_bytes)
+                                     chunk_bytes, None)
         targets = check_targets("targets", targets, (B, T), weight.shape[0], ignore_index)
         rows, math, chunk = one_pass
         return _one_pass_loss(hidden, weight, bias, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp,
@@ -242,7 +258,7 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
                               rows=rows, math=math, chunk=chunk, ignore_index=ignore_index)
     logp, entropy = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=config.temperature,
                                           ignore_index=ignore_index, return_entropy=True, backend=backend,
-                                          chunk_bytes=chunk_bytes)
+                                          chunk_bytes=chunk_bytes, vocab_parallel_group=vocab_parallel_group)
     kl = None
     if full_kl:
         if ref_hidden is None or ref_weight is None:
@@ -256,9 +272,11 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
                            None if ref_bias is None else ref_bias.detach(), valid.reshape(-1),
                            config.temperature, chunk).reshape(B, T)
     elif config.effective_kl_type is not None and ref_logp is None and ref_hidden is not None:
-        ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes)
+        ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes,
+                                 vocab_parallel_group)
     return _policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
-                             rollout_logp=rollout_logp, config=config, kl=kl, policy_weight=policy_weight)
+                             rollout_logp=rollout_logp, config=config, kl=kl, policy_weight=policy_weight,
+                             entropy_quantile_fn=entropy_quantile_fn)
 
 
 def _check_ref_model(ref_hidden, ref_weight, ref_bias, B, T, V, ignore_index):
@@ -276,10 +294,11 @@ def _check_ref_model(ref_hidden, ref_weight, ref_bias, B, T, V, ignore_index):
                          f"vocabulary), got {shape_str(ref_weight)}")
 
 
-def _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes):
+def _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes, group):
     """Reference-model log-probs from its hidden states and head, without gradient."""
     if ref_weight is None:
         raise ValueError("ref_hidden was given without ref_weight: pass both (or pass ref_logp)")
     with torch.no_grad():
         return fused_linear_logprobs(ref_hidden, ref_weight, targets, bias=ref_bias, temperature=config.temperature,
-                                     ignore_index=ignore_index, backend=backend, chunk_bytes=chunk_bytes)
+                                     ignore_index=ignore_index, backend=backend, chunk_bytes=chunk_bytes,
+                                     vocab_parallel_group=group)
