@@ -27,6 +27,11 @@ What the kernels remove, in memory traffic:
   for an unfused implementation), each backward tile reads and writes its fp32 accumulator slice,
   and bf16/fp16 inputs need fp32 ``[N, H]`` and ``[V, H]`` accumulators during backward.
 
+Which body runs: ``pyrl.fused_linear_logprobs(..., backend="triton")`` uses this single kernel for
+fp32 inputs; for bf16/fp16 on CUDA it runs cuBLAS GEMMs per token chunk (fp32 logits out) around
+``LogprobRows`` instead (``pyrl/ops/logprobs.py``, ``_triton_linear``): on an H100 this kernel's
+tl.dot tiles reached ~100 TFLOP/s where cuBLAS reaches ~720 (benchmarks/results/h100-gpu-check-1).
+
 Numerics: fp32 accumulation for bf16/fp16 inputs, whose ``dz`` is rounded to the input dtype
 before the two backward matmuls (as flash-attention does with P); fp32 inputs use 3xTF32
 products (fp32-class error, on tensor cores); fp64 is refused (use ``backend="torch"``).
