@@ -260,10 +260,13 @@ def _mm_fp32(a, b):
     if _MM_OUT_DTYPE is not False and a.is_cuda:
         try:
             out = torch.mm(a, b, out_dtype=torch.float32)
-            _MM_OUT_DTYPE = True
-            return out
+        except torch.cuda.OutOfMemoryError:
+            raise  # a real failure, not a missing feature: never fall back to widening the weight
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_OUT_DTYPE = False
+        else:
+            _MM_OUT_DTYPE = True
+            return out
     return a.float() @ b.float()
 
 
@@ -287,11 +290,8 @@ class _AccMath:
         self.b = None if bias is None else bias.to(acc)
         need_h, need_w, need_b = need
         self.d_hidden = torch.zeros_like(hidden) if need_h else None
-        self.d_weight = torch.zeros_like(weight, dtype=self._d_weight_dtype()) if need_w else None
+        self.d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
         self.d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-
-    def _d_weight_dtype(self):
-        return self.w.dtype
 
     def operand(self, s, e):
         return self.hidden[s:e].to(self.w.dtype)
