@@ -283,14 +283,16 @@ class _AccMath:
     buffer once it holds ``d logits`` (it may be overwritten).
     """
 
+    widen = True  # the weight (GEMM operand) and the d_weight accumulator in the accumulation dtype
+
     def __init__(self, hidden, weight, bias, chunk, need=(False, False, False)):
         acc = _acc_dtype(hidden.dtype)
         self.hidden, self.weight, self.bias, self.chunk = hidden, weight, bias, chunk
-        self.w = weight.to(acc)
+        self.w = weight.to(acc) if self.widen else weight
         self.b = None if bias is None else bias.to(acc)
         need_h, need_w, need_b = need
         self.d_hidden = torch.zeros_like(hidden) if need_h else None
-        self.d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
+        self.d_weight = torch.zeros_like(weight, dtype=self.w.dtype) if need_w else None
         self.d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
 
     def operand(self, s, e):
@@ -325,14 +327,7 @@ class _LowpMath(_AccMath):
     invariance).
     """
 
-    def __init__(self, hidden, weight, bias, chunk, need=(False, False, False)):  # noqa: super() would copy W
-        self.hidden, self.weight, self.bias, self.chunk = hidden, weight, bias, chunk
-        self.w = weight
-        self.b = None if bias is None else bias.float()
-        need_h, need_w, need_b = need
-        self.d_hidden = torch.zeros_like(hidden) if need_h else None
-        self.d_weight = torch.zeros_like(weight) if need_w else None
-        self.d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    widen = False
 
     def operand(self, s, e):
         return self.hidden[s:e]
