@@ -5,7 +5,8 @@ even ``import pyrl.kernels`` does not import Triton: the names below load their 
 use, so CPU users never pay Triton's import time and memory.
 
 * ``LogprobRows``: row bodies (``fwd``/``bwd``) for ``pyrl.logprobs_from_logits``.
-* ``fused_linear_logprobs``: log-prob and entropy straight from hidden states and the LM head.
+* ``FusedLinear``: a body (``fwd``/``bwd``) for ``pyrl.fused_linear_logprobs``: log-prob and entropy
+  straight from hidden states and the LM head in one kernel, logits never stored.
 
 ``python -m pyrl.kernels.compile_check`` compiles every kernel for an NVIDIA target without a GPU.
 """
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["LogprobRows", "fused_linear_logprobs"]
+__all__ = ["LogprobRows", "FusedLinear"]
 
-_WHERE = {"LogprobRows": "logprobs", "fused_linear_logprobs": "logprobs"}
+_WHERE = {"LogprobRows": "logprobs", "FusedLinear": "logprobs"}
 
 
 def __getattr__(name: str):

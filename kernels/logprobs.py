@@ -27,8 +27,8 @@ What the kernels remove, in memory traffic:
   for an unfused implementation), each backward tile reads and writes its fp32 accumulator slice,
   and bf16/fp16 inputs need fp32 ``[N, H]`` and ``[V, H]`` accumulators during backward.
 
-Which body runs: ``pyrl.fused_linear_logprobs(..., backend="triton")`` uses this single kernel for
-fp32 inputs; for bf16/fp16 on CUDA it runs cuBLAS GEMMs per token chunk (fp32 logits out) around
+Which body runs: ``pyrl.fused_linear_logprobs(..., backend="triton")`` uses this single kernel
+(``FusedLinear``) for fp32 inputs; for bf16/fp16 on CUDA it runs cuBLAS GEMMs per token chunk (fp32 logits out) around
 ``LogprobRows`` instead (``pyrl/ops/logprobs.py``, ``_triton_linear``): on an H100 this kernel's
 tl.dot tiles reached ~100 TFLOP/s where cuBLAS reaches ~720 (benchmarks/results/h100-gpu-check-1).
 
@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LogprobRows", "fused_linear_logprobs"]
+__all__ = ["LogprobRows", "FusedLinear"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if _INTERPRET and isinstance(tl.max, triton.runtime.jit.JITFunction):
@@ -552,28 +552,40 @@ def _fused_forward(hidden, weight, bias, targets, temperature, ignore_index, nee
     return logp, ent, lse
 
 
-class _FusedLinearLogprobs(torch.autograd.Function):
-    """Owns what is saved (inputs, per-row lse and entropy: O(N)) and what backward recomputes (logits)."""
+def _prepare(hidden, weight, bias, targets, ignore_index):
+    """Rows with unit stride, and int32 ids with -1 for ignored rows (the ``[BLOCK_N, BLOCK_V]``
+    target compares stay 32-bit)."""
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    return hidden, weight, bias, torch.where(targets == ignore_index, -1, targets).to(torch.int32)
+
+
+class FusedLinear:
+    """The single-kernel body of ``pyrl.fused_linear_logprobs(..., backend="triton")``, with the
+    ``fwd``/``bwd`` contract of the chunked bodies in ``pyrl.ops.logprobs`` (whose autograd Function
+    saves the inputs and the per-row lse/entropy, O(N)). ``chunk`` is unused: the kernels tile the
+    whole batch, and backward recomputes the logits tiles. fp32 per-token outputs; gradients come
+    back in the input dtype.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, need_entropy):
-        logp, ent, lse = _fused_forward(hidden, weight, bias, targets, temperature, ignore_index, need_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.cfg = (temperature, ignore_index, need_entropy)
-        if not need_entropy:
-            ctx.mark_non_differentiable(ent)
-        return logp, ent
+    def fwd(hidden, weight, bias, targets, temperature, ignore_index, need_entropy, chunk):
+        _check_dtype(hidden)
+        hidden, weight, bias, y = _prepare(hidden, weight, bias, targets, ignore_index)
+        return _fused_forward(hidden, weight, bias, y, temperature, -1, need_entropy)
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        temperature, ignore_index, need_entropy = ctx.cfg
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and bias is not None
+    def bwd(g_logp, g_ent, hidden, weight, bias, targets, lse, ent, temperature, ignore_index, chunk,
+            need_h, need_w, need_b):
+        hidden, weight, bias, y = _prepare(hidden, weight, bias, targets, ignore_index)
         n, hdim = hidden.shape
         vocab = weight.shape[0]
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(torch.float32).contiguous()
-        has_g_ent = need_entropy and g_ent is not None
+        g_logp = g_logp.to(torch.float32).contiguous()
+        has_g_ent = g_ent is not None
         g_ent = g_ent.to(torch.float32).contiguous() if has_g_ent else g_logp
         common = dict(HAS_BIAS=bias is not None, HAS_G_ENT=has_g_ent, DOT_PRECISION=_dot_precision(hidden.dtype))
         b_arg = bias if bias is not None else weight
@@ -583,36 +595,19 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             dh = torch.zeros((n, hdim), dtype=torch.float32, device=hidden.device)
             if n > 0:
                 grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-                _fused_bwd_hidden_kernel[grid](hidden, hidden.stride(0), weight, weight.stride(0), b_arg, targets,
+                _fused_bwd_hidden_kernel[grid](hidden, hidden.stride(0), weight, weight.stride(0), b_arg, y,
                                                lse, ent, g_logp, g_ent, dh, dh.stride(0), n, hdim, vocab,
-                                               float(temperature), int(ignore_index), **common)
+                                               float(temperature), -1, **common)
             d_hidden = dh.to(hidden.dtype)
         if need_w or need_b:
             dw = torch.zeros((vocab, hdim) if need_w else (1, 1), dtype=torch.float32, device=weight.device)
             db = torch.zeros(vocab if need_b else 1, dtype=torch.float32, device=weight.device)
             if n > 0:
                 grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
-                _fused_bwd_weight_kernel[grid](hidden, hidden.stride(0), weight, weight.stride(0), b_arg, targets,
+                _fused_bwd_weight_kernel[grid](hidden, hidden.stride(0), weight, weight.stride(0), b_arg, y,
                                                lse, ent, g_logp, g_ent, dw, dw.stride(0), db, n, hdim, vocab,
-                                               float(temperature), int(ignore_index),
+                                               float(temperature), -1,
                                                NEED_DW=bool(need_w), NEED_DB=bool(need_b), **common)
             d_weight = dw.to(weight.dtype) if need_w else None
             d_bias = db.to(bias.dtype) if need_b else None
-        return d_hidden, d_weight, d_bias, None, None, None, None
-
-
-def fused_linear_logprobs(hidden, weight, bias, targets, temperature, ignore_index, need_entropy):
-    """Per-token ``(logp [N], entropy [N])`` fp32 of ``targets [N]`` under ``(hidden [N, H] @ weight[V, H].T
-    + bias [V]) / temperature``, without materialising the ``[N, V]`` logits. Differentiable in
-    ``hidden``, ``weight`` and ``bias``; gradients come back in the input dtype.
-    """
-    _check_dtype(hidden)
-    if hidden.stride(-1) != 1:
-        hidden = hidden.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    # int32 ids with -1 for ignored rows: the [BLOCK_N, BLOCK_V] target compares stay 32-bit.
-    targets = torch.where(targets == ignore_index, -1, targets).to(torch.int32)
-    return _FusedLinearLogprobs.apply(hidden, weight, bias, targets, float(temperature), -1, bool(need_entropy))
+        return d_hidden, d_weight, d_bias

@@ -11,7 +11,8 @@ Two plans, one result:
 * **two passes** (any config; the reference): the log-prob op computes logp/entropy for every token
   (GEMM 1), the per-token loss is formed on the whole batch, and backward recomputes each chunk's
   logits (GEMM 2) for d_hidden and d_weight (GEMMs 3, 4).
-* **one pass** (``backend="cpp"`` and a token-separable config: token-level ratio, no top-entropy
+* **one pass** (``backend="cpp"``, or ``"triton"`` with its chunked body, bf16/fp16 on CUDA; a
+  token-separable config, no ``vocab_parallel_group``: token-level ratio, no top-entropy
   mask, no sequence-level mismatch weight, no full KL): every aggregation mode is a fixed per-token
   weighting of the per-token loss (``_agg_weights``), so a chunk's share of the loss and its
   gradient w.r.t. logp/entropy are known as soon as the chunk's logits are. The chunk's logits are
@@ -25,8 +26,8 @@ import torch
 from pyrl._validate import check_same_device, check_targets, check_shape, shape_str
 from pyrl.config import PolicyLossConfig
 from pyrl._backend import resolve_backend
-from pyrl.ops.logprobs import (_ROWS, _AccMath, _acc_dtype, _check_linear_args, _chunk_logits, _chunk_rows,
-                               _resolve_chunk_bytes, _triton_linear, fused_linear_logprobs)
+from pyrl.ops.logprobs import (_ROWS, _AccMath, _ChunkedLinear, _acc_dtype, _check_linear_args, _chunk_logits,
+                               _chunk_rows, _resolve_chunk_bytes, _triton_linear, fused_linear_logprobs)
 from pyrl.ops.policy_loss import _agg_weights, _check_policy_args, _is_token_separable, _policy_loss_core
 
 __all__ = ["fused_linear_policy_loss"]
@@ -235,19 +236,14 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
     targets = torch.where(valid, targets, torch.full_like(targets, ignore_index))
     name = resolve_backend(backend, hidden.device, has=("torch", "cpp", "triton"))
     chunk_bytes = _resolve_chunk_bytes(chunk_bytes, hidden.device)
+    if vocab_parallel_group is not None and full_kl:
+        raise ValueError("kl_type='full' is not supported with vocab_parallel_group (the exact KL over a split "
+                         "vocabulary is not implemented); use kl_type='k1'/'k2'/'k3' with ref_logp or ref_hidden")
+    # (with a vocab-parallel group the log-prob op owns the collectives: always the two-pass plan)
     one_pass = None
-    if name == "cpp":
-        one_pass = _ROWS["cpp"], _AccMath, _chunk_rows(B * T, weight.shape[0], chunk_bytes)
-    elif name == "triton":
-        body, chunk = _triton_linear(hidden.reshape(B * T, -1), weight.shape[0], chunk_bytes)
-        if body is not None:
-            one_pass = body.rows, body.math, chunk
-    if vocab_parallel_group is not None:
-        if full_kl:
-            raise ValueError("kl_type='full' is not supported with vocab_parallel_group (the exact KL over a split "
-                             "vocabulary is not implemented); use kl_type='k1'/'k2'/'k3' with ref_logp or ref_hidden")
-        one_pass = None  # the vocabulary-parallel log-prob op owns the collectives
-    if one_pass is not None and _is_token_separable(config) and B * T > 0:
+    if vocab_parallel_group is None and _is_token_separable(config) and B * T > 0:
+        one_pass = _one_pass_plan(name, hidden.reshape(B * T, -1), weight.shape[0], chunk_bytes)
+    if one_pass is not None:
         if config.effective_kl_type is not None and ref_logp is None and ref_hidden is not None:
             ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend,
                                      chunk_bytes, None)
@@ -277,6 +273,18 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
     return _policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
                              rollout_logp=rollout_logp, config=config, kl=kl, policy_weight=policy_weight,
                              entropy_quantile_fn=entropy_quantile_fn)
+
+
+def _one_pass_plan(name, hidden, vocab, chunk_bytes):
+    """``(rows, math, chunk)`` of the one-pass plan for backend ``name``, or None where its body is not
+    a chunk loop (``torch``: the reference stays two-pass; Triton's single fused kernel)."""
+    if name == "cpp":
+        return _ROWS["cpp"], _AccMath, _chunk_rows(hidden.shape[0], vocab, chunk_bytes)
+    if name == "triton":
+        body, chunk = _triton_linear(hidden, vocab, chunk_bytes)
+        if isinstance(body, _ChunkedLinear):
+            return body.rows, body.math, chunk
+    return None
 
 
 def _check_ref_model(ref_hidden, ref_weight, ref_bias, B, T, V, ignore_index):

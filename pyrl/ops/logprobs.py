@@ -358,8 +358,7 @@ def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
 
 
 def _triton_linear(hidden, vocab: int, chunk_bytes: int):
-    """The body of ``backend="triton"`` for the fused op: ``(body, chunk)``, or ``(None, None)`` for
-    the single Triton kernel (``kernels.fused_linear_logprobs``).
+    """The body of ``backend="triton"`` for the fused op and its chunk rows: ``(body, chunk)``.
 
     bf16/fp16 on CUDA take cuBLAS GEMMs per token chunk around Triton's row kernels (the GEMMs run
     at tensor-core speed; the single kernel's tl.dot tiles reached ~100 TFLOP/s on an H100, see
@@ -369,7 +368,7 @@ def _triton_linear(hidden, vocab: int, chunk_bytes: int):
     low = hidden.dtype in (torch.bfloat16, torch.float16)
     mode = os.environ.get("PYRL_TRITON_LINEAR") or ("chunked" if low and hidden.is_cuda else "fused")
     if mode == "fused":
-        return None, None
+        return _triton_module().FusedLinear, hidden.shape[0]  # one kernel tiles the whole batch
     if mode != "chunked":
         raise ValueError(f"PYRL_TRITON_LINEAR must be 'fused' or 'chunked', got {mode!r}")
     rows = _triton_module().LogprobRows
@@ -528,16 +527,11 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
-    body = None
     if name == "triton":
         body, chunk = _triton_linear(h2, weight.shape[0], chunk_bytes)
     else:
         body, chunk = _LINEAR[name], _chunk_rows(h2.shape[0], weight.shape[0], chunk_bytes)
-    if body is None:
-        logp, ent = _triton_module().fused_linear_logprobs(h2, weight, bias, t1, temperature, ignore_index,
-                                                           bool(return_entropy))
-    else:
-        logp, ent = _FusedLinearLogprobs.apply(h2, weight, bias, t1, temperature, ignore_index,
-                                               bool(return_entropy), body, chunk)
+    logp, ent = _FusedLinearLogprobs.apply(h2, weight, bias, t1, temperature, ignore_index, bool(return_entropy),
+                                           body, chunk)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
