@@ -14,7 +14,7 @@ What the kernels remove, in memory traffic:
   forward (max, sum-exp, sum-exp*(z-m) and the target logit in the same pass; no fp32 copy, no
   ``log_softmax`` tensor) and once in backward, which may write ``d_logits`` over the logits
   (``out=logits``) so no second ``[n, V]`` buffer exists.
-* ``fused_linear_logprobs`` (hidden states and the LM head): the logits never reach memory.
+* ``FusedLinear`` (hidden states and the LM head): the logits never reach memory.
   ``_fused_fwd_kernel`` computes ``[BLOCK_N, BLOCK_V]`` tiles of ``h @ W.T`` with ``tl.dot`` over
   ``BLOCK_H`` slices and folds each tile into the running statistics while it is in registers; the
   ``[N, V]`` fp32 logits (1.2 GB per 2k tokens at V=151936) become ``3 * N * V / 2048`` floats of

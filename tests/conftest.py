@@ -42,32 +42,41 @@ except ImportError:  # hypothesis is a test extra; the fuzz tests skip without i
     HYPOTHESIS_PROFILE = None
 
 
+def interpret_triton_stdlib() -> None:
+    """Make Triton's library functions (tl.max, tl.sum, tl.zeros, ...) interpretable.
+
+    ``triton.jit`` picks compiled or interpreted when a function is defined, so Triton's own library
+    follows TRITON_INTERPRET as it was when ``triton`` was first imported. ``pyrl.backends()`` above
+    already imported triton, so redo what that import would have done under TRITON_INTERPRET=1 (a
+    no-op when triton was imported after it was set, or when this already ran).
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(tl.max, JITFunction):
+        return
+    wrapped = {}
+    for module in (tl.standard, tl.random, tl):
+        for name, fn in list(vars(module).items()):
+            if isinstance(fn, JITFunction):
+                wrapped.setdefault(id(fn), InterpretedFunction(fn.fn))
+                setattr(module, name, wrapped[id(fn)])
+
+
 def triton_on_cpu() -> bool:
     """Make ``backend="triton"`` runnable on CPU tensors (the Triton interpreter) if Triton imports and
     pyrl has a Triton body; returns whether it can run. Call at a test module's import.
-
-    ``TRITON_INTERPRET=1`` must hold before Triton's library functions are defined; ``pyrl.backends()``
-    above already imported triton, so its standard library is re-wrapped as interpreted functions
-    (the same step tests/test_triton.py takes; a no-op when it already ran).
     """
     from pyrl.ops import logprobs as _lp
 
     if "triton" not in _lp._HAS:
         return False
+    os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
+        interpret_triton_stdlib()
     except Exception:  # noqa: BLE001
         return False
-    os.environ["TRITON_INTERPRET"] = "1"
-    if isinstance(tl.max, JITFunction):
-        wrapped = {}
-        for module in (tl.standard, tl.random, tl):
-            for name, fn in list(vars(module).items()):
-                if isinstance(fn, JITFunction):
-                    wrapped.setdefault(id(fn), InterpretedFunction(fn.fn))
-                    setattr(module, name, wrapped[id(fn)])
     try:
         return bool(pyrl.backends()["triton"]["available"])
     except Exception:  # noqa: BLE001

@@ -21,30 +21,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from conftest import interpret_triton_stdlib  # noqa: E402
 
-def _interpret_triton_stdlib():
-    """Make Triton's library functions (tl.max, tl.sum, tl.zeros, ...) interpretable.
-
-    ``triton.jit`` picks compiled or interpreted when a function is defined, so Triton's own
-    library follows TRITON_INTERPRET as it was when ``triton`` was first imported. tests/conftest.py
-    calls ``pyrl.backends()``, which imports triton before this module runs; redo here what that
-    import would have done under TRITON_INTERPRET=1 (a no-op when triton was imported after it).
-    """
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    if not isinstance(tl.max, JITFunction):
-        return
-    wrapped = {}
-    for module in (tl.standard, tl.random, tl):
-        for name, fn in list(vars(module).items()):
-            if isinstance(fn, JITFunction):
-                wrapped.setdefault(id(fn), InterpretedFunction(fn.fn))
-                setattr(module, name, wrapped[id(fn)])
-
-
-_interpret_triton_stdlib()
+interpret_triton_stdlib()  # conftest imported triton before TRITON_INTERPRET=1 was set above
 
 import pyrl  # noqa: E402
 from _ref import linear_logprobs_ref, logprobs_ref  # noqa: E402
@@ -92,6 +71,11 @@ def _rounded_leaf(x):
     (17, 16, 130, True, 1.0),    # N crosses a token tile, the last slice holds 2 columns
 ])
 def test_fused_linear_matches_float64(dtype, n, h, v, use_bias, temperature):
+    _check_fused_linear(dtype, n, h, v, use_bias, temperature, grad_tol=TOL[dtype])
+
+
+def _check_fused_linear(dtype, n, h, v, use_bias, temperature, grad_tol, **kw):
+    """pyrl.fused_linear_logprobs(backend="triton", **kw): values and gradients against float64."""
     hidden = torch.randn(n, h).to(dtype).requires_grad_()
     weight = (torch.randn(v, h) / math.sqrt(h)).to(dtype).requires_grad_()
     bias = torch.randn(v).to(dtype).requires_grad_() if use_bias else None
@@ -100,7 +84,8 @@ def test_fused_linear_matches_float64(dtype, n, h, v, use_bias, temperature):
     inputs = [hidden, weight, bias]
 
     logp, ent, grads = _grads(lambda: pyrl.fused_linear_logprobs(
-        hidden, weight, y, bias=bias, temperature=temperature, return_entropy=True, backend="triton"), inputs, g1, g2)
+        hidden, weight, y, bias=bias, temperature=temperature, return_entropy=True, backend="triton", **kw),
+        inputs, g1, g2)
     assert logp.dtype == torch.float32 and ent.dtype == torch.float32
     ref_inputs = [_rounded_leaf(x) for x in inputs]
     rlogp, rent, rgrads = _grads(lambda: linear_logprobs_ref(*ref_inputs[:2], y, ref_inputs[2], temperature),
@@ -110,7 +95,7 @@ def test_fused_linear_matches_float64(dtype, n, h, v, use_bias, temperature):
     torch.testing.assert_close(logp.double(), rlogp, atol=tol, rtol=tol)
     torch.testing.assert_close(ent.double(), rent, atol=tol, rtol=tol)
     assert (logp <= 0).all() and (ent >= 0).all()
-    _assert_grads_close(grads, rgrads, inputs, tol)
+    _assert_grads_close(grads, rgrads, inputs, grad_tol)
     ign = y == -100
     assert (logp[ign] == 0).all() and (ent[ign] == 0).all() and (grads[0][ign] == 0).all()
 
@@ -302,26 +287,10 @@ def chunked(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,h,v,use_bias,temperature", [(1, 16, 37, False, 1.0), (70, 24, 1000, True, 0.7)])
 def test_chunked_linear_matches_float64(chunked, dtype, n, h, v, use_bias, temperature):
-    hidden = torch.randn(n, h).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h) / math.sqrt(h)).to(dtype).requires_grad_()
-    bias = torch.randn(v).to(dtype).requires_grad_() if use_bias else None
-    y = _targets(n, v)
-    g1, g2 = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
-    inputs = [hidden, weight, bias]
-    # 64 rows per chunk (the smallest): n=70 walks two chunks, the second padded to 64 rows
-    logp, ent, grads = _grads(lambda: pyrl.fused_linear_logprobs(
-        hidden, weight, y, bias=bias, temperature=temperature, return_entropy=True, backend="triton",
-        chunk_bytes=64 * v * 4), inputs, g1, g2)
-    ref_inputs = [_rounded_leaf(x) for x in inputs]
-    rlogp, rent, rgrads = _grads(lambda: linear_logprobs_ref(*ref_inputs[:2], y, ref_inputs[2], temperature),
-                                 ref_inputs, g1, g2)
-    tol = TOL[dtype]
-    torch.testing.assert_close(logp.double(), rlogp, atol=tol, rtol=tol)
-    torch.testing.assert_close(ent.double(), rent, atol=tol, rtol=tol)
-    # bf16: d logits is rounded to bf16 before the gradient GEMMs and d_weight accumulates in bf16
-    _assert_grads_close(grads, rgrads, inputs, tol if dtype == torch.float32 else 4 * tol)
-    ign = y == -100
-    assert (logp[ign] == 0).all() and (grads[0][ign] == 0).all()
+    # 64 rows per chunk (the smallest): n=70 walks two chunks, the second padded to 64 rows. bf16:
+    # d logits is rounded to bf16 before the gradient GEMMs and d_weight accumulates in bf16.
+    _check_fused_linear(dtype, n, h, v, use_bias, temperature,
+                        grad_tol=TOL[dtype] if dtype == torch.float32 else 4 * TOL[dtype], chunk_bytes=64 * v * 4)
 
 
 def test_chunked_linear_is_batch_invariant_bitwise(chunked):
