@@ -84,6 +84,11 @@ def _run(case, rank, group):
         if case["chunk_bytes"] is not None:
             kw["chunk_bytes"] = case["chunk_bytes"]
         out = vocab_parallel_linear_logprobs(hidden, weight, case["targets"], group=group, **kw)
+    return _backward(case, out, hidden, weight, bias)
+
+
+def _backward(case, out, hidden, weight, bias):
+    """Backward of the case's fixed objective through ``out``; the outputs and the gradients."""
     logp, ent = out if case["entropy"] else (out, None)
     loss = (logp.double() * case["g_logp"]).sum()
     if ent is not None:
@@ -199,13 +204,7 @@ def _single_process(case):
     if case["chunk_bytes"] is not None:
         kw["chunk_bytes"] = case["chunk_bytes"]
     out = pyrl.fused_linear_logprobs(hidden, weight, case["targets"], **kw)
-    logp, ent = out if case["entropy"] else (out, None)
-    loss = (logp.double() * case["g_logp"]).sum()
-    if ent is not None:
-        loss = loss + (ent.double() * case["g_ent"]).sum()
-    loss.backward()
-    return dict(logp=logp.detach(), ent=None if ent is None else ent.detach(), d_hidden=hidden.grad,
-                d_weight=weight.grad, d_bias=None if bias is None else bias.grad)
+    return _backward(case, out, hidden, weight, bias)
 
 
 def _ref64_grads(case):
