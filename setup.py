@@ -4,8 +4,10 @@ setuptools hands the extension to CMake (``CMakeLists.txt``, ninja generator), w
 *installed* PyTorch through ``torch.utils.cmake_prefix_path``. Because the extension links against
 that exact torch, install torch first and build with ``pip install --no-build-isolation``.
 
+The extension holds CPU kernels only (CUDA tensors run pyrl's Triton kernels).
+
 Environment:
-  PYRL_BUILD_CUDA=0|1   force the CUDA sources off/on (default: on when torch has CUDA and nvcc exists)
+  PYRL_SKIP_EXT=1       do not build the extension (CPU tensors then use the PyTorch reference)
   PYRL_STRICT_BUILD=1   fail the install when the extension does not build (CI sets this);
                         otherwise pyrl installs without ``_C`` and falls back to PyTorch.
   MAX_JOBS=N            parallel compile jobs
@@ -30,13 +32,6 @@ except ImportError:
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _want_cuda():
-    flag = os.environ.get("PYRL_BUILD_CUDA")
-    if flag is not None:
-        return flag == "1"
-    return torch.version.cuda is not None and shutil.which("nvcc") is not None
 
 
 class CMakeExtension(Extension):
@@ -67,24 +62,18 @@ class CMakeBuild(build_ext):
         extdir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
         build_temp = os.path.abspath(self.build_temp)
         os.makedirs(build_temp, exist_ok=True)
-        cuda = _want_cuda()
         cfg = "Debug" if self.debug else "Release"
         cmake_args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
-            f"-DPYRL_BUILD_CUDA={'ON' if cuda else 'OFF'}",
             f"-DPYRL_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
             f"-DPYRL_TORCH_VERSION={torch.__version__}",
         ]
         if shutil.which("ninja"):
             cmake_args.append("-GNinja")
-        print(
-            f"pyrl: building pyrl._C against torch {torch.__version__} "
-            f"({'CPU + CUDA' if cuda else 'CPU-only: torch has no CUDA or nvcc was not found'})",
-            file=sys.stderr,
-        )
+        print(f"pyrl: building pyrl._C (CPU kernels) against torch {torch.__version__}", file=sys.stderr)
         subprocess.run(["cmake", HERE, *cmake_args], cwd=build_temp, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)

@@ -1,5 +1,5 @@
-// Row bodies shared by the C++ log-prob ops (csrc/logprobs_cpu.cpp) and the chunked fused-linear
-// ops (csrc/fused_linear_cpu.cpp): rows are spread over torch's thread pool here, and each range
+// Row bodies of the C++ log-prob ops (csrc/logprobs_cpu.cpp), which the chunk walk
+// (pyrl/ops/walk.py) runs on each chunk's logits: rows are spread over torch's thread pool here, and each range
 // of rows runs the kernel compiled for the best instruction set the CPU has (AVX2+FMA on x86-64
 // when present, the build's default otherwise). Algorithm: see csrc/logprobs_cpu.cpp.
 #pragma once

@@ -4,9 +4,14 @@ This package is imported lazily (only when a CUDA tensor or ``backend="triton"``
 even ``import pyrl.kernels`` does not import Triton: the names below load their module on first
 use, so CPU users never pay Triton's import time and memory.
 
-* ``LogprobRows``: row bodies (``fwd``/``bwd``) for ``pyrl.logprobs_from_logits``.
-* ``FusedLinear``: a body (``fwd``/``bwd``) for ``pyrl.fused_linear_logprobs``: log-prob and entropy
-  straight from hidden states and the LM head in one kernel, logits never stored.
+* ``LogprobRows`` (``kernels/rows.py``): the row body (``fwd``/``bwd``) for
+  ``pyrl.logprobs_from_logits``: log-prob and entropy of logits that already exist.
+* ``FusedLinear`` (``kernels/fused_linear.py``): a body (``fwd``/``bwd``) for
+  ``pyrl.fused_linear_logprobs``: log-prob and entropy straight from hidden states and the LM head
+  in one kernel, logits never stored.
+
+Both follow the contract of their plain-PyTorch reference, ``TorchRows`` with ``RowParams`` in
+``kernels/reference.py`` (which imports torch only).
 
 ``python -m pyrl.kernels.compile_check`` compiles every kernel for an NVIDIA target without a GPU.
 """
@@ -16,7 +21,7 @@ import importlib
 
 __all__ = ["LogprobRows", "FusedLinear"]
 
-_WHERE = {"LogprobRows": "logprobs", "FusedLinear": "logprobs"}
+_WHERE = {"LogprobRows": "rows", "FusedLinear": "fused_linear"}
 
 
 def __getattr__(name: str):

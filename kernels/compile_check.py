@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of ``pyrl.kernels`` for an NVIDIA target without a GPU.
+"""Compile every Triton kernel of ``pyrl.kernels`` (``rows``, ``fused_linear``) for an NVIDIA target without a GPU.
 
 The CPU tests run the kernels under ``TRITON_INTERPRET=1``, which accepts code the GPU compiler
 rejects; this compiles each kernel and autotune config ahead of time (Triton's bundled ``ptxas``)
@@ -23,15 +23,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pyrl.kernels import logprobs as K
+from pyrl.kernels import fused_linear as F
+from pyrl.kernels import rows as R
 
 _ROW_I32 = ("stride_x", "stride_out", "n_rows", "V", "ignore_index")
 
 
 def _signatures(dt: str) -> list[tuple[object, dict, list[dict]]]:
     """(jit function, argument types, [constexpr values of each config]) for every kernel."""
-    prec = K._dot_precision(torch.float32 if dt == "fp32" else torch.bfloat16)
-    block, warps = K._row_config(151936)
+    prec = F._dot_precision(torch.float32 if dt == "fp32" else torch.bfloat16)
+    block, warps = R._row_config(151936)
     row_types = dict(x_ptr=f"*{dt}", out_ptr=f"*{dt}", y_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32",
                      lse_ptr="*fp32", g_logp_ptr="*fp32", g_ent_ptr="*fp32", temperature="fp32",
                      **{name: "i32" for name in _ROW_I32})
@@ -46,16 +47,16 @@ def _signatures(dt: str) -> list[tuple[object, dict, list[dict]]]:
         return [dict(const, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in named.values()]
 
     return [
-        (K._rows_fwd_kernel, row_types, [dict(NEED_ENTROPY=True, BLOCK_V=block, num_warps=warps, num_stages=3)]),
-        (K._rows_bwd_kernel, row_types, [dict(HAS_G_ENT=True, BLOCK_V=block, num_warps=warps, num_stages=3)]),
-        (K._fused_fwd_kernel.fn, fused_types,
-         cfgs(K._FWD_CONFIGS, HAS_BIAS=True, NEED_ENTROPY=True, DOT_PRECISION=prec, VOCAB_SPLIT=K._VOCAB_SPLIT,
-              GROUP_N=K._GROUP_N)),
-        (K._fused_combine_kernel, fused_types, [dict(NEED_ENTROPY=True, BLOCK=128, num_warps=4, num_stages=1)]),
-        (K._fused_bwd_hidden_kernel.fn, fused_types,
-         cfgs(K._BWD_HIDDEN_CONFIGS, HAS_BIAS=True, HAS_G_ENT=True, DOT_PRECISION=prec)),
-        (K._fused_bwd_weight_kernel.fn, fused_types,
-         cfgs(K._BWD_WEIGHT_CONFIGS, HAS_BIAS=True, HAS_G_ENT=True, DOT_PRECISION=prec, NEED_DW=True, NEED_DB=True)),
+        (R._rows_fwd_kernel, row_types, [dict(NEED_ENTROPY=True, BLOCK_V=block, num_warps=warps, num_stages=3)]),
+        (R._rows_bwd_kernel, row_types, [dict(HAS_G_ENT=True, BLOCK_V=block, num_warps=warps, num_stages=3)]),
+        (F._fused_fwd_kernel.fn, fused_types,
+         cfgs(F._FWD_CONFIGS, HAS_BIAS=True, NEED_ENTROPY=True, DOT_PRECISION=prec, VOCAB_SPLIT=F._VOCAB_SPLIT,
+              GROUP_N=F._GROUP_N)),
+        (F._fused_combine_kernel, fused_types, [dict(NEED_ENTROPY=True, BLOCK=128, num_warps=4, num_stages=1)]),
+        (F._fused_bwd_hidden_kernel.fn, fused_types,
+         cfgs(F._BWD_HIDDEN_CONFIGS, HAS_BIAS=True, HAS_G_ENT=True, DOT_PRECISION=prec)),
+        (F._fused_bwd_weight_kernel.fn, fused_types,
+         cfgs(F._BWD_WEIGHT_CONFIGS, HAS_BIAS=True, HAS_G_ENT=True, DOT_PRECISION=prec, NEED_DW=True, NEED_DB=True)),
     ]
 
 

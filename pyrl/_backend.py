@@ -57,14 +57,11 @@ def backends() -> dict[str, dict]:
     """Report what this installation can run: ``{name: {"available": bool, "detail": str}}``."""
     cpp_ok = _C is not None
     tri_ok, tri_why = _triton_status()
-    cuda_note = ""
-    if cpp_ok:
-        cuda_note = "with CUDA" if _C.with_cuda else "CPU-only (built without CUDA)"
     return {
         "torch": {"available": True, "detail": f"PyTorch reference, torch {torch.__version__}"},
         "cpp": {
             "available": cpp_ok,
-            "detail": f"pyrl._C {cuda_note}, built for torch {_C.torch_version}" if cpp_ok
+            "detail": f"pyrl._C (CPU kernels), built for torch {_C.torch_version}" if cpp_ok
             else f"pyrl._C did not import ({_C_ERROR}); reinstall with `pip install --no-build-isolation .`",
         },
         "triton": {
@@ -76,29 +73,25 @@ def backends() -> dict[str, dict]:
     }
 
 
-def resolve_backend(backend: str, device: torch.device, *, has: tuple[str, ...]) -> str:
-    """Turn ``backend`` into the name of the body to run for tensors on ``device``.
-
-    ``has`` lists the bodies the op implements; the reference ``"torch"`` is always among them.
-    """
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` into the name of the row body to run for tensors on ``device``; called
+    only by the plan (``pyrl.ops.plan.make_plan``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and "triton" in has and _triton_status()[0]:
+        if device.type == "cuda" and _triton_status()[0]:
             return "triton"
-        if device.type == "cpu" and "cpp" in has and _C is not None:
+        if device.type == "cpu" and _C is not None:
             return "cpp"
         return "torch"
     if backend == "torch":
         return "torch"
-    if backend not in has:
-        raise RuntimeError(f"backend={backend!r} is not implemented for this op; it has {list(has)}")
     if backend == "cpp":
         if _C is None:
             raise RuntimeError(f"backend='cpp' is not available: pyrl._C did not import ({_C_ERROR})")
         if device.type != "cpu":
-            why = "pyrl._C was built without CUDA" if not _C.with_cuda else "pyrl._C has no CUDA body for this op"
-            raise RuntimeError(f"backend='cpp' got {device.type} tensors, but {why}; use backend='triton' or 'torch'")
+            raise RuntimeError(f"backend='cpp' got {device.type} tensors, but pyrl._C has CPU kernels only "
+                               f"(it is built without CUDA); use backend='triton' or 'torch'")
         return "cpp"
     ok, why = _triton_status()
     if not ok:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -47,10 +48,46 @@ def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], what: str = ""
         raise ValueError(f"{name} must have shape {want}{' ' + what if what else ''}, got {shape_str(t)}")
 
 
+class NumberTypeError(TypeError, ValueError):
+    """A number argument that is not a real number at all (a str, a bool, None where None is not
+    allowed). It is both a ``TypeError`` (what it is) and a ``ValueError`` (what older pyrl raised
+    for some arguments), so callers catching either keep working."""
+
+
+def check_number(name: str, x, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+                 allow_none: bool = False, integer: bool = False, expect: str | None = None):
+    """``x`` must be a finite real number (never a bool: ``True`` is almost always a mistake) in the
+    interval given by ``low``/``high`` (closed unless ``low_open``/``high_open``); ``integer``
+    asks for an int; ``expect`` replaces the generated description of what is expected in the
+    range error (e.g. ``"a finite number > 0"``). Returns ``x`` as a float (an int with ``integer``), or None when allowed.
+
+    Errors name the argument: ``NumberTypeError`` for a non-number, ``ValueError`` for a
+    non-finite value or one out of range.
+    """
+    if x is None and allow_none:
+        return None
+    kinds = (numbers.Integral,) if integer else (numbers.Real,)
+    if isinstance(x, bool) or not isinstance(x, kinds) or (isinstance(x, torch.Tensor)):
+        kind = ("an int" if integer else "a finite number") + (" or None" if allow_none else "")
+        raise NumberTypeError(f"{name} must be {kind}, got {type(x).__name__} {x!r}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    bad_low = low is not None and (x <= low if low_open else x < low)
+    bad_high = high is not None and (x >= high if high_open else x > high)
+    if bad_low or bad_high:
+        if low is not None and high is not None:
+            want = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            want = f"{'>' if low_open else '>='} {low}"
+        else:
+            want = f"{'<' if high_open else '<='} {high}"
+        raise ValueError(f"{name} must be {expect or want}, got {x!r}")
+    return int(x) if integer else float(x)
+
+
 def check_positive(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
-    return float(x)
+    """A finite number > 0."""
+    return check_number(name, x, low=0, low_open=True, expect="a finite number > 0")
 
 
 def check_bool(name: str, x) -> bool:
@@ -84,3 +121,47 @@ def check_targets(name: str, targets, lead_shape: Sequence[int], vocab: int, ign
             raise ValueError(
                 f"{name} must hold ids in [0, {total}) or ignore_index={ignore_index}, found {first}")
     return targets.long()
+
+
+def check_linear_args(hidden, weight, bias, temperature, ignore_index, names=("hidden", "weight", "bias")) -> float:
+    """Hidden states ``[..., H]``, an LM head ``[V, H]`` and an optional bias ``[V]`` of one float
+    dtype, a temperature > 0 and an int ``ignore_index``; returns the temperature as a float.
+    ``names``: what the caller calls hidden, weight and bias (e.g. Liger's ``_input``, ``lin_weight``)."""
+    nh, nw, nb = names
+    check_float(nh, hidden, min_dim=1)
+    check_float(nw, weight, dim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{nw} must have shape [V, H] with H = {nh}.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {shape_str(weight)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{nw} must have at least one vocabulary row, got shape {shape_str(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{nw} must have the dtype of {nh} ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None:
+        check_float(nb, bias, dim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{nb} must have shape [V] = [{weight.shape[0]}], got {shape_str(bias)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{nb} must have the dtype of {nh} ({hidden.dtype}), got {bias.dtype}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return check_positive("temperature", temperature)
+
+
+def check_positive_int(name: str, x) -> int:
+    """An int >= 1 (never a bool, nor a float such as ``2.0``). Every failure reads
+    ``"{name} must be a positive int, got ..."``: ``NumberTypeError`` for a non-int,
+    ``ValueError`` for an int < 1."""
+    try:
+        return check_number(name, x, low=1, integer=True, expect="a positive int")
+    except NumberTypeError:
+        raise NumberTypeError(f"{name} must be a positive int, got {x!r}") from None
+
+
+def check_group_size(group_size, batch: int) -> int:
+    """``group_size`` completions per prompt: a positive int that divides ``batch`` (the number of
+    rewards). Returns it as an int."""
+    G = check_positive_int("group_size", group_size)
+    if batch % G:
+        raise ValueError(f"group_size={G} does not divide the batch of {batch} rewards")
+    return G

@@ -1,4 +1,4 @@
-"""Advantage estimators, registered by name (SPEC section 7).
+"""Advantage estimators, registered by name (docs/formulas.md §7).
 
     A = pyrl.advantages.compute("grpo", rewards, group_size=8)                  # [B]
     A = pyrl.advantages.compute("grpo", rewards, group_size=8, mask=mask)       # [B, T]
@@ -23,6 +23,8 @@ A new estimator is one function::
     @register("my_estimator")
     def my_estimator(rewards, group_size, *, my_option=1.0):
         ...
+
+A name is registered once (``replace=True`` overrides on purpose); ``unregister(name)`` removes one.
 """
 from __future__ import annotations
 
@@ -32,35 +34,33 @@ from typing import Callable
 
 import torch
 
-from ._validate import check_float, check_tensor, shape_str
+from ._validate import check_float, check_group_size, check_number, check_positive, check_tensor, shape_str
+from .registry import Registry
 
-__all__ = ["compute", "names", "register", "aggregate_rewards"]
+__all__ = ["compute", "names", "register", "aggregate_rewards", "unregister"]
 
-_REGISTRY: dict[str, Callable] = {}
+_ESTIMATORS: Registry[Callable] = Registry("advantage estimator")
 
 # Options whose dimensions are [B] (sequence) or [B, T] (token); compute() checks them by name.
 _SEQ_OPTIONS = ("greedy_rewards", "lengths", "correct", "scores")
 _TOKEN_OPTIONS = ("mask", "kl", "values", "token_rewards")
 
 
-def register(name: str):
+def register(name: str, *, replace: bool = False):
     """Decorator: ``@register("name")`` makes ``fn(rewards, group_size, *, options...)`` selectable
-    by ``compute(name, ...)``. Options must be keyword-only parameters."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"estimator name must be a non-empty string, got {name!r}")
+    by ``compute(name, ...)``. Options must be keyword-only parameters. A name already taken raises
+    ``ValueError`` unless ``replace=True``."""
+    return _ESTIMATORS.register(name, replace=replace)
 
-    def decorator(fn: Callable) -> Callable:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"an advantage estimator named {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
 
-    return decorator
+def unregister(name: str) -> Callable:
+    """Remove estimator ``name`` and return its function (``ValueError`` if it is not registered)."""
+    return _ESTIMATORS.unregister(name)
 
 
 def names() -> list[str]:
     """The registered estimator names, sorted."""
-    return sorted(_REGISTRY)
+    return _ESTIMATORS.names()
 
 
 def compute(name: str, rewards: torch.Tensor, *, group_size: int, **options):
@@ -70,11 +70,11 @@ def compute(name: str, rewards: torch.Tensor, *, group_size: int, **options):
     ``gae`` returns ``(advantages, returns)``. Raises ``ValueError`` for an unknown name or bad
     input, ``TypeError`` for an unknown or missing option.
     """
-    fn = _REGISTRY.get(name)
-    if fn is None:
+    if name not in _ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; available: {', '.join(names())}")
+    fn = _ESTIMATORS.get(name)
     rewards = _check_rewards(rewards)
-    _check_group_size(group_size, rewards.shape[0])
+    check_group_size(group_size, rewards.shape[0])
     params = inspect.signature(fn).parameters
     accepted = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
     for key in options:
@@ -109,13 +109,6 @@ def _check_rewards(rewards) -> torch.Tensor:
     return rewards.to(_out_dtype(rewards))
 
 
-def _check_group_size(group_size, batch: int) -> None:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if batch % group_size:
-        raise ValueError(f"group_size={group_size} does not divide the batch of {batch} rewards")
-
-
 def _check_options(rewards: torch.Tensor, options: dict) -> None:
     B = rewards.shape[0]
     T = None
@@ -144,18 +137,6 @@ def _check_options(rewards: torch.Tensor, options: dict) -> None:
             raise ValueError(f"{key} is on {t.device} but rewards is on {rewards.device}; all inputs must be on one device")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{key} must be finite, found NaN or inf")
-
-
-def _check_unit(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not (0.0 <= x <= 1.0):
-        raise ValueError(f"{name} must be a number in [0, 1], got {x!r}")
-    return float(x)
-
-
-def _check_pos(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
-    return float(x)
 
 
 def _check_choice(name: str, x, choices) -> str:
@@ -302,7 +283,7 @@ def grpo(rewards, group_size, *, scale: str = "group", eps: float = 1e-6):
     Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"). ``eps`` = 1e-6.
     """
     _check_choice("scale", scale, ("group", "batch", "none"))
-    eps = _check_pos("eps", eps)
+    eps = check_positive("eps", eps)
     G = group_size
     centered = _group_centered(rewards, G)
     if scale == "group":
@@ -360,16 +341,14 @@ def reinforce_pp(rewards, group_size, *, mask, kl=None, kl_coef=None, gamma: flo
     var, as verl). ``kl`` ``[B, T]`` is a per-token KL estimate (e.g. ``logp_old - logp_ref``);
     ``kl_coef`` is required with it. Returns ``[B, T]``, 0 at masked positions.
     """
-    gamma = _check_unit("gamma", gamma)
+    gamma = check_number("gamma", gamma, low=0, high=1, expect="a number in [0, 1]")
     valid = mask != 0
     dtype = rewards.dtype
     r = _place_at_last_valid(rewards, valid, dtype)
     if kl is not None:
         if kl_coef is None:
             raise TypeError("reinforce_pp needs option kl_coef when kl is given")
-        if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef):
-            raise ValueError(f"kl_coef must be a finite number, got {kl_coef!r}")
-        r = r - float(kl_coef) * kl.to(dtype) * valid
+        r = r - check_number("kl_coef", kl_coef) * kl.to(dtype) * valid
     elif kl_coef is not None:
         raise TypeError("reinforce_pp got kl_coef without kl")
     returns = _valid_token_scan(r, valid, gamma)
@@ -410,8 +389,8 @@ def gae(rewards, group_size, *, values, mask=None, token_rewards=None, gamma: fl
       packed valid tokens, computed with a two-level matrix of powers (no loop over time).
     - ``whiten=True`` whitens the advantages over valid tokens (verl does); returns are unwhitened.
     """
-    gamma = _check_unit("gamma", gamma)
-    lam = _check_unit("lam", lam)
+    gamma = check_number("gamma", gamma, low=0, high=1, expect="a number in [0, 1]")
+    lam = check_number("lam", lam, low=0, high=1, expect="a number in [0, 1]")
     dtype = rewards.dtype
     valid = torch.ones(values.shape, dtype=torch.bool, device=values.device) if mask is None else mask != 0
     V = values.to(dtype) * valid
@@ -463,7 +442,7 @@ def gpg(rewards, group_size, *, scale: str = "none", eps: float = 1e-6):
     paper.
     """
     _check_choice("scale", scale, ("none", "group"))
-    eps = _check_pos("eps", eps)
+    eps = check_positive("eps", eps)
     G = group_size
     invalid = _constant_groups(rewards, G)
     B = rewards.shape[0]
@@ -500,14 +479,14 @@ def drpo(rewards, group_size, *, lengths, max_length=None, lam: float = 0.1, cor
     batch; DRPO uses the maximum response length); ``lam`` (DRPO's ``tau2``, 0.1); ``correct``
     ``[B]`` bool (default ``rewards > 0``); ``scores`` ``[B]``; ``tau`` (10).
     """
-    lam = _check_pos("lam", lam)
-    tau = _check_pos("tau", tau)
+    lam = check_positive("lam", lam)
+    tau = check_positive("tau", tau)
     if bool((lengths < 0).any()):
         raise ValueError("lengths must be >= 0")
     G = group_size
     dtype = rewards.dtype
     L = lengths.to(dtype)
-    C = float(L.max()) if max_length is None else _check_pos("max_length", max_length)
+    C = float(L.max()) if max_length is None else check_positive("max_length", max_length)
     C = max(C, 1.0)
     pos = (rewards > 0) if correct is None else correct.bool()
     pos = pos.view(-1, G)
@@ -547,9 +526,9 @@ def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_t
         raise ValueError(f"rewards must have shape [B, K] with B, K >= 1, got {shape_str(rewards)}")
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be finite, found NaN or inf")
-    _check_group_size(group_size, B)
+    check_group_size(group_size, B)
     _check_choice("mode", mode, ("sum_then_normalize", "normalize_then_sum"))
-    eps = _check_pos("eps", eps)
+    eps = check_positive("eps", eps)
     dtype = _out_dtype(rewards)
     r = rewards.to(dtype)
     if weights is None:

@@ -1,4 +1,4 @@
-"""``PolicyLossConfig``: every knob of the policy loss (SPEC sections 2-6), validated once.
+"""``PolicyLossConfig``: every knob of the policy loss (docs/formulas.md §2-§6), validated once.
 
 One frozen dataclass names the algorithm; the ops read it and never re-check it. Defaults give
 PPO/GRPO with the DAPO token-mean normaliser, as in verl and TRL (``loss_type="dapo"`` there is
@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 import torch
 
+from pyrl._validate import check_number
+from pyrl.losses import POLICY_LOSSES
+
 __all__ = ["PolicyLossConfig"]
 
-# Loss types the config accepts. ``pyrl.ops.policy_loss.register_policy_loss`` adds to it, so a new
-# algorithm registered there can be named here (the config does not import the ops).
-_LOSS_TYPES: list[str] = ["ppo", "gspo", "cispo", "sapo", "reinforce"]
 RATIO_LEVELS = ("token", "sequence")
 KL_TYPES = (None, "k1", "k2", "k3", "full")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -42,24 +42,12 @@ IS_LEVELS = (None, "token", "sequence")
 IS_MODES = ("truncate", "mask")
 
 
-def _register_loss_type(name: str) -> None:
-    if name not in _LOSS_TYPES:
-        _LOSS_TYPES.append(name)
-
-
 def _allowed(values) -> str:
     return ", ".join(repr(v) for v in values)
 
 
-def _number(field: str, x, *, allow_none: bool = False) -> None:
-    """A finite real number (bools are rejected: ``True`` is almost always a mistake here)."""
-    if x is None and allow_none:
-        return
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        kind = "a finite number" + (" or None" if allow_none else "")
-        raise TypeError(f"PolicyLossConfig.{field} must be {kind}, got {type(x).__name__} {x!r}")
-    if not math.isfinite(x):
-        raise ValueError(f"PolicyLossConfig.{field} must be finite, got {x!r}")
+def _number(field: str, x, **kw):
+    return check_number(f"PolicyLossConfig.{field}", x, **kw)
 
 
 def _choice(field: str, x, allowed) -> None:
@@ -69,23 +57,28 @@ def _choice(field: str, x, allowed) -> None:
         raise ValueError(f"PolicyLossConfig.{field} must be one of {_allowed(allowed)}, got {x!r}")
 
 
+def _names(specs) -> str:
+    return " or ".join(repr(s.name) for s in specs)
+
+
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """What the policy loss computes; see SPEC.md sections 2-6 for the formulas.
+    """What the policy loss computes; see docs/formulas.md §2-§6 for the formulas.
 
     Invalid values and invalid combinations raise ``TypeError``/``ValueError`` at construction,
     naming the field and what was expected.
     """
 
     loss_type: str = "ppo"
-    """The per-token surrogate (SPEC section 3), by registered name.
+    """The per-token surrogate (docs/formulas.md §3), by registered name.
 
     ``"ppo"``: the clipped surrogate (Schulman 2017), also GRPO/DAPO/Dr.GRPO/BNPO, which differ
     only in ``agg`` and ``eps_*``. ``"gspo"``: ``"ppo"`` with the sequence-level ratio (Zheng 2025,
     implies ``ratio_level="sequence"``). ``"cispo"``: REINFORCE weighted by the clipped, detached
     ratio (MiniMax-M1 2025). ``"sapo"``: a sigmoid gate instead of a hard clip (Qwen 2025).
     ``"reinforce"``: ``-A * logp``, no ratio. Functions registered with
-    ``pyrl.ops.policy_loss.register_policy_loss`` are accepted too."""
+    ``pyrl.register_policy_loss`` are accepted too; each loss owns and validates the fields it
+    uses (``pyrl.losses``)."""
 
     eps_low: Optional[float] = 0.2
     """Lower clip: the ratio is clipped at ``1 - eps_low`` (``epsilon_low`` in TRL/Liger,
@@ -109,11 +102,11 @@ class PolicyLossConfig:
 
     ratio_level: str = "token"
     """``"token"``: ``r = exp(logp - logp_old)`` per token. ``"sequence"``: the GSPO ratio
-    ``exp(mean_t log r)`` per sequence (SPEC section 2; TRL/Liger ``importance_sampling_level``).
+    ``exp(mean_t log r)`` per sequence (docs/formulas.md §2; TRL/Liger ``importance_sampling_level``).
     ``loss_type="gspo"`` always uses ``"sequence"`` (see ``effective_ratio_level``)."""
 
     kl_type: Optional[str] = None
-    """KL-to-reference estimator (SPEC section 4, Schulman's k1/k2/k3 notation): ``None``, ``"k1"``,
+    """KL-to-reference estimator (docs/formulas.md §4, Schulman's k1/k2/k3 notation): ``None``, ``"k1"``,
     ``"k2"``, ``"k3"`` (low variance; TRL/Liger/verl ``low_var_kl``) or ``"full"`` (the exact KL over
     the vocabulary, only computable by ``fused_linear_policy_loss`` from reference hidden states).
     ``None`` with ``beta > 0`` means ``"k3"``, the TRL/Liger estimator (``effective_kl_type``). A
@@ -137,7 +130,7 @@ class PolicyLossConfig:
     ``1`` keeps every token. KL and entropy bonus still see every valid token."""
 
     agg: str = "token-mean"
-    """How the masked per-token loss becomes a scalar (SPEC section 6, verl ``loss_agg_mode``):
+    """How the masked per-token loss becomes a scalar (docs/formulas.md §6, verl ``loss_agg_mode``):
     ``"token-mean"`` ``sum(m*L) / sum(m)`` (DAPO, verl default; TRL/Liger ``dapo``/``bnpo``),
     ``"seq-mean-token-mean"`` ``mean_b(sum_t m*L / |y_b|)`` (GRPO paper, TRL ``grpo``),
     ``"seq-mean-token-sum"`` ``mean_b(sum_t m*L)``,
@@ -161,7 +154,7 @@ class PolicyLossConfig:
     (used by the fused ops; ``policy_loss`` receives log-probs already computed with it). ``> 0``."""
 
     is_level: Optional[str] = None
-    """Rollout/train mismatch correction (SPEC section 3, TIS: Yao et al. 2025; TRL
+    """Rollout/train mismatch correction (docs/formulas.md §3, TIS: Yao et al. 2025; TRL
     ``vllm_importance_sampling_correction``): ``None`` (off), ``"token"`` (per-token weight
     ``exp(logp_old - logp_rollout)``) or ``"sequence"`` (the weight of the summed log ratio of the
     sequence, broadcast to its tokens). Needs ``rollout_logp``."""
@@ -187,45 +180,17 @@ class PolicyLossConfig:
     """SAPO gate temperature for ``A <= 0`` (TRL/Liger ``sapo_temperature_neg``). ``> 0``."""
 
     def __post_init__(self) -> None:
-        _choice("loss_type", self.loss_type, _LOSS_TYPES)
-
-        _number("eps_low", self.eps_low, allow_none=True)
-        if self.eps_low is None:
-            if self.loss_type != "cispo":
-                raise ValueError(
-                    f"PolicyLossConfig.eps_low may be None only for loss_type='cispo' (no lower bound), "
-                    f"got None with loss_type={self.loss_type!r}")
-        elif self.eps_low < 0:
-            raise ValueError(f"PolicyLossConfig.eps_low must be >= 0, got {self.eps_low!r}")
-        _number("eps_high", self.eps_high)
-        if self.eps_high < 0:
-            raise ValueError(f"PolicyLossConfig.eps_high must be >= 0, got {self.eps_high!r}")
-
-        for name in ("delta", "clip_ratio_c"):
-            value = getattr(self, name)
-            _number(name, value, allow_none=True)
-            if value is None:
-                continue
-            if value <= 1:
-                raise ValueError(f"PolicyLossConfig.{name} must be > 1 (or None), got {value!r}")
-            if self.loss_type not in ("ppo", "gspo"):
-                raise ValueError(
-                    f"PolicyLossConfig.{name} applies to loss_type 'ppo' or 'gspo' only, "
-                    f"got {name}={value!r} with loss_type={self.loss_type!r}")
-
+        _choice("loss_type", self.loss_type, [s.name for s in POLICY_LOSSES.values()])  # registration order
+        self._check_loss_params()
         _choice("ratio_level", self.ratio_level, RATIO_LEVELS)
         _choice("kl_type", self.kl_type, KL_TYPES)
-        _number("beta", self.beta)
-        if self.beta < 0:
-            raise ValueError(f"PolicyLossConfig.beta must be >= 0, got {self.beta!r}")
+        _number("beta", self.beta, low=0)
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError(f"PolicyLossConfig.use_bias_correction_kl must be a bool, "
                             f"got {type(self.use_bias_correction_kl).__name__} {self.use_bias_correction_kl!r}")
 
         _number("entropy_coef", self.entropy_coef)
-        _number("top_entropy_rho", self.top_entropy_rho)
-        if not 0 < self.top_entropy_rho <= 1:
-            raise ValueError(f"PolicyLossConfig.top_entropy_rho must be in (0, 1], got {self.top_entropy_rho!r}")
+        _number("top_entropy_rho", self.top_entropy_rho, low=0, high=1, low_open=True)
 
         _choice("agg", self.agg, AGG_MODES)
         mcl = self.max_completion_length
@@ -255,15 +220,11 @@ class PolicyLossConfig:
                 raise ValueError(f"PolicyLossConfig.num_items_in_batch replaces the denominator of "
                                  f"agg='token-mean' only, got agg={self.agg!r}")
 
-        _number("temperature", self.temperature)
-        if self.temperature <= 0:
-            raise ValueError(f"PolicyLossConfig.temperature must be > 0, got {self.temperature!r}")
+        _number("temperature", self.temperature, low=0, low_open=True)
 
         _choice("is_level", self.is_level, IS_LEVELS)
         _choice("is_mode", self.is_mode, IS_MODES)
-        _number("is_cap", self.is_cap)
-        if self.is_cap <= 0:
-            raise ValueError(f"PolicyLossConfig.is_cap must be > 0, got {self.is_cap!r}")
+        _number("is_cap", self.is_cap, low=0, low_open=True)
         _number("is_min", self.is_min, allow_none=True)
         if self.is_min is not None:
             if self.is_mode != "mask":
@@ -273,11 +234,30 @@ class PolicyLossConfig:
                 raise ValueError(f"PolicyLossConfig.is_min must be >= 0 and < is_cap={self.is_cap!r}, "
                                  f"got {self.is_min!r}")
 
-        for name in ("tau_pos", "tau_neg"):
-            value = getattr(self, name)
-            _number(name, value)
-            if value <= 0:
-                raise ValueError(f"PolicyLossConfig.{name} must be > 0, got {value!r}")
+    def _check_loss_params(self) -> None:
+        """The loss-owned fields (docs/formulas.md §3): each is validated by the loss that declares
+        it; a ``None``-default field may be set only with a loss that owns it; a field may be
+        ``None`` only where the loss declares it nullable."""
+        spec = POLICY_LOSSES.get(self.loss_type)
+        specs = POLICY_LOSSES.values()
+        checked = set()
+        for other in [spec, *specs]:  # the chosen loss validates its own fields; the first owner the rest
+            for name, check in other.params.items():
+                if name not in checked:
+                    checked.add(name)
+                    check(f"PolicyLossConfig.{name}", getattr(self, name))
+        for f in fields(self):
+            owners = [o for o in specs if f.name in o.params]
+            if not owners:
+                continue  # a field every loss shares: validated in __post_init__
+            value = getattr(self, f.name)
+            if f.default is None and value is not None and f.name not in spec.params:
+                raise ValueError(f"PolicyLossConfig.{f.name} applies to loss_type {_names(owners)} only, "
+                                 f"got {f.name}={value!r} with loss_type={self.loss_type!r}")
+            if f.default is not None and value is None and f.name not in spec.nullable:
+                allowing = [o for o in specs if f.name in o.nullable]
+                raise ValueError(f"PolicyLossConfig.{f.name} may be None only for loss_type={_names(allowing)}, "
+                                 f"got None with loss_type={self.loss_type!r}")
 
     @property
     def effective_ratio_level(self) -> str:

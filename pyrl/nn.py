@@ -10,10 +10,12 @@ from typing import Optional
 import torch
 
 from pyrl._backend import BACKENDS
-from pyrl._validate import check_bool, check_positive, shape_str
+from pyrl._validate import NumberTypeError, check_bool, check_linear_args, check_number, check_positive, shape_str
 from pyrl.config import PolicyLossConfig
+from pyrl.losses.aliases import LIGER_LOSS_TYPES, liger_config_kwargs
+from pyrl.losses.vespo import vespo_log_weight, vespo_weight
 from pyrl.ops.fused_policy_loss import fused_linear_policy_loss
-from pyrl.ops.logprobs import _check_linear_args, fused_linear_logprobs
+from pyrl.ops.logprobs import fused_linear_logprobs
 
 __all__ = ["FusedLinearGRPOLoss", "FusedLinearLogProbs"]
 
@@ -50,36 +52,17 @@ class FusedLinearLogProbs(torch.nn.Module):
                 f"return_entropy={self.return_entropy}, backend={self.backend!r}")
 
 
-# Liger/TRL loss_type -> (PolicyLossConfig.loss_type, PolicyLossConfig.agg). See the class docstring.
-_LOSS_TYPES = {
-    "grpo": ("ppo", "seq-mean-token-mean"),
-    "bnpo": ("ppo", "token-mean"),
-    "dr_grpo": ("ppo", "seq-mean-token-sum-norm"),
-    "dapo": ("ppo", "token-mean"),
-    "cispo": ("cispo", "token-mean"),
-    "sapo": ("sapo", "seq-mean-token-mean"),
-    "luspo": ("ppo", "seq-mean-token-sum"),
-    "vespo": ("reinforce", "token-mean"),
-}
-# Loss types whose denominator is num_items_in_batch (or the all-reduced token count) / world size.
-_GLOBAL_NORMALISER = ("dapo", "cispo", "vespo")
-# Loss types without a sequence-level ratio (Liger and TRL refuse them too).
-_TOKEN_LEVEL_ONLY = ("cispo", "sapo", "vespo")
+# The Liger/TRL loss_type names and what each is in pyrl: pyrl.losses.aliases (docs/formulas.md §12).
 _KL_TYPES = ("k1", "k2", "k3", "full")
-_VESPO_MIN_WEIGHT = math.log(1e-8)  # TRL's floor on VESPO's sequence log-weight
-_LOG_CLAMP = 20.0
 
 
-def _check_number(name: str, x, *, low: Optional[float] = None, strict: bool = False,
-                  allow_none: bool = False) -> None:
-    """``x`` is a finite real (not a bool), ``> low`` (``strict``) or ``>= low``."""
-    if x is None and allow_none:
-        return
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
-        raise TypeError(f"{name} must be a finite number{' or None' if allow_none else ''}, "
-                        f"got {type(x).__name__} {x!r}")
-    if low is not None and (x <= low if strict else x < low):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {x!r}")
+def _number(name: str, x, **kw) -> None:
+    """``pyrl._validate.check_number``, except that a non-finite value is reported as a value that is
+    not a finite number (``NumberTypeError``, a ``TypeError``), as this module always did."""
+    if isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isfinite(x):
+        raise NumberTypeError(f"{name} must be a finite number{' or None' if kw.get('allow_none') else ''}, "
+                              f"got {type(x).__name__} {x!r}")
+    check_number(name, x, **kw)
 
 
 def _check_per_sequence(name: str, t, B: int, T: int, shapes: tuple) -> None:
@@ -105,7 +88,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     ``kl_type`` (``"k1"``, ``"k2"``, ``"k3"`` (Liger's only estimator, the default) or ``"full"``, the
     exact KL over the vocabulary, which needs ``ref_input``/``ref_weight``) and ``backend``.
 
-    How each Liger ``loss_type`` maps onto :class:`pyrl.PolicyLossConfig` (``N`` = valid tokens of the
+    How each Liger ``loss_type`` maps onto :class:`pyrl.PolicyLossConfig` (the table is
+    ``pyrl.losses.aliases.LIGER_LOSS_TYPES``, docs/formulas.md §12; ``N`` = valid tokens of the
     micro-batch, ``B`` = sequences, ``T`` = padded length, ``W`` = the world size):
 
     ===========  ===============================================  ==========================================
@@ -121,6 +105,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     sapo         sapo, tau_pos/neg = sapo_temperature_pos/neg     as grpo
     luspo        ppo, agg="seq-mean-token-sum"                    ``B`` (see the note below)
     vespo        reinforce, policy_weight = VESPO's gamma weight  as dapo
+                 (``pyrl.losses.vespo.vespo_weight``)
     ===========  ===============================================  ==========================================
 
     The other arguments: ``epsilon_low``/``epsilon_high`` -> ``eps_low``/``eps_high`` (for ``cispo``,
@@ -151,7 +136,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
       ratios with ``beta=0`` and a per-sequence ``vllm_is_ratio``; otherwise Liger sums ``|y_b| * L``
       over all ``T`` positions, padding included, and divides by ``B*T``, TRL's older formula.
     * ``use_bias_correction_kl`` with ``importance_sampling_level="sequence"``: the loss is Liger's,
-      but pyrl's gradient of the corrected KL uses each token's own ratio (GSPO-token, SPEC section 2),
+      but pyrl's gradient of the corrected KL uses each token's own ratio (GSPO-token, docs/formulas.md §2),
       ``s_b * (d kl_t + kl_t d logp_t)``, where Liger differentiates the sequence ratio,
       ``s_b * (d kl_t + mean_t(kl) d logp_t)``.
     * ``vespo`` with a ``[B, T]`` ``vllm_is_ratio``: padded positions do not enter the sequence weight.
@@ -191,39 +176,42 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if loss_type not in _LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(map(repr, _LOSS_TYPES))}, got {loss_type!r}")
+        if loss_type not in LIGER_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(map(repr, LIGER_LOSS_TYPES))}, got {loss_type!r}")
+        alias = LIGER_LOSS_TYPES[loss_type]
         if importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', "
                              f"got {importance_sampling_level!r}")
-        if importance_sampling_level == "sequence" and loss_type in _TOKEN_LEVEL_ONLY:
+        if importance_sampling_level == "sequence" and alias.token_level_only:
             raise ValueError(f"importance_sampling_level='sequence' is not supported for loss_type={loss_type!r} "
                              f"(nor by Liger or TRL): use importance_sampling_level='token'")
-        _check_number("beta", beta, low=0.0)
+        _number("beta", beta, low=0.0)
         for name, value in (("compiled", compiled), ("use_ref_model", use_ref_model),
                             ("use_bias_correction_kl", use_bias_correction_kl)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        _check_number("epsilon_low", epsilon_low, low=0.0)
-        _check_number("epsilon_high", epsilon_high, low=0.0)
-        if loss_type == "cispo" and epsilon_high < 1:
+            check_bool(name, value)
+        try:
+            check_number("chunk_size", chunk_size, low=1, integer=True)
+        except ValueError:  # NumberTypeError (not an int) is a ValueError too
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}") from None
+        _number("epsilon_low", epsilon_low, low=0.0)
+        _number("epsilon_high", epsilon_high, low=0.0)
+        if alias.absolute_eps_high and epsilon_high < 1:
             raise ValueError(
-                f"loss_type='cispo' reads epsilon_high as the absolute upper bound of the importance weight "
+                f"loss_type={loss_type!r} reads epsilon_high as the absolute upper bound of the importance weight "
                 f"(MiniMax-M1 and TRL use e.g. 5.0), so it must be >= 1; got epsilon_high={epsilon_high!r}, "
                 f"which would shrink every token's weight below 1")
-        if loss_type == "dr_grpo":
-            if (max_completion_length is None or isinstance(max_completion_length, bool)
-                    or not isinstance(max_completion_length, numbers.Integral) or max_completion_length <= 0):
-                raise ValueError(f"loss_type='dr_grpo' needs max_completion_length, an int > 0 (its constant "
-                                 f"normaliser B * max_completion_length), got {max_completion_length!r}")
-        _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, strict=True)
-        _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, strict=True)
-        _check_number("temperature", temperature, low=0.0, strict=True)
-        _check_number("delta", delta, allow_none=True)
+        if alias.needs_max_completion_length:
+            try:
+                check_number("max_completion_length", max_completion_length, low=0, low_open=True, integer=True)
+            except ValueError:  # None, a bool, a float or <= 0
+                raise ValueError(f"loss_type={loss_type!r} needs max_completion_length, an int > 0 (its constant "
+                                 f"normaliser B * max_completion_length), got {max_completion_length!r}") from None
+        _number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_open=True)
+        _number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_open=True)
+        _number("temperature", temperature, low=0.0, low_open=True)
+        _number("delta", delta, allow_none=True)
         if delta is not None:
-            if loss_type in ("cispo", "sapo", "vespo"):
+            if not alias.takes_delta:
                 warnings.warn(f"delta={delta!r} is ignored for loss_type={loss_type!r} (it bounds the PPO ratio only), "
                               f"as in Liger", stacklevel=2)
                 delta = None
@@ -232,12 +220,10 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                                  f"(e.g. 4), got {delta!r}")
         for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
                             ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)):
-            _check_number(name, value)
-        _check_number("entropy_coef", entropy_coef)
-        _check_number("top_entropy_quantile", top_entropy_quantile)
-        if not 0 < top_entropy_quantile <= 1:
-            raise ValueError(f"top_entropy_quantile must be in (0, 1] (the fraction of highest-entropy tokens "
-                             f"kept), got {top_entropy_quantile!r}")
+            _number(name, value)
+        _number("entropy_coef", entropy_coef)
+        _number("top_entropy_quantile", top_entropy_quantile, low=0, high=1, low_open=True,
+                expect="in (0, 1] (the fraction of highest-entropy tokens kept)")
         if kl_type not in _KL_TYPES:
             raise ValueError(f"kl_type must be one of {', '.join(map(repr, _KL_TYPES))}, got {kl_type!r}")
         if backend not in BACKENDS:
@@ -271,17 +257,16 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         # Without a reference model Liger takes the policy itself as the reference: the KL is 0.
         self._kl_on = beta != 0 and use_ref_model
         # The PolicyLossConfig this module computes; forward sets num_items_in_batch per call.
-        pyrl_loss, agg = _LOSS_TYPES[loss_type]
-        eps_low, eps_high = epsilon_low, epsilon_high
-        if pyrl_loss == "cispo":
-            eps_low, eps_high = None, epsilon_high - 1.0
+        self._alias = alias
         self.config = PolicyLossConfig(
-            loss_type=pyrl_loss, eps_low=eps_low, eps_high=eps_high, delta=delta,
-            ratio_level=importance_sampling_level, kl_type=kl_type if self._kl_on else None,
-            beta=float(beta) if self._kl_on else 0.0, use_bias_correction_kl=use_bias_correction_kl,
-            entropy_coef=entropy_coef, top_entropy_rho=top_entropy_quantile, agg=agg,
-            max_completion_length=max_completion_length if loss_type == "dr_grpo" else None,
-            temperature=temperature, tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg)
+            **liger_config_kwargs(alias, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                                  importance_sampling_level=importance_sampling_level, delta=delta,
+                                  max_completion_length=max_completion_length,
+                                  sapo_temperature_pos=sapo_temperature_pos,
+                                  sapo_temperature_neg=sapo_temperature_neg),
+            kl_type=kl_type if self._kl_on else None, beta=float(beta) if self._kl_on else 0.0,
+            use_bias_correction_kl=use_bias_correction_kl, entropy_coef=entropy_coef,
+            top_entropy_rho=top_entropy_quantile, temperature=temperature)
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
@@ -304,7 +289,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             got = shape_str(_input) if isinstance(_input, torch.Tensor) else type(_input).__name__
             raise ValueError(f"_input must be a [B, T, H] tensor, got {got}")
         B, T = _input.shape[:2]
-        _check_linear_args(_input, lin_weight, bias, self.temperature, -100, names=("_input", "lin_weight", "bias"))
+        check_linear_args(_input, lin_weight, bias, self.temperature, -100, names=("_input", "lin_weight", "bias"))
         _check_per_sequence("selected_token_ids", selected_token_ids, B, T, ("BT",))
         _check_per_sequence("attention_mask", attention_mask, B, T, ("BT",))
         _check_per_sequence("advantages", advantages, B, T, ("B",) if self.loss_type == "vespo" else ("B", "BT"))
@@ -349,7 +334,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 policy_weight = w.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
 
         config = self.config
-        if self.loss_type in _GLOBAL_NORMALISER:
+        if self._alias.global_normaliser:
             count = _dapo_normaliser(attention_mask, num_items_in_batch)
             if count is not None:
                 config = dataclasses.replace(config, num_items_in_batch=count)
@@ -367,29 +352,18 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
     @torch.no_grad()
     def _vespo_weight(self, _input, lin_weight, targets, valid, advantages, bias, old_logp, vllm_is_ratio):
-        """VESPO's detached per-sequence weight ``phi(w) = exp(lambda) * w^k * exp(-lambda * w)``
-        (``phi(1) = 1``), ``w`` the sequence's importance weight ``prod_t r_t`` times the rollout
-        ratio, ``k, lambda`` by the sign of the advantage; computed in log space, as TRL does."""
-        B = _input.shape[0]
-        log_w = torch.zeros(B, 1, dtype=torch.float32, device=_input.device)
+        """VESPO's detached per-sequence weight ``phi(w)`` ``[B, 1]`` (``pyrl.losses.vespo``), ``w`` the
+        sequence's importance weight ``prod_t r_t`` times the rollout ratio. ``r_t`` needs the current
+        log-probs: one more forward sweep over the vocabulary, without gradient."""
+        log_ratio = None
         if old_logp is not None:
             logp = fused_linear_logprobs(_input.detach(), lin_weight.detach(), torch.where(valid, targets, -100),
                                          bias=None if bias is None else bias.detach(), temperature=self.temperature,
                                          backend=self.backend)
-            log_r = (logp - old_logp.float()).clamp(-_LOG_CLAMP, _LOG_CLAMP)
-            log_w = log_w + torch.where(valid, log_r, 0.0).sum(-1, keepdim=True)
-        if vllm_is_ratio is not None:
-            log_v = vllm_is_ratio.float().log().clamp(_VESPO_MIN_WEIGHT, _LOG_CLAMP)
-            log_v = log_v.unsqueeze(-1) if log_v.dim() == 1 else log_v
-            if log_v.shape[1] != 1:
-                log_v = torch.where(valid, log_v, 0.0)
-            log_w = log_w + log_v.sum(-1, keepdim=True)
-        log_w = log_w.clamp(_VESPO_MIN_WEIGHT, _LOG_CLAMP)
-        nonneg = (advantages >= 0).unsqueeze(-1)
-        k = torch.where(nonneg, self.vespo_k_pos, self.vespo_k_neg)
-        lam = torch.where(nonneg, self.vespo_lambda_pos, self.vespo_lambda_neg).clamp(min=1e-4)
-        phi = (lam + k * log_w - lam * log_w.exp()).exp()
-        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            log_ratio = logp - old_logp.float()
+        log_w = vespo_log_weight(valid, log_ratio, vllm_is_ratio)
+        return vespo_weight(log_w, advantages, k_pos=self.vespo_k_pos, lambda_pos=self.vespo_lambda_pos,
+                            k_neg=self.vespo_k_neg, lambda_neg=self.vespo_lambda_neg)
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon_low={self.epsilon_low}, "

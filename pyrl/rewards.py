@@ -26,46 +26,45 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._validate import check_same_device, check_tensor, shape_str
+from ._validate import (check_group_size, check_number, check_positive, check_positive_int, check_same_device,
+                        check_tensor, shape_str)
+from .registry import Registry
 
 __all__ = [
     "compute", "names", "register", "extract_answer",
     "dapo_overlong_penalty", "dler_truncation", "grpo_lambda_length_penalty",
     "cosine_length_reward", "HistoryAwareLengthReward", "mask_truncated_completions",
     "filter_zero_variance_groups", "zero_variance_group_rate", "DynamicSampler", "DynamicSample",
-    "pass_at_k",
+    "pass_at_k", "unregister",
 ]
 
-_REGISTRY: dict[str, Callable] = {}
+_REWARDS: Registry[Callable] = Registry("reward")
 
 MATH_VERIFY_INSTALL = "pip install math-verify"
 
 
-def register(name: str):
+def register(name: str, *, replace: bool = False):
     """Decorator: ``@register("name")`` makes ``fn(completions, **kw) -> float tensor [B]``
-    selectable by ``compute(name, ...)``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+    selectable by ``compute(name, ...)``. A name already taken raises ``ValueError`` unless
+    ``replace=True``."""
+    return _REWARDS.register(name, replace=replace)
 
-    def decorator(fn: Callable) -> Callable:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"a reward named {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
 
-    return decorator
+def unregister(name: str) -> Callable:
+    """Remove reward ``name`` and return its function (``ValueError`` if it is not registered)."""
+    return _REWARDS.unregister(name)
 
 
 def names() -> list[str]:
     """The registered reward names, sorted."""
-    return sorted(_REGISTRY)
+    return _REWARDS.names()
 
 
 def compute(name: str, completions: Sequence, **kw) -> torch.Tensor:
     """Reward ``name`` of each completion: a float32 tensor ``[B]`` (on ``device`` if given)."""
-    fn = _REGISTRY.get(name)
-    if fn is None:
+    if name not in _REWARDS:
         raise ValueError(f"unknown reward {name!r}; available: {', '.join(names())}")
+    fn = _REWARDS.get(name)
     texts = _texts(completions)
     device = kw.pop("device", None)
     params = inspect.signature(fn).parameters
@@ -230,33 +229,13 @@ def _check_lengths(lengths, n: int | None = None) -> torch.Tensor:
     return lengths
 
 
-def _check_num(name: str, x, *, positive=False, nonneg=False, unit=False) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {x!r}")
-    if positive and x <= 0:
-        raise ValueError(f"{name} must be > 0, got {x!r}")
-    if nonneg and x < 0:
-        raise ValueError(f"{name} must be >= 0, got {x!r}")
-    if unit and not 0 <= x <= 1:
-        raise ValueError(f"{name} must be in [0, 1], got {x!r}")
-    return float(x)
-
-
-def _check_group_size(group_size, batch: int) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if batch % group_size:
-        raise ValueError(f"group_size={group_size} does not divide the batch of {batch} rewards")
-    return group_size
-
-
 def dapo_overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> torch.Tensor:
-    """DAPO's soft overlong punishment (Yu et al. 2025; SPEC section 8), added to the reward:
+    """DAPO's soft overlong punishment (Yu et al. 2025; docs/formulas.md §8), added to the reward:
     ``0`` if ``|y| <= L_max - L_cache``; ``(L_max - L_cache - |y|) / L_cache`` if ``|y| <= L_max``;
     ``-1`` beyond. ``lengths`` ``[B]`` -> float ``[B]``."""
     _check_lengths(lengths)
-    max_len = _check_num("max_len", max_len, positive=True)
-    cache_len = _check_num("cache_len", cache_len, positive=True)
+    max_len = check_positive("max_len", max_len)
+    cache_len = check_positive("cache_len", cache_len)
     if cache_len > max_len:
         raise ValueError(f"cache_len must be <= max_len, got cache_len={cache_len:g} > max_len={max_len:g}")
     L = lengths.to(_float_out(lengths))
@@ -272,7 +251,7 @@ def dler_truncation(rewards: torch.Tensor, lengths: torch.Tensor, budget: int) -
     check_same_device(rewards=rewards, lengths=lengths)
     _check_1d("rewards", rewards)
     _check_lengths(lengths, rewards.shape[0])
-    budget = _check_num("budget", budget, positive=True)
+    budget = check_positive("budget", budget)
     r = rewards.to(_float_out(rewards))
     return torch.where(lengths > budget, torch.zeros_like(r), r)
 
@@ -295,8 +274,8 @@ def grpo_lambda_length_penalty(correct: torch.Tensor, lengths: torch.Tensor, gro
     _check_1d("correct", correct)
     n = correct.shape[0]
     _check_lengths(lengths, n)
-    G = _check_group_size(group_size, n)
-    length_coef = _check_num("length_coef", length_coef)
+    G = check_group_size(group_size, n)
+    length_coef = check_number("length_coef", length_coef)
     c = (correct.to(torch.float32) > 0.5) if correct.is_floating_point() else correct.bool()
     dtype = torch.float64 if lengths.dtype == torch.float64 else torch.float32
     cf = c.to(dtype).view(-1, G)
@@ -307,9 +286,9 @@ def grpo_lambda_length_penalty(correct: torch.Tensor, lengths: torch.Tensor, gro
     length_reward = torch.where(c.view(-1, G), lam, lam.clamp(max=0))
     accuracy = cf.mean(1)
     if top_fraction is None:
-        selected = accuracy >= _check_num("threshold", threshold, unit=True)
+        selected = accuracy >= check_number("threshold", threshold, low=0, high=1)
     else:
-        frac = _check_num("top_fraction", top_fraction, unit=True)
+        frac = check_number("top_fraction", top_fraction, low=0, high=1)
         k = min(accuracy.shape[0], math.ceil(frac * accuracy.shape[0]))
         order = torch.sort(accuracy, descending=True, stable=True).indices
         selected = torch.zeros_like(accuracy, dtype=torch.bool).scatter(0, order[:k], True)
@@ -333,9 +312,9 @@ def cosine_length_reward(correct: torch.Tensor, lengths: torch.Tensor, max_len: 
     check_same_device(correct=correct, lengths=lengths)
     _check_1d("correct", correct)
     _check_lengths(lengths, correct.shape[0])
-    T = _check_num("max_len", max_len, positive=True)
-    vals = {k: _check_num(k, v) for k, v in dict(correct_short=correct_short, correct_long=correct_long,
-                                                    wrong_short=wrong_short, wrong_long=wrong_long).items()}
+    T = check_positive("max_len", max_len)
+    vals = {k: check_number(k, v) for k, v in dict(correct_short=correct_short, correct_long=correct_long,
+                                                   wrong_short=wrong_short, wrong_long=wrong_long).items()}
     c = (correct > 0.5) if correct.is_floating_point() else correct.bool()
     dtype = torch.float64 if lengths.dtype == torch.float64 else torch.float32
     L = lengths.to(dtype)
@@ -344,7 +323,7 @@ def cosine_length_reward(correct: torch.Tensor, lengths: torch.Tensor, max_len: 
     rT = torch.where(c, vals["correct_long"], vals["wrong_long"]).to(dtype)
     out = rT + 0.5 * (r0 - rT) * (1 + cos)
     if exceed is not None:
-        out = torch.where(L >= T, torch.full_like(out, _check_num("exceed", exceed)), out)
+        out = torch.where(L >= T, torch.full_like(out, check_number("exceed", exceed)), out)
     return out
 
 
@@ -367,8 +346,8 @@ class HistoryAwareLengthReward:
     """
 
     def __init__(self, weight: float = 1.0, correct_floor: float = -0.7):
-        self.weight = _check_num("weight", weight)
-        self.correct_floor = _check_num("correct_floor", correct_floor)
+        self.weight = check_number("weight", weight)
+        self.correct_floor = check_number("correct_floor", correct_floor)
         self._history = torch.empty(0, dtype=torch.float64)  # inf: no correct completion yet
 
     def _inputs(self, prompt_ids, lengths, correct):
@@ -438,8 +417,8 @@ class HistoryAwareLengthReward:
 
 
 def mask_truncated_completions(mask: torch.Tensor, is_truncated: torch.Tensor) -> torch.Tensor:
-    """Drop truncated completions (no EOS) from the loss (DAPO; SPEC section 8): ``mask`` ``[B, T]``
-    with the rows of ``is_truncated`` ``[B]`` set to 0, same dtype as ``mask``."""
+    """Drop truncated completions (no EOS) from the loss (DAPO; docs/formulas.md §8): ``mask``
+    ``[B, T]`` with the rows of ``is_truncated`` ``[B]`` set to 0, same dtype as ``mask``."""
     check_tensor("mask", mask)
     if mask.dim() != 2:
         raise ValueError(f"mask must have shape [B, T], got {shape_str(mask)}")
@@ -458,7 +437,7 @@ def _group_rewards(rewards, group_size) -> torch.Tensor:
         raise ValueError("rewards must hold at least one reward, got shape [0]")
     if not rewards.is_floating_point():
         raise TypeError(f"rewards must be a float tensor, got {str(rewards.dtype).replace('torch.', '')}")
-    G = _check_group_size(group_size, rewards.shape[0])
+    G = check_group_size(group_size, rewards.shape[0])
     return rewards.view(-1, G)
 
 
@@ -538,8 +517,7 @@ class DynamicSampler:
         if not callable(sample_fn):
             raise TypeError(f"sample_fn must be callable, got {type(sample_fn).__name__}")
         for name, v in (("group_size", group_size), ("target_groups", target_groups), ("max_rounds", max_rounds)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(name, v)
         if on_shortfall not in ("raise", "return"):
             raise ValueError(f"on_shortfall must be 'raise' or 'return', got {on_shortfall!r}")
         self.sample_fn = sample_fn
@@ -598,8 +576,7 @@ def pass_at_k(n, c, k: int) -> torch.Tensor:
     their broadcast shape (0-d for scalars). The product runs over a ``[..., max n]`` mask, not a
     Python loop.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_positive_int("k", k)
     n_t = torch.as_tensor(n)
     c_t = torch.as_tensor(c, device=n_t.device)
     for name, t in (("n", n_t), ("c", c_t)):

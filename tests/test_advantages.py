@@ -98,7 +98,8 @@ def test_names_and_registry():
         with pytest.raises(ValueError, match="already registered"):
             advantages.register("_test_double")(lambda r, g: r)
     finally:
-        advantages._REGISTRY.pop("_test_double")
+        advantages.unregister("_test_double")
+    assert "_test_double" not in advantages.names()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import pyrl
-from pyrl.ops import logprobs as lp_mod
+from pyrl.ops import plan as plan_mod
 from conftest import CPP, triton_on_cpu
 
 TRITON = triton_on_cpu()
@@ -187,7 +187,7 @@ def test_gemm_row_quantum_is_what_the_blas_needs():
     """The premise of the padding: on this BLAS, a row of ``h @ W.T`` computed in a GEMM whose row
     count is a multiple of GEMM_ROW_QUANTUM is bitwise the same as in any other such GEMM (if this
     fails on a new platform, raise the quantum; see docs/reliability.md)."""
-    q = lp_mod.GEMM_ROW_QUANTUM
+    q = plan_mod.GEMM_ROW_QUANTUM
     g = torch.Generator().manual_seed(7)
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(8 * q, 96, generator=g, dtype=dtype)

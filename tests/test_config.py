@@ -109,7 +109,7 @@ def test_effective_properties():
 
 
 def test_registered_loss_type_is_accepted():
-    from pyrl.ops.policy_loss import _POLICY_LOSSES, register_policy_loss
+    from pyrl import register_policy_loss, unregister_policy_loss
 
     with pytest.raises(ValueError, match="loss_type"):
         PolicyLossConfig(loss_type="my_test_loss_cfg")
@@ -121,6 +121,4 @@ def test_registered_loss_type_is_accepted():
     try:
         assert PolicyLossConfig(loss_type="my_test_loss_cfg").loss_type == "my_test_loss_cfg"
     finally:
-        import pyrl.config as cfg
-        del _POLICY_LOSSES["my_test_loss_cfg"]
-        cfg._LOSS_TYPES.remove("my_test_loss_cfg")
+        unregister_policy_loss("my_test_loss_cfg")

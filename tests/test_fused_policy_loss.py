@@ -45,9 +45,14 @@ def _full_kl64(hd, wd, bd, rh, rw, targets_valid, temperature):
     return (lp.exp() * (lp - lq)).sum(-1) * targets_valid
 
 
+@pytest.mark.parametrize("passes", ["auto", "two"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_float64_reference(backend, name):
+def test_matches_float64_reference(backend, name, passes, monkeypatch):
+    """Every plan a call can take (one pass where the loss is token-separable, two passes always)
+    against the float64 full-logits oracle."""
+    if passes == "two":
+        monkeypatch.setenv("PYRL_PASSES", "two")
     cfg = pyrl.PolicyLossConfig(**CONFIGS[name])
     hidden, weight, bias, targets, mask, adv, noise = _batch()
     valid = mask.bool()
@@ -72,9 +77,9 @@ def test_matches_float64_reference(backend, name):
     kl = None
     if cfg.kl_type == "full":
         kl = _full_kl64(hd, wd, bd, ref_hidden, weight, valid.double(), cfg.temperature)
-    from pyrl.ops.policy_loss import _policy_loss_core
+    from pyrl.ops.policy_loss import policy_loss_core
 
-    rloss, rmetrics = _policy_loss_core(logp, adv.double(), mask, old_logp=old_logp.double(),
+    rloss, rmetrics = policy_loss_core(logp, adv.double(), mask, old_logp=old_logp.double(),
                                         ref_logp=ref_logp.double(), entropy=ent,
                                         rollout_logp=rollout_logp.double(), config=cfg, kl=kl)
     rloss.backward()
@@ -157,13 +162,19 @@ def test_bad_input_errors():
     ("seq-mean-token-sum", {}), ("seq-mean-token-sum-norm", {"max_completion_length": 9}),
 ])
 def test_agg_weights_reproduce_every_aggregation(agg, extra):
-    from pyrl.ops.policy_loss import _agg_weights, _aggregate
+    from pyrl.ops.policy_loss import agg_weights, aggregate
 
     cfg = pyrl.PolicyLossConfig(agg=agg, **extra)
     m = (torch.rand(4, 6, dtype=torch.float64) > 0.3).double()
     m[1] = 0  # an empty sequence
     x = torch.randn(4, 6, dtype=torch.float64) * m
-    torch.testing.assert_close((x * _agg_weights(m, cfg)).sum(), _aggregate(x, m, cfg), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((x * agg_weights(m, cfg)).sum(), aggregate(x, m, cfg), rtol=1e-12, atol=1e-12)
+    # ... and both are the formula of docs/formulas.md §6
+    want = {"token-mean": x.sum() / extra.get("num_items_in_batch", m.sum()),
+            "seq-mean-token-mean": (x.sum(-1) / m.sum(-1).clamp(min=1)).mean(),
+            "seq-mean-token-sum": x.sum(-1).mean(),
+            "seq-mean-token-sum-norm": x.sum() / (4 * extra.get("max_completion_length", 6))}[agg]
+    torch.testing.assert_close(aggregate(x, m, cfg), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.skipif(not pyrl.backends()["cpp"]["available"], reason="pyrl._C not built")
@@ -174,21 +185,25 @@ def test_agg_weights_reproduce_every_aggregation(agg, extra):
     dict(loss_type="reinforce", agg="seq-mean-token-sum-norm", max_completion_length=7, use_bias_correction_kl=True,
          beta=0.3),
 ], ids=["grpo", "k2-entropy", "cispo", "mis-token", "reinforce-norm"])
-def test_one_pass_cpp_plan_matches_two_pass_reference(cfg):
+def test_one_pass_cpp_plan_matches_two_pass_reference(cfg, monkeypatch):
     """backend='cpp' takes the one-pass plan for these token-separable configs (3 GEMMs, gradients
-    formed in forward); the torch reference takes two passes. Both must agree, chunk by chunk."""
+    formed in forward); the torch reference is forced to two passes (PYRL_PASSES=two). Both must
+    agree, chunk by chunk."""
     config = pyrl.PolicyLossConfig(**cfg)
-    from pyrl.ops.policy_loss import _is_token_separable
-
-    assert _is_token_separable(config)
     hidden, weight, bias, targets, mask, adv, noise = _batch()
     safe_t = torch.where(mask.bool(), targets, -100)
     base = pyrl.fused_linear_logprobs(hidden, weight, safe_t, bias=bias, temperature=config.temperature).detach()
     kw = dict(old_logp=base + noise(), ref_logp=base + noise(), rollout_logp=base + noise(), bias=None)
     results = []
     for backend in ("torch", "cpp"):
+        if backend == "torch":
+            monkeypatch.setenv("PYRL_PASSES", "two")
+        else:  # the default plan of cpp for these configs
+            monkeypatch.delenv("PYRL_PASSES")
         h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
         kw["bias"] = b
+        plan = pyrl.explain("fused_linear_policy_loss", h, w, targets, mask, adv, config=config, backend=backend, **kw)
+        assert ("passes=one" if backend == "cpp" else "passes=two") in plan, plan
         loss, metrics = pyrl.fused_linear_policy_loss(h, w, targets, mask, adv, config=config, backend=backend,
                                                       chunk_bytes=3 * V * 4, **kw)
         (2.5 * loss).backward()  # a non-unit upstream gradient must scale the stored gradients

@@ -7,7 +7,7 @@
   against ``tests/_ref.py`` in float64: values and gradients.
 * ``fused_linear_policy_loss``: random *valid* ``PolicyLossConfig`` combinations (a strategy that
   draws every field and discards the combinations the constructor refuses) against the oracle
-  ``pyrl.policy_loss`` fed float64 log-probs/entropy from the reference (``_policy_loss_core``
+  ``pyrl.policy_loss`` fed float64 log-probs/entropy from the reference (``policy_loss_core``
   with the float64 exact KL for ``kl_type="full"``): loss, metrics and gradients.
 * ``policy_loss``: fp32 against fp64 on the same numbers, and the result does not depend on what
   padded positions hold.
@@ -32,7 +32,7 @@ from hypothesis import strategies as st  # noqa: E402
 import torch  # noqa: E402
 
 import pyrl  # noqa: E402
-from pyrl.ops.policy_loss import _policy_loss_core  # noqa: E402
+from pyrl.ops.policy_loss import policy_loss_core  # noqa: E402
 from _ref import linear_logprobs_ref, logprobs_ref  # noqa: E402
 from conftest import CPP, triton_on_cpu  # noqa: E402
 
@@ -66,7 +66,7 @@ def _grad_close(got, want, x, tol, what, factor=4):
 
 def _grad_factor(backend, dtype):
     """The fused Triton backward rounds d_logits to bf16/fp16 before its two matmuls (documented in
-    kernels/logprobs.py): one more rounding per product, which cancellation in the sum over the
+    kernels/fused_linear.py): one more rounding per product, which cancellation in the sum over the
     vocabulary can leave at ~2 ulp of bf16 relative to the largest gradient entry."""
     return 8 if backend == "triton" and dtype != torch.float32 else 4
 
@@ -321,7 +321,7 @@ def _check_policy_case(backend, dtype, cfg, b, t, h, v, use_bias, adv_per_token,
         zq = ref_hidden.double() @ weight.double().t() + (bias.double() if use_bias else 0.0)
         lp, lq = (zp / cfg.temperature).log_softmax(-1), (zq / cfg.temperature).log_softmax(-1)
         kl = (lp.exp() * (lp - lq)).sum(-1) * valid
-    rloss, rmetrics = _policy_loss_core(logp64, adv.double(), mask, old_logp=old_logp.double(), ref_logp=oracle_ref,
+    rloss, rmetrics = policy_loss_core(logp64, adv.double(), mask, old_logp=old_logp.double(), ref_logp=oracle_ref,
                                         entropy=ent64, rollout_logp=rollout_logp.double(), config=cfg, kl=kl,
                                         policy_weight=policy_weight)
     rloss.backward()

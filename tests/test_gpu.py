@@ -31,7 +31,7 @@ if CUDA:  # before pyrl.kernels is imported (it is imported lazily, on the first
 
 import pyrl  # noqa: E402
 from _ref import linear_logprobs_ref, logprobs_ref  # noqa: E402
-from pyrl.ops.policy_loss import _policy_loss_core  # noqa: E402
+from pyrl.ops.policy_loss import policy_loss_core  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (CUDA and pyrl.backends()["triton"]["available"]),
                                 reason="needs a CUDA GPU and Triton (benchmarks/gpu_check.sh runs these)")
@@ -169,7 +169,7 @@ def test_policy_loss_matches_float64_every_config():
         logp, ent = linear_logprobs_ref(hd, wd, safe_t, bd, cfg.temperature)
         kl = _full_kl64(hd, wd, bd, ref_hidden, weight, valid.double(), cfg.temperature) \
             if cfg.kl_type == "full" else None
-        rloss, rmetrics = _policy_loss_core(logp, adv.double(), mask, old_logp=old_logp.double(),
+        rloss, rmetrics = policy_loss_core(logp, adv.double(), mask, old_logp=old_logp.double(),
                                             ref_logp=ref_logp.double(), entropy=ent,
                                             rollout_logp=rollout_logp.double(), config=cfg, kl=kl)
         rloss.backward()
@@ -201,7 +201,7 @@ def test_policy_loss_realistic_bf16_shape():
     logp64, ent64 = linear_logprobs_ref(h64, w64, safe_t)
     old_logp = (logp64.detach() + 0.2 * torch.randn(B, T, device="cuda", generator=g)).float()
     ref_logp = (logp64.detach() + 0.2 * torch.randn(B, T, device="cuda", generator=g)).float()
-    rloss, _ = _policy_loss_core(logp64, adv.double(), mask, old_logp=old_logp.double(), ref_logp=ref_logp.double(),
+    rloss, _ = policy_loss_core(logp64, adv.double(), mask, old_logp=old_logp.double(), ref_logp=ref_logp.double(),
                                  entropy=ent64, rollout_logp=None, config=cfg)
     rloss.backward()
     ref_dh, ref_dw = h64.grad.cpu(), w64.grad.cpu()

@@ -127,7 +127,7 @@ def _xfail_reason(lt, lvl, option, old):
         # whenever its per-token loss varies along T; pyrl follows TRL >= 1.10: sum_b sum_t m*L / B.
         return "luspo: Liger sums |y_b| * L over padded positions too and divides by B*T (TRL < 1.10)"
     if lvl == "sequence" and cfg.get("use_bias_correction_kl"):
-        # pyrl differentiates the corrected KL with each token's ratio (GSPO-token, SPEC section 2),
+        # pyrl differentiates the corrected KL with each token's ratio (GSPO-token, docs/formulas.md §2),
         # Liger through the sequence mean of the log-ratios; the loss and metrics still match.
         return "sequence-level use_bias_correction_kl: gradient convention differs (GSPO-token vs GSPO)"
     if lt == "vespo" and option == "vllm_BT":

@@ -6,9 +6,12 @@ import zlib
 import pytest
 import torch
 
+import pyrl
+
 from pyrl.config import PolicyLossConfig
-from pyrl.ops.policy_loss import (_POLICY_LOSSES, _local_entropy_quantile, _policy_loss_core, policy_loss,
-                                  policy_loss_names, register_policy_loss)
+from pyrl.losses import get_policy_loss
+from pyrl.ops.policy_loss import (local_entropy_quantile, policy_loss, policy_loss_core, policy_loss_names,
+                                  register_policy_loss)
 
 METRICS = ("clip_frac", "kl_mean", "entropy_mean", "ratio_mean", "ratio_max")
 
@@ -517,7 +520,7 @@ def test_local_quantile_equals_torch_quantile(n, q, dtype):
     ent = (torch.rand(3, n, generator=g) * 3).round(decimals=1).to(dtype)  # ties
     valid = torch.rand(3, n, generator=g) > 0.3
     valid[1, 0] = True
-    got = _local_entropy_quantile(ent, valid, q)
+    got = local_entropy_quantile(ent, valid, q)
     want = torch.quantile(ent[valid], q)
     assert got.dtype == dtype
     assert got.item() == want.item()  # bit-identical
@@ -546,7 +549,7 @@ def test_entropy_quantile_hook():
         return torch.tensor(1.0, dtype=entropy.dtype)
 
     cfg = PolicyLossConfig(top_entropy_rho=0.3)
-    loss, _ = _policy_loss_core(x["logp"], x["advantages"], x["mask"], old_logp=None, ref_logp=None,
+    loss, _ = policy_loss_core(x["logp"], x["advantages"], x["mask"], old_logp=None, ref_logp=None,
                                 entropy=x["entropy"], rollout_logp=None, config=cfg,
                                 entropy_quantile_fn=fake_global_quantile)
     assert seen["q"] == pytest.approx(0.7)
@@ -561,7 +564,7 @@ def test_core_with_precomputed_kl():
     kl = torch.rand(x["logp"].shape, dtype=torch.float64, requires_grad=True)
     kl_ref = kl.detach().clone().requires_grad_()
     cfg = PolicyLossConfig(kl_type="full", beta=0.2, use_bias_correction_kl=True)
-    loss, metrics = _policy_loss_core(x["logp"], x["advantages"], x["mask"], old_logp=x["old_logp"], ref_logp=None,
+    loss, metrics = policy_loss_core(x["logp"], x["advantages"], x["mask"], old_logp=x["old_logp"], ref_logp=None,
                                       entropy=None, rollout_logp=None, config=cfg, kl=kl)
     logp_ref = x["logp"].detach().clone().requires_grad_()
     ref_loss, ref_metrics = ref_policy_loss(logp_ref, x["advantages"], x["mask"], cfg, old=x["old_logp"],
@@ -608,7 +611,7 @@ def test_metrics_are_detached_tensors():
 def test_registry():
     assert set(policy_loss_names()) >= {"ppo", "gspo", "cispo", "sapo", "reinforce"}
     for name in ("ppo", "gspo", "cispo", "sapo", "reinforce"):
-        assert _POLICY_LOSSES[name].__doc__
+        assert get_policy_loss(name).fn.__doc__
 
 
 def test_register_custom_loss():
@@ -626,9 +629,7 @@ def test_register_custom_loss():
         torch.testing.assert_close(loss, -(adv * r * x["mask"]).sum() / x["mask"].sum())
         assert metrics["clip_frac"].item() == 0.0
     finally:
-        import pyrl.config as cfg
-        del _POLICY_LOSSES["test_linear_ratio"]
-        cfg._LOSS_TYPES.remove("test_linear_ratio")
+        pyrl.unregister_policy_loss("test_linear_ratio")
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,5 +693,5 @@ def test_quantile_beyond_torch_quantile_limit():
     On 0, 1, ..., n-1 (exact in fp64) the q quantile is q * (n - 1)."""
     n = 2**24 + 3
     ent = torch.arange(n - 1, -1, -1, dtype=torch.float64).view(1, n)  # descending: the sort has work to do
-    got = _local_entropy_quantile(ent, torch.ones(1, n, dtype=torch.bool), 0.3)
+    got = local_entropy_quantile(ent, torch.ones(1, n, dtype=torch.bool), 0.3)
     assert got.item() == pytest.approx(0.3 * (n - 1), rel=1e-15)

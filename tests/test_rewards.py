@@ -32,7 +32,8 @@ def test_names_and_registry():
         with pytest.raises(ValueError, match="already registered"):
             rewards.register("_test_len")(lambda c: c)
     finally:
-        rewards._REGISTRY.pop("_test_len")
+        rewards.unregister("_test_len")
+    assert "_test_len" not in rewards.names()
 
 
 @pytest.mark.parametrize("text, want", [

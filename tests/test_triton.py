@@ -1,4 +1,5 @@
-"""The Triton backend (kernels/logprobs.py) against the float64 reference, on CPU via the interpreter.
+"""The Triton backend (kernels/rows.py, kernels/fused_linear.py) against the float64 reference, on CPU via
+the interpreter.
 
 ``TRITON_INTERPRET=1`` must be set before the kernels are defined (``triton.jit`` decides then
 whether a kernel is compiled or interpreted), so it is set here, at import. Under the interpreter

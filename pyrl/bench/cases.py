@@ -13,7 +13,7 @@ Every implementation of an op runs forward *and* backward of the same scalar:
   with fixed random cotangents, so both outputs and both gradient paths are exercised (an
   implementation without entropy, e.g. Cut Cross-Entropy, drops the second term and is compared
   against a reference of the same scalar);
-* ``grpo_loss``: the PPO-clip loss of SPEC section 3 aggregated by ``token-mean`` (Liger's
+* ``grpo_loss``: the PPO-clip loss of docs/formulas.md §3 aggregated by ``token-mean`` (Liger's
   ``dapo``), with ``beta = 0`` and ``old_logp`` near the current policy so some tokens clip.
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ OPS = {
     "linear_logprobs": "per-token log-prob + entropy from hidden states and the LM head, fwd+bwd",
     "logits_logprobs": "per-token log-prob + entropy from materialised logits, fwd+bwd",
     "grpo_loss": "GRPO/PPO-clip loss (token-mean, beta=0) from hidden states and the LM head, fwd+bwd",
-    "grpo_step": "one GRPO update step of pyrl's trainer on a small model",
 }
 
 EPS_LOW = EPS_HIGH = 0.2
@@ -123,7 +122,7 @@ def logprob_objective(case: Case, logp: torch.Tensor, entropy: torch.Tensor | No
 
 
 def grpo_loss_from_logp(logp, old_logp, advantages, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH):
-    """PPO-clip loss (SPEC section 3) aggregated by token-mean (section 6); ``logp`` is ``[B, T]``."""
+    """PPO-clip loss (docs/formulas.md §3) aggregated by token-mean (§6); ``logp`` is ``[B, T]``."""
     ratio = torch.exp((logp - old_logp.to(logp.dtype)).clamp(-20.0, 20.0))
     adv = advantages.to(logp.dtype)[:, None]
     per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high))

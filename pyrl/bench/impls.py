@@ -266,12 +266,6 @@ def _not_runnable(case: Case) -> Step:
     raise RuntimeError("this implementation's requires() always gives a reason; build is never called")
 
 
-def _grpo_step_requires(device) -> str | None:
-    if importlib.util.find_spec("pyrl.train") is None:
-        return "pyrl.train is not importable yet; the trainer-step benchmark runs once it lands"
-    return "the trainer-step benchmark is not written yet (pyrl.train exists)"
-
-
 # --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
@@ -320,4 +314,3 @@ register(Impl("grpo_loss", "liger.triton_grpo_loss", _liger_triton_grpo, kind="t
               note="Liger's Triton GRPO loss on full [B, T+1, V] logits",
               requires=_requires_all(_cuda_only("triton_grpo_loss"),
                                      lambda d: _missing("liger_kernel", "liger-kernel"))))
-register(Impl("grpo_step", "pyrl", _not_runnable, requires=_grpo_step_requires))

@@ -192,8 +192,6 @@ def check(out: dict, ref: dict, dtype: torch.dtype) -> dict:
 def base_row(impl: Impl, shape, settings: Settings) -> dict:
     n, h, v = shape
     device = torch.device(settings.device)
-    if impl.op == "grpo_step":  # runs on a model of its own, not on a head shape
-        n = h = v = None
     row = {"op": impl.op, "impl": impl.name, "kind": impl.kind, "N": n,
            "H": None if impl.op == "logits_logprobs" else h, "V": v,
            "dtype": settings.dtype, "device": settings.device, "status": "ok", "note": impl.note}

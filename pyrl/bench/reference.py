@@ -1,6 +1,6 @@
 """The float64 answer every implementation is checked against, on the very inputs it ran on.
 
-Written from the formulas of SPEC section 1 with no pyrl code, in two passes over blocks of token
+Written from the formulas of docs/formulas.md §1 with no pyrl code, in two passes over blocks of token
 rows so that even GPU-sized shapes never hold ``[N, V]`` float64 logits:
 
 1. per-row ``logp``, ``entropy`` and ``lse``;

@@ -196,10 +196,10 @@ def _run_op(op, shape, settings: Settings, impls: list[Impl], use_children: bool
 
 
 def _distinct(op: str, shape) -> tuple:
-    """logits_logprobs has no H and grpo_step no shape: each runs once per distinct key."""
+    """logits_logprobs has no H: it runs once per distinct (N, V)."""
     if op == "logits_logprobs":
         return op, shape[0], shape[2]
-    return (op,) if op == "grpo_step" else (op, *shape)
+    return (op, *shape)
 
 
 def _out_of_time(settings: Settings) -> bool:

@@ -57,43 +57,44 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 
 from pyrl.config import PolicyLossConfig
 from pyrl.integrations import hf
+from pyrl.losses.aliases import LIGER_LOSS_TYPES, TRL_LOSS_TYPES, liger_config_kwargs
 from pyrl.ops.policy_loss import policy_loss
 
 __all__ = ["PyrlGRPOTrainer", "policy_loss_config"]
 
 TESTED_TRL_VERSIONS = ">=1.16,<1.17"
 
-_PPO_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-_AGG = {"grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
-        "dapo": "token-mean", "cispo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-        "luspo": "seq-mean-token-sum"}
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
+def _loss_type(loss_type):
+    """The row of ``pyrl.losses.aliases.LIGER_LOSS_TYPES`` for a loss_type PyrlGRPOTrainer supports."""
+    if loss_type not in TRL_LOSS_TYPES:
+        raise ValueError(f"PyrlGRPOTrainer does not support loss_type={loss_type!r}; supported: "
+                         f"{', '.join(sorted(TRL_LOSS_TYPES))} (use trl.GRPOTrainer for it)")
+    return LIGER_LOSS_TYPES[loss_type]
+
+
 def policy_loss_config(trainer, num_items_in_batch=None) -> PolicyLossConfig:
-    """The ``PolicyLossConfig`` of a ``GRPOTrainer``'s loss arguments (the table in the module docstring).
+    """The ``PolicyLossConfig`` of a ``GRPOTrainer``'s loss arguments (the table in the module docstring;
+    the names are ``pyrl.losses.aliases.TRL_LOSS_TYPES``, docs/formulas.md §12).
 
     The entropy mask, entropy bonus and sequence masks are applied by ``PyrlGRPOTrainer`` around the
     loss, so they are not in the config.
     """
     args, loss_type = trainer.args, trainer.loss_type
-    if loss_type not in _AGG:
-        raise ValueError(f"PyrlGRPOTrainer does not support loss_type={loss_type!r}; supported: "
-                         f"{', '.join(sorted(_AGG))} (use trl.GRPOTrainer for it)")
-    kw = dict(agg=_AGG[loss_type], ratio_level=trainer.importance_sampling_level, beta=float(trainer.beta),
-              kl_type="k3" if trainer.beta != 0.0 else None, use_bias_correction_kl=bool(args.use_bias_correction_kl))
-    if loss_type in _PPO_TYPES:
-        kw.update(loss_type="ppo", eps_low=trainer.epsilon_low, eps_high=trainer.epsilon_high, delta=args.delta)
-    elif loss_type == "cispo":
-        if trainer.epsilon_high < 1:
-            raise ValueError(f"loss_type='cispo' clips the ratio at epsilon_high (an absolute bound, e.g. 5.0), "
-                             f"got epsilon_high={trainer.epsilon_high!r} < 1")
-        kw.update(loss_type="cispo", eps_low=None, eps_high=trainer.epsilon_high - 1.0)
-    else:  # sapo
-        kw.update(loss_type="sapo", tau_pos=args.sapo_temperature_pos, tau_neg=args.sapo_temperature_neg)
-    if loss_type == "dr_grpo":
-        kw["max_completion_length"] = trainer.max_completion_length
+    alias = _loss_type(loss_type)
+    if alias.absolute_eps_high and trainer.epsilon_high < 1:
+        raise ValueError(f"loss_type={loss_type!r} clips the ratio at epsilon_high (an absolute bound, e.g. 5.0), "
+                         f"got epsilon_high={trainer.epsilon_high!r} < 1")
+    kw = liger_config_kwargs(alias, epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high,
+                             importance_sampling_level=trainer.importance_sampling_level, delta=args.delta,
+                             max_completion_length=trainer.max_completion_length,
+                             sapo_temperature_pos=args.sapo_temperature_pos,
+                             sapo_temperature_neg=args.sapo_temperature_neg)
+    kw.update(beta=float(trainer.beta), kl_type="k3" if trainer.beta != 0.0 else None,
+              use_bias_correction_kl=bool(args.use_bias_correction_kl))
     if num_items_in_batch is not None:
         kw["num_items_in_batch"] = num_items_in_batch
     return PolicyLossConfig(**kw)
@@ -110,9 +111,7 @@ class PyrlGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, pyrl_backend: str = "auto", pyrl_check_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.loss_type not in _AGG:
-            raise ValueError(f"PyrlGRPOTrainer does not support loss_type={self.loss_type!r}; supported: "
-                             f"{', '.join(sorted(_AGG))} (use trl.GRPOTrainer for it)")
+        _loss_type(self.loss_type)
         if self.aux_loss_enabled:
             raise ValueError("PyrlGRPOTrainer does not support the MoE router auxiliary loss "
                              "(router_aux_loss_coef != 0); set router_aux_loss_coef=0.0 or use trl.GRPOTrainer")
@@ -166,7 +165,7 @@ class PyrlGRPOTrainer(GRPOTrainer):
             policy_weight = w if policy_weight is None else policy_weight * w
 
         num_items = None
-        if self.loss_type in ("dapo", "cispo"):
+        if _loss_type(self.loss_type).global_normaliser:
             # TRL's normaliser: num_items_in_batch spans the generation batch; rescale it to one window
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
@@ -236,12 +235,13 @@ class PyrlGRPOTrainer(GRPOTrainer):
                                              reduction="sum")
             self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
-        if self.loss_type in _PPO_TYPES:
+        surrogate = _loss_type(self.loss_type).loss_type
+        if surrogate == "ppo":
             low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).to(mask.dtype)
             high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).to(mask.dtype)
             self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low))
             self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high))
             self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
-        elif self.loss_type == "cispo":
+        elif surrogate == "cispo":
             clipped = ((ratio > self.epsilon_high) & (advantages > 0)).to(mask.dtype)
             self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped))

@@ -51,6 +51,9 @@ from typing import Any, Optional
 import torch
 
 from pyrl.config import PolicyLossConfig
+from pyrl.losses import get_policy_loss
+from pyrl.losses.aliases import VERL_LOSS_MODES, verl_config_kwargs
+from pyrl.losses.surrogates import ppo_clipped_flags
 from pyrl.ops.logprobs import fused_linear_logprobs
 from pyrl.ops.policy_loss import policy_loss
 
@@ -58,13 +61,10 @@ __all__ = ["compute_policy_loss", "LOSS_MODES", "register", "linear_cross_entrop
 
 VERL_CORE_ALGOS = "verl.trainer.ppo.core_algos"
 
-# registered name -> (pyrl loss_type, the aggregation verl forces for it, or None for loss_agg_mode)
-LOSS_MODES = {
-    "pyrl": ("ppo", None),
-    "pyrl_gspo": ("gspo", None),
-    "pyrl_cispo": ("cispo", None),
-    "pyrl_sapo": ("sapo", "seq-mean-token-mean"),
-}
+# registered name -> (pyrl loss_type, the aggregation verl forces for it, or None for loss_agg_mode);
+# the table itself, with what else each mode takes, is pyrl.losses.aliases.VERL_LOSS_MODES
+# (docs/formulas.md §12).
+LOSS_MODES = {name: (mode.loss_type, mode.agg) for name, mode in VERL_LOSS_MODES.items()}
 
 
 def _get(config, name: str, default=None):
@@ -132,18 +132,15 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
     Returns ``(pg_loss, metrics)``: the loss aggregated as verl's ``agg_loss`` does with
     ``config.global_batch_info``, and verl's three metric names as floats.
     """
-    loss_type, forced_agg = LOSS_MODES[loss_mode]
-    agg = forced_agg or loss_agg_mode
+    mode = VERL_LOSS_MODES[loss_mode]
+    agg = mode.agg or loss_agg_mode
     mask = response_mask.bool()
     info = dict(_get(config, "global_batch_info", None) or {})
     agg_fields, factor = _aggregation(agg, mask, info)
     low, high = _clip_bounds(config)
-    fields = dict(loss_type=loss_type, eps_low=low, eps_high=high, **agg_fields)
-    if loss_type == "ppo":
-        fields["clip_ratio_c"] = float(_get(config, "clip_ratio_c", 3.0))
-    elif loss_type == "sapo":
-        fields.update(tau_pos=float(_get(config, "tau_pos", 1.0)), tau_neg=float(_get(config, "tau_neg", 1.05)))
-    cfg = PolicyLossConfig(**fields)
+    cfg = PolicyLossConfig(**verl_config_kwargs(
+        mode, clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=float(_get(config, "clip_ratio_c", 3.0)),
+        tau_pos=float(_get(config, "tau_pos", 1.0)), tau_neg=float(_get(config, "tau_neg", 1.05))), **agg_fields)
     loss, metrics = policy_loss(log_prob, advantages, mask, old_logp=old_log_prob,
                                 policy_weight=rollout_is_weights, config=cfg)
     loss = loss * factor
@@ -153,12 +150,17 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
         log_ratio = (log_prob.detach() - old_log_prob).float().clamp(-20.0, 20.0)
         ppo_kl = (torch.where(mask, -log_ratio, 0.0)).sum() / count
         lower = torch.zeros((), device=log_prob.device)
-        if loss_type == "ppo":  # tokens where dual-clip capped the loss
+        if cfg.clip_ratio_c is not None:  # tokens where dual-clip capped the loss (verl's pg_clipfrac_lower)
             A = advantages.detach().float()
             A = A.unsqueeze(-1) if A.dim() == 1 else A
             r = log_ratio.exp()
-            clipped = torch.maximum(-A * r, -A * r.clamp(1 - low, 1 + high))
-            capped = (A < 0) & (clipped > -A * cfg.clip_ratio_c) & mask
+            # The registered surrogate flags the tokens a bound decided: the clip range's and, for A < 0,
+            # the cap's. The cap binds only where the loss exceeds -A * clip_ratio_c > -A, never on a token
+            # below 1 - clip_ratio_low, the only A < 0 tokens the clip range flags (verl has no delta):
+            # the capped tokens are the flagged A < 0 ones that the clip range alone does not flag.
+            _, flagged = get_policy_loss(cfg.loss_type).fn(log_prob.detach(), r, A, cfg)
+            by_clip = ppo_clipped_flags(r, A, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high, cfg.delta)
+            capped = (A < 0) & flagged & ~by_clip & mask
             lower = capped.float().sum() / count
     return loss, {"actor/pg_clipfrac": float(metrics["clip_frac"]), "actor/ppo_kl": float(ppo_kl),
                   "actor/pg_clipfrac_lower": float(lower)}

@@ -1,11 +1,11 @@
-"""The RL policy loss on per-token log-probs (SPEC sections 2-6 and 9), in plain PyTorch.
+"""The RL policy loss on per-token log-probs (docs/formulas.md §2-§6 and §9), in plain PyTorch.
 
     per_token = L[b,t] * policy_mask * is_weight  +  beta * KL[b,t] * m  -  entropy_coef * entropy * m
     loss      = agg(per_token, m)
 
-``L`` is the surrogate of ``config.loss_type`` (a small function in a registry, verl-style), on the
-ratio of section 2; ``policy_mask = m * entropy_mask * is_keep``. ``policy_loss`` validates its
-arguments and calls ``_policy_loss_core``, which the fused op (``fused_linear_policy_loss``) reuses
+``L`` is the surrogate of ``config.loss_type`` (a function registered in ``pyrl.losses``), on the
+ratio of docs/formulas.md §2; ``policy_mask = m * entropy_mask * is_keep``. ``policy_loss`` validates its
+arguments and calls ``policy_loss_core``, which the fused op (``fused_linear_policy_loss``) reuses
 with the log-probs, entropy and exact KL it computed from hidden states.
 
 Everything is computed in fp32 (fp64 when ``logp`` is fp64). Padded positions (``mask == 0``) are
@@ -14,130 +14,21 @@ or the gradient. Nothing here synchronises with the device: metrics are 0-dim te
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from pyrl._validate import check_float, check_same_device, shape_str
-from pyrl.config import PolicyLossConfig, _register_loss_type
+from pyrl.config import PolicyLossConfig
+from pyrl.losses import get_policy_loss, policy_loss_names, register_policy_loss
 
-__all__ = ["policy_loss", "register_policy_loss", "policy_loss_names"]
+__all__ = ["policy_loss", "register_policy_loss", "policy_loss_names", "agg_weights", "aggregate",
+           "not_token_separable", "policy_loss_core", "check_policy_args", "local_entropy_quantile"]
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 # log-ratios are clamped before exp so a far-off-policy token gives a large finite ratio, not inf.
 LOG_RATIO_CLAMP = 20.0
-
-# A loss body: (logp, ratio, advantages, config) -> (per-token loss [B, T], clipped [B, T] bool | None).
-# ``ratio`` already is token- or sequence-level; ``advantages`` is broadcast to [B, T]; "clipped"
-# marks tokens whose loss a clip bound decided (the ``clip_frac`` metric), None for a clip-free loss.
-PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PolicyLossConfig],
-                        "tuple[torch.Tensor, Optional[torch.Tensor]]"]
-_POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Register a per-token surrogate under ``name`` so ``PolicyLossConfig(loss_type=name)`` uses it.
-
-    The function gets ``(logp [B, T], ratio [B, T], advantages [B, T], config)`` and returns
-    ``(loss [B, T], clipped [B, T] bool or None)``; masking, mismatch weights, KL, entropy and the
-    aggregation are applied around it.
-    """
-    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        _POLICY_LOSSES[name] = fn
-        _register_loss_type(name)
-        return fn
-
-    return decorator
-
-
-def policy_loss_names() -> list[str]:
-    """The registered ``loss_type`` names."""
-    return sorted(_POLICY_LOSSES)
-
-
-def _ppo_clipped_flags(r: torch.Tensor, A: torch.Tensor, lo: Optional[float], hi: float,
-                       delta: Optional[float]) -> torch.Tensor:
-    """Tokens whose PPO loss a bound decided (zero gradient through ``r``).
-
-    ``A > 0``: the loss is ``-A * min(r, delta, clip(r))``, constant once ``r > min(hi, delta)``.
-    ``A < 0``: ``-A * max(min(r, delta), clip(r))``, constant once ``r < lo`` or ``r > max(hi, delta)``
-    (the latter only with ``delta``: plain PPO does not bound ``A < 0`` from above).
-    """
-    r = r.detach()
-    up = hi if delta is None else min(hi, delta)
-    clipped = (A > 0) & (r > up)
-    if lo is not None:
-        clipped = clipped | ((A < 0) & (r < lo))
-    if delta is not None:
-        clipped = clipped | ((A < 0) & (r > max(hi, delta)))
-    return clipped
-
-
-@register_policy_loss("ppo")
-def ppo_loss(logp, ratio, advantages, config):
-    """Clipped surrogate, PPO (Schulman et al. 2017); also GRPO (Shao et al. 2024, DeepSeekMath),
-    DAPO clip-higher (Yu et al. 2025: ``eps_high > eps_low``) and Dr.GRPO (Liu et al. 2025), which
-    differ only in the aggregation:
-
-        L = max(-A * r', -A * clip(r, 1 - eps_low, 1 + eps_high)),   r' = min(r, delta)
-
-    ``delta``: two-sided clipping of INTELLECT-2 (Prime Intellect 2025). ``clip_ratio_c``: dual-clip
-    PPO (Ye et al. 2020), ``L = min(L, -A * clip_ratio_c)`` for ``A < 0``.
-    """
-    A = advantages
-    lo, hi = 1.0 - config.eps_low, 1.0 + config.eps_high
-    unclipped = ratio if config.delta is None else ratio.clamp(max=config.delta)
-    loss = torch.maximum(-A * unclipped, -A * ratio.clamp(lo, hi))
-    clipped = _ppo_clipped_flags(ratio, A, lo, hi, config.delta)
-    if config.clip_ratio_c is not None:
-        cap = -A * config.clip_ratio_c
-        negative = A < 0
-        clipped = clipped | (negative & (loss.detach() > cap))
-        loss = torch.where(negative, torch.minimum(loss, cap), loss)
-    return loss, clipped
-
-
-@register_policy_loss("gspo")
-def gspo_loss(logp, ratio, advantages, config):
-    """GSPO (Zheng et al. 2025, Group Sequence Policy Optimization): the PPO surrogate on the
-    sequence-level ratio ``s_b = exp(mean_t log r)``, applied per token as
-    ``r[b,t] = sg(s_b) * exp(logp - sg(logp))`` (the GSPO-token form; the core builds that ratio).
-    """
-    return ppo_loss(logp, ratio, advantages, config)
-
-
-@register_policy_loss("cispo")
-def cispo_loss(logp, ratio, advantages, config):
-    """CISPO (MiniMax-M1, 2025): REINFORCE weighted by the clipped, detached importance ratio, so
-    clipped tokens still get a gradient:
-
-        L = -sg(clamp(r, 1 - eps_low, 1 + eps_high)) * A * logp      (eps_low None: no lower bound)
-
-    ``clipped`` follows the Liger/TRL convention: the bound in the direction ``A`` pushes.
-    """
-    lo = None if config.eps_low is None else 1.0 - config.eps_low
-    hi = 1.0 + config.eps_high
-    weight = ratio.detach().clamp(min=lo, max=hi)
-    return -weight * advantages * logp, _ppo_clipped_flags(ratio, advantages, lo, hi, None)
-
-
-@register_policy_loss("sapo")
-def sapo_loss(logp, ratio, advantages, config):
-    """SAPO (Qwen 2025, Soft Adaptive Policy Optimization): a smooth sigmoid gate replaces the hard
-    clip, with a sharper temperature for negative advantages:
-
-        L = -(4 / tau) * sigmoid(tau * (r - 1)) * A,    tau = tau_pos if A > 0 else tau_neg
-    """
-    pos, neg = (torch.tensor(x, dtype=ratio.dtype, device=ratio.device) for x in (config.tau_pos, config.tau_neg))
-    tau = torch.where(advantages > 0, pos, neg)
-    return -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * advantages, None
-
-
-@register_policy_loss("reinforce")
-def reinforce_loss(logp, ratio, advantages, config):
-    """Vanilla policy gradient (REINFORCE, Williams 1992): ``L = -A * logp``, no ratio, no clip."""
-    return -advantages * logp, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +38,7 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor, count: torch.Tensor) -> torch
     return (x * m).sum() / count.clamp(min=1)
 
 
-def _local_entropy_quantile(entropy: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
+def local_entropy_quantile(entropy: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
     """The ``q`` quantile of ``entropy[valid]`` with ``torch.quantile``'s linear interpolation.
 
     Computed by sorting with the invalid entries pushed to +inf and gathering at the interpolation
@@ -166,7 +57,7 @@ def _local_entropy_quantile(entropy: torch.Tensor, valid: torch.Tensor, q: float
 
 
 def _ratio(logp, old_logp, m, level: str) -> torch.Tensor:
-    """SPEC section 2. The sequence level keeps the per-token gradient ``s_b * d logp``."""
+    """docs/formulas.md §2. The sequence level keeps the per-token gradient ``s_b * d logp``."""
     log_r = logp - old_logp
     if level == "token":
         return log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
@@ -176,7 +67,7 @@ def _ratio(logp, old_logp, m, level: str) -> torch.Tensor:
 
 
 def _kl(logp, ref_logp, kl_type: str) -> torch.Tensor:
-    """SPEC section 4, ``d = logp - logp_ref``: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (d clamped
+    """docs/formulas.md §4, ``d = logp - logp_ref``: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (d clamped
     to [-20, 20] for k3 only, whose exp would overflow)."""
     d = logp - ref_logp
     if kl_type == "k1":
@@ -188,7 +79,7 @@ def _kl(logp, ref_logp, kl_type: str) -> torch.Tensor:
 
 
 def _mismatch_weight(old_logp, rollout_logp, m, config) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """TIS / MIS (SPEC section 3): the detached weight and, in mask mode, the kept tokens."""
+    """TIS / MIS (docs/formulas.md §3): the detached weight and, in mask mode, the kept tokens."""
     log_w = old_logp.detach() - rollout_logp
     if config.is_level == "sequence":
         log_w = (log_w * m).sum(-1, keepdim=True).expand_as(m)
@@ -201,33 +92,11 @@ def _mismatch_weight(old_logp, rollout_logp, m, config) -> tuple[torch.Tensor, O
     return torch.where(keep, w, 0.0), keep
 
 
-def _aggregate(per_token: torch.Tensor, m: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
-    """SPEC section 6; ``per_token`` is already zero at padded positions."""
-    B, T = per_token.shape
-    if config.agg == "token-mean":
-        total = per_token.sum()
-        n = config.num_items_in_batch
-        if n is None:
-            return total / m.sum().clamp(min=1)
-        if isinstance(n, torch.Tensor):
-            n = n.to(device=total.device, dtype=total.dtype)
-            # a zero global count means nothing was valid anywhere: loss 0 rather than 0/0
-            return total / torch.where(n > 0, n, torch.ones_like(n))
-        return total / n
-    if config.agg == "seq-mean-token-mean":
-        per_seq = per_token.sum(-1) / m.sum(-1).clamp(min=1)
-        return per_seq.sum() / max(B, 1)
-    if config.agg == "seq-mean-token-sum":
-        return per_token.sum() / max(B, 1)
-    length = config.max_completion_length if config.max_completion_length is not None else T
-    return per_token.sum() / max(B * length, 1)
-
-
-def _agg_weights(m: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
-    """Per-token weights ``w`` [B, T] with ``_aggregate(x, m, config) == (x * w).sum()`` for any ``x``
-    that is zero at padding: every aggregation mode is linear in the per-token loss. The one-pass
-    fused loss uses them to form a chunk's share of the loss and its gradient before the rest of
-    the batch exists."""
+def agg_weights(m: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
+    """Per-token weights ``w`` [B, T] of the aggregation (docs/formulas.md §6): every mode is linear
+    in the per-token loss, ``agg(x) = sum(x * w)`` for any ``x`` that is zero at padding. The
+    one-pass fused loss uses them to form a chunk's share of the loss and its gradient before the
+    rest of the batch exists."""
     B, T = m.shape
     if config.agg == "token-mean":
         n = config.num_items_in_batch
@@ -235,6 +104,7 @@ def _agg_weights(m: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
             denom = m.sum().clamp(min=1)
         elif isinstance(n, torch.Tensor):
             n = n.to(device=m.device, dtype=m.dtype)
+            # a zero global count means nothing was valid anywhere: loss 0 rather than 0/0
             denom = torch.where(n > 0, n, torch.ones_like(n))
         else:
             denom = torch.tensor(float(n), dtype=m.dtype, device=m.device)
@@ -247,15 +117,28 @@ def _agg_weights(m: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
     return m / max(B * length, 1)
 
 
-def _is_token_separable(config: PolicyLossConfig) -> bool:
-    """True when token t's loss depends on token t's log-prob and entropy alone (no sequence-level
-    ratio or mismatch weight, no batch-wide entropy quantile, no vocabulary-wide KL)."""
-    return (config.effective_ratio_level == "token" and config.top_entropy_rho == 1.0
-            and config.is_level in (None, "token")
-            and config.effective_kl_type != "full")
+def aggregate(per_token: torch.Tensor, m: torch.Tensor, config: PolicyLossConfig) -> torch.Tensor:
+    """The scalar loss of ``config.agg`` (docs/formulas.md §6); ``per_token`` is zero at padding."""
+    return (per_token * agg_weights(m, config)).sum()
 
 
-def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp, config,
+def not_token_separable(config: PolicyLossConfig) -> Optional[str]:
+    """``None`` when token t's loss depends on token t's log-prob and entropy alone (the one-pass
+    plan can run, docs/formulas.md §10), else the reason it does not."""
+    if not get_policy_loss(config.loss_type).token_separable:
+        return f"loss_type={config.loss_type!r} is not registered as token-separable"
+    if config.effective_ratio_level != "token":
+        return "a sequence-level ratio"
+    if config.top_entropy_rho != 1.0:
+        return "the top-entropy mask (a quantile over the batch)"
+    if config.is_level == "sequence":
+        return "a sequence-level mismatch weight"
+    if config.effective_kl_type == "full":
+        return "the exact KL (a walk over the reference head too)"
+    return None
+
+
+def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp, config,
                       kl=None, entropy_quantile_fn=None, policy_weight=None, agg_weight=None):
     """The loss on validated inputs (shapes [B, T]; advantages [B] or [B, T]).
 
@@ -263,8 +146,9 @@ def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, ro
     used instead of computing it from ``ref_logp``. ``policy_weight``: an optional constant factor
     [B], [B, 1] or [B, T] on the policy term (see ``policy_loss``). ``entropy_quantile_fn(entropy, valid, q)``:
     returns the 0-dim ``q`` quantile of ``entropy[valid]``; a distributed caller passes one that
-    gathers across ranks (SPEC section 5); the default is local.
-    ``agg_weight``: [B, T] weights replacing the aggregation (see ``_agg_weights``).
+    gathers across ranks (docs/formulas.md §5); the default is local.
+    ``agg_weight``: [B, T] weights replacing the aggregation (see ``agg_weights``), when this call
+    sees only a chunk of the batch.
     Returns ``(loss, metrics)`` as ``policy_loss`` does.
     """
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -291,11 +175,11 @@ def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, ro
     count = m.sum()
 
     ratio = _ratio(logp, old_logp, m, config.effective_ratio_level)
-    per_token, clipped = _POLICY_LOSSES[config.loss_type](logp, ratio, advantages, config)
+    per_token, clipped = get_policy_loss(config.loss_type).fn(logp, ratio, advantages, config)
 
     policy_mask = m
     if config.top_entropy_rho < 1.0 and logp.numel() > 0:
-        quantile = entropy_quantile_fn or _local_entropy_quantile
+        quantile = entropy_quantile_fn or local_entropy_quantile
         ent = entropy.detach()
         threshold = quantile(ent, valid, 1.0 - config.top_entropy_rho)
         policy_mask = policy_mask * (ent >= threshold).to(dtype)
@@ -322,8 +206,7 @@ def _policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, ro
     if entropy is not None and config.entropy_coef != 0:
         per_token = per_token - config.entropy_coef * entropy * m
 
-    # agg_weight: precomputed ``_agg_weights`` of the whole batch, when this call sees only a chunk.
-    loss = _aggregate(per_token, m, config) if agg_weight is None else (per_token * agg_weight).sum()
+    loss = aggregate(per_token, m, config) if agg_weight is None else (per_token * agg_weight).sum()
 
     with torch.no_grad():
         r = ratio.detach()
@@ -355,7 +238,7 @@ def _check_per_token(name: str, t, shape) -> None:
         raise ValueError(f"{name} must have shape {want} (the shape of logp), got {shape_str(t)}")
 
 
-def _check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp,
+def check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp,
                        config, has_entropy, full_kl=False, ref_model=False, policy_weight=None) -> None:
     """Validate the per-token arguments of a policy loss over a [B, T] batch (shared by the fused op).
 
@@ -404,7 +287,7 @@ def _check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp,
 
 def policy_loss(logp, advantages, mask, *, old_logp=None, ref_logp=None, entropy=None,
                 rollout_logp=None, policy_weight=None, config=PolicyLossConfig()):
-    """The RL policy loss of ``config`` on per-token log-probs (SPEC sections 2-6).
+    """The RL policy loss of ``config`` on per-token log-probs (docs/formulas.md §2-§6).
 
     Args:
         logp: [B, T] log-probs of the sampled tokens under the current policy (differentiable).
@@ -437,9 +320,9 @@ def policy_loss(logp, advantages, mask, *, old_logp=None, ref_logp=None, entropy
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
     check_float("logp", logp, dim=2)
     B, T = logp.shape
-    _check_policy_args(B, T, "logp", logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
+    check_policy_args(B, T, "logp", logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
                        rollout_logp=rollout_logp, config=config, has_entropy=entropy is not None,
                        policy_weight=policy_weight)
-    return _policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
+    return policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
                              rollout_logp=rollout_logp, config=config, policy_weight=policy_weight)
 

@@ -1,4 +1,5 @@
-"""Per-token log-prob and entropy with the LM head split by vocabulary across ranks (SPEC §1).
+"""Per-token log-prob and entropy with the LM head split by vocabulary across ranks
+(docs/formulas.md §1, §11).
 
 Each rank of a ``torch.distributed`` process group holds a contiguous slice of the LM head,
 ``weight[V_r, H]`` (and ``bias[V_r]``), in rank order: rank ``r`` owns the global ids
@@ -13,11 +14,13 @@ Collectives (all on ``group``; every rank must make the same calls in the same o
   dtype, grad flags, ``chunk_bytes``), so each rank learns its vocabulary offset, the global ``V``
   and a common chunk size, and mismatched calls raise the same clear error on every rank instead
   of hanging;
-* forward, per chunk of tokens: one ``all_reduce(MAX)`` of the per-row local max ``m_r`` and one
-  ``all_reduce(SUM)`` of ONE packed ``[2 or 3, chunk]`` tensor holding, relative to the global max
-  ``m``, the local sum-exp ``s_r = sum exp(z - m)``, (with entropy) ``t_r = sum exp(z - m)(z - m)``,
-  and the target logit (its owner contributes ``z_y``, the others 0). Then
-  ``lse = m + log s``, ``logp = z_y - lse``, ``entropy = log s - t / s``;
+* forward, per chunk of tokens: each rank computes its shard's row stats with the reference row
+  body (``pyrl.kernels.reference.TorchRows.stats``: local max ``m_r``, ``s_r``, ``t_r`` relative
+  to it, and the target logit where this rank owns the target), then one ``all_reduce(MAX)`` of
+  ``m_r`` and one ``all_reduce(SUM)`` of ONE packed ``[3, chunk]`` tensor of the stats rescaled to
+  the global max ``m``: ``s_r exp(m_r - m)``, ``exp(m_r - m) (t_r + s_r (m_r - m))`` and ``z_y``
+  (0 on the ranks that do not own it). ``TorchRows.finish`` then forms ``lse = m + log s``,
+  ``logp = z_y - lse``, ``entropy = log s - t / s``: the same maths as one process, no copy;
 * backward, per chunk: one ``all_reduce(SUM)`` (fp32, or fp64 for fp64 inputs) of the local
   contribution ``dz_r @ W_r`` to ``d_hidden``.
 
@@ -27,20 +30,24 @@ shards inside backward): do not all-reduce it again across this group (e.g. a Me
 "copy to tensor-parallel region" in front of the LM head would double-count it). Data-parallel
 averaging across *other* groups is unaffected.
 
-This path is the PyTorch reference body plus collectives on every device (CPU with gloo, CUDA with
-NCCL); ``backend`` accepts ``"auto"`` and ``"torch"`` only.
+This is the chunked plan of ``pyrl.ops.logprobs`` (the same walk and autograd Function) with a
+collective hook, on the PyTorch reference body on every device (CPU with gloo, CUDA with NCCL);
+``backend`` accepts ``"auto"`` and ``"torch"`` only.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from pyrl._backend import BACKENDS
-from pyrl._validate import FLOAT_DTYPES, check_same_device, check_targets
-from pyrl.ops.logprobs import (DEFAULT_CHUNK_BYTES, _acc_dtype, _check_linear_args, _chunk_logits, _chunk_rows,
-                               _row_sum)
+from pyrl._validate import FLOAT_DTYPES, check_bool, check_chunk_bytes, check_linear_args, check_same_device, \
+    check_targets
+from pyrl.kernels.reference import RowParams, RowStats
+from pyrl.ops.logprobs import LinearCall, run_linear_logprobs
+from pyrl.ops.plan import chunk_bytes_default, make_plan
 
-__all__ = ["vocab_parallel_linear_logprobs"]
+__all__ = ["vocab_parallel_linear_logprobs", "VocabShards"]
 
 
 def _check_group(group):
@@ -77,120 +84,32 @@ def _gather_meta(group, world, device, *, v_local, n, h, dtype, grad_needed, nee
     return sizes, need_h_any, int(meta[:, 6].min()), max(sizes)
 
 
-class _VocabParallelLinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, group, vocab_start, temperature, ignore_index,
-                need_entropy, need_h_any, chunk):
-        acc = _acc_dtype(hidden.dtype)
-        w = weight.to(acc)
-        b = bias.to(acc) if bias is not None else None
-        n, v_local = hidden.shape[0], weight.shape[0]
-        fmin = torch.finfo(acc).min
-        logp = hidden.new_empty(n, dtype=acc)
-        ent = hidden.new_empty(n, dtype=acc)
-        lse = hidden.new_empty(n, dtype=acc)
-        valid_all = targets != ignore_index
-        local_all = targets - vocab_start
-        owned_all = valid_all & (local_all >= 0) & (local_all < v_local)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            z = ex = None  # the last chunk's buffers go before the next ones are allocated
-            z = _chunk_logits(hidden[s:e].to(acc), w, b).div_(temperature)  # [c, V_r]
-            m = z.amax(dim=1)
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            m_safe = torch.where(torch.isfinite(m), m, 0.0).unsqueeze(1)
-            ex = (z - m_safe).exp_()  # -inf logits give exactly 0
-            owned = owned_all[s:e]
-            zy = z.gather(1, torch.where(owned, local_all[s:e], 0).unsqueeze(1)).squeeze(1)
-            rows = [_row_sum(ex), torch.where(owned, zy, 0.0)]
-            if need_entropy:
-                # -inf logits clamped so the term is 0 * (large finite) = 0, never 0 * inf.
-                rows.append(_row_sum(ex * (z.clamp_(min=fmin) - m_safe)))
-            packed = torch.stack(rows)
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-            sum_exp, zy = packed[0], packed[1]
-            log_s = sum_exp.log()
-            lse_c = m + log_s  # all-(-inf) row: -inf + log 0 = -inf
-            finite = torch.isfinite(lse_c)
-            valid = valid_all[s:e]
-            lp = torch.where(finite, (zy - lse_c).clamp(max=0.0), float("-inf"))
-            logp[s:e] = torch.where(valid, lp, 0.0)
-            lse[s:e] = lse_c
-            if need_entropy:
-                en = (log_s - packed[2] / sum_exp).clamp(min=0.0)
-                ent[s:e] = torch.where(valid & finite, en, 0.0)
-            else:
-                ent[s:e] = 0.0
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.cfg = (group, vocab_start, temperature, ignore_index, need_entropy, need_h_any, chunk)
-        if not need_entropy:
-            ctx.mark_non_differentiable(ent)
-        return logp, ent
+class VocabShards:
+    """The collective hook of the chunk walk for a vocabulary-split head (module docstring)."""
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        group, vocab_start, temperature, ignore_index, need_entropy, need_h_any, chunk = ctx.cfg
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = _acc_dtype(hidden.dtype)
-        w = weight.to(acc)
-        b = bias.to(acc) if bias is not None else None
-        n, v_local = hidden.shape[0], weight.shape[0]
-        fmin = torch.finfo(acc).min
-        if g_logp is None:
-            g_logp = torch.zeros_like(lse)
-        if not need_entropy:
-            g_ent = None
-        d_hidden = torch.zeros_like(hidden) if need_h else None
-        d_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
-        d_bias = torch.zeros(v_local, dtype=acc, device=weight.device) if need_b and bias is not None else None
-        finite_all = torch.isfinite(lse)
-        ok_all = (targets != ignore_index) & finite_all
-        local_all = targets - vocab_start
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            ok = ok_all[s:e]
-            h = hidden[s:e].to(acc)
-            if bool(ok.any()):
-                z = p = dz = None  # the last chunk's buffers go before the next ones are allocated
-                z = _chunk_logits(h, w, b).div_(temperature).clamp_(min=fmin)
-                safe_lse = torch.where(finite_all[s:e], lse[s:e], 0.0).unsqueeze(1)
-                p = (z - safe_lse).exp_()
-                g1 = torch.where(ok, g_logp[s:e].to(acc), 0.0)
-                dz = p * (-g1).unsqueeze(1)
-                if g_ent is not None:
-                    mu = torch.where(ok, lse[s:e] - ent[s:e], 0.0).unsqueeze(1)  # sum_v p_v z_v
-                    g2 = torch.where(ok, g_ent[s:e].to(acc), 0.0).unsqueeze(1)
-                    dz -= g2 * p * (z - mu)
-                # Rows that are ignored (or whose lse is not finite) get exactly zero gradient,
-                # even where p overflowed: select, never multiply by 0.
-                dz = torch.where(ok.unsqueeze(1), dz, 0.0)
-                local = local_all[s:e]
-                owned = ok & (local >= 0) & (local < v_local)
-                dz.scatter_add_(1, torch.where(owned, local, 0).unsqueeze(1), torch.where(owned, g1, 0.0).unsqueeze(1))
-                dz.div_(temperature)
-                if need_w:
-                    d_weight.addmm_(dz.t(), h)
-                if d_bias is not None:
-                    d_bias += dz.sum(0)
-                dh = dz @ w if need_h_any else None
-            else:
-                dh = h.new_zeros(e - s, h.shape[1]) if need_h_any else None
-            if need_h_any:
-                # Every rank joins (the flag is the same on all ranks), even one whose own hidden
-                # needs no gradient: the others need its shard's contribution.
-                dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
-                if need_h:
-                    d_hidden[s:e] = dh.to(hidden.dtype)
-        return (d_hidden,
-                None if d_weight is None else d_weight.to(weight.dtype),
-                None if d_bias is None else d_bias.to(bias.dtype),
-                None, None, None, None, None, None, None, None)
+    def __init__(self, group, need_d_hidden: bool):
+        self.group, self.need_d_hidden = group, need_d_hidden
+
+    def merge(self, st: RowStats) -> RowStats:
+        m = st.m.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        m_safe = torch.where(torch.isfinite(m), m, 0.0)
+        # A shard whose row is all -inf (s_r = 0) contributes nothing; its offset is set to 0 so that
+        # -inf - -inf or 0 * inf never appear.
+        d = torch.where(torch.isfinite(st.m), st.m - m_safe, 0.0)
+        a = d.exp()
+        packed = torch.stack([st.s * a, a * (st.t + st.s * d), st.zy])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
+        return RowStats(m, packed[0], packed[1], packed[2])
+
+    def reduce_d_hidden(self, dh: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=self.group)
+        return dh
 
 
 def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None, temperature=1.0,
                                    ignore_index=-100, return_entropy=False, backend="auto",
-                                   chunk_bytes=DEFAULT_CHUNK_BYTES):
+                                   chunk_bytes: Optional[int] = None):
     """``fused_linear_logprobs`` with the LM head split by vocabulary across ``group``'s ranks.
 
     Args:
@@ -215,16 +134,13 @@ def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None,
     Every rank must call this with the same ``hidden``/``targets`` shapes and backpropagate through
     the outputs, as for any tensor-parallel op; mismatched shapes raise on every rank.
     """
-    temperature = _check_linear_args(hidden, weight, bias, temperature, ignore_index)
+    temperature = check_linear_args(hidden, weight, bias, temperature, ignore_index)
+    check_bool("return_entropy", return_entropy)
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend not in ("auto", "torch"):
-        raise RuntimeError(f"backend={backend!r} is not implemented for the vocab-parallel path "
-                           "(vocab_parallel_group): it runs the PyTorch body plus collectives on every device; "
-                           "use backend='auto' or 'torch'")
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    chunk_bytes = chunk_bytes_default(hidden.device) if chunk_bytes is None else check_chunk_bytes(chunk_bytes)
+    # the plan's backend check runs before any collective, so a bad backend raises on every rank
+    make_plan("fused_linear_logprobs", device=hidden.device, dtype=hidden.dtype, backend=backend,
+              vocab_parallel=True)
     rank, world = _check_group(group)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -235,10 +151,20 @@ def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None,
         grad_needed=grad_needed, need_h=torch.is_grad_enabled() and hidden.requires_grad, chunk_bytes=chunk_bytes)
     vocab_start, vocab_total = sum(sizes[:rank]), sum(sizes)
     targets = check_targets("targets", targets, lead, weight.shape[0], ignore_index,
-                            vocab_start=vocab_start, vocab_total=vocab_total)
-    chunk = _chunk_rows(h2.shape[0], v_max, chunk_bytes)
-    logp, ent = _VocabParallelLinearLogprobs.apply(h2, weight, bias, targets.reshape(-1), group, vocab_start,
-                                                   temperature, ignore_index, bool(return_entropy), need_h_any,
-                                                   chunk)
+                            vocab_start=vocab_start, vocab_total=vocab_total).reshape(-1)
+    # Local ids: this shard's targets in [0, V_r); a valid target another shard owns becomes an id
+    # >= V_r (valid, but not here), never one that could equal ignore_index.
+    v_local = weight.shape[0]
+    elsewhere = v_local if ignore_index != v_local else v_local + 1
+    local = targets - vocab_start
+    valid = targets != ignore_index
+    local = torch.where(valid & (local >= 0) & (local < v_local), local, elsewhere)
+    local = torch.where(valid, local, ignore_index)
+    # every rank plans with the same (largest) slice and the smallest chunk_bytes: the same chunks
+    plan = make_plan("fused_linear_logprobs", device=hidden.device, dtype=hidden.dtype, n_rows=h2.shape[0],
+                     vocab=v_max, backend=backend, chunk_bytes=chunk_bytes, vocab_parallel=True)
+    call = LinearCall(plan, h2, weight, bias, local, RowParams(temperature, ignore_index, bool(return_entropy)),
+                      lead)
+    logp, ent = run_linear_logprobs(call, VocabShards(group, need_h_any))
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp

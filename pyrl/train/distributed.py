@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from pyrl._validate import check_number
+
 __all__ = ["DistInfo", "setup", "wrap", "unwrap", "is_fsdp", "grad_sync", "gathered_for_generation", "all_reduce_sum",
-           "all_gather_object", "broadcast_object", "barrier", "any_rank", "teardown"]
+           "all_gather_object", "barrier", "any_rank", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,8 @@ def setup(device: str = "auto", timeout_s: float = 900.0) -> DistInfo:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA), or run alone.
     ``timeout_s``: how long start-up and every collective may wait for the other ranks before
     raising (a crashed or stuck rank then ends the job instead of hanging it)."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0 \
-            or timeout_s == float("inf"):
-        raise ValueError(f"timeout_s (dist_timeout_s) must be a finite number of seconds > 0, got {timeout_s!r}")
+    timeout_s = check_number("timeout_s (dist_timeout_s)", timeout_s, low=0, low_open=True,
+                             expect="a finite number of seconds > 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
@@ -142,14 +143,6 @@ def all_gather_object(obj) -> list:
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier() -> None:

@@ -6,7 +6,8 @@
 
 ``example(i)`` is a pure function of ``(seed, i)``: the trainer's data position is just the next
 index, saved with each checkpoint. ``score`` calls a reward of ``pyrl.rewards`` by name.
-A new task is one class with ``example`` and ``reward`` registered with ``@register``.
+A new task is one class with ``example`` and ``reward`` registered with ``@register``; a name is
+registered once (``replace=True`` overrides on purpose) and ``unregister(name)`` removes one.
 """
 from __future__ import annotations
 
@@ -17,29 +18,35 @@ from typing import Callable, Optional
 import torch
 
 from pyrl import rewards as _rewards
+from pyrl.registry import Registry
 
-__all__ = ["Example", "Task", "AdditionTask", "ArithmeticTask", "GSM8KTask", "make_task", "names", "register"]
+__all__ = ["Example", "Task", "AdditionTask", "ArithmeticTask", "GSM8KTask", "make_task", "names", "register",
+           "unregister"]
 
-_REGISTRY: dict[str, Callable[..., "Task"]] = {}
+_TASKS: Registry[Callable[..., "Task"]] = Registry("task")
 
 
-def register(name: str):
-    def decorator(cls):
-        _REGISTRY[name] = cls
-        return cls
+def register(name: str, *, replace: bool = False):
+    """Decorator: ``@register("name")`` makes a ``Task`` subclass selectable by ``make_task(name)``
+    (and ``task.name`` in the config). A name already taken raises ``ValueError`` unless
+    ``replace=True``."""
+    return _TASKS.register(name, replace=replace)
 
-    return decorator
+
+def unregister(name: str) -> Callable[..., "Task"]:
+    """Remove task ``name`` and return its class (``ValueError`` if it is not registered)."""
+    return _TASKS.unregister(name)
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    """The registered task names, sorted."""
+    return _TASKS.names()
 
 
 def make_task(name: str, *, seed: int = 0, **options) -> "Task":
-    cls = _REGISTRY.get(name)
-    if cls is None:
+    if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(names())}")
-    return cls(seed=seed, **options)
+    return _TASKS.get(name)(seed=seed, **options)
 
 
 @dataclass(frozen=True)

@@ -1,36 +1,36 @@
-"""Triton kernels for per-token log-probs and entropy (SPEC §1), from logits or from hidden states.
+"""Triton fused LM-head kernel: per-token log-prob and entropy straight from hidden states (SPEC §1).
 
-    z = (h @ W.T + bias) / temperature
+    z = (h @ W.T + bias) / temperature                         h [N, H], W [V, H], bias [V] or None
     logp[n]    = z[n, y[n]] - lse[n],            lse[n] = logsumexp_v z[n, v]
     entropy[n] = log s[n] - t[n] / s[n],         s = sum_v exp(z - m),  t = sum_v exp(z - m) (z - m)
 
-Every reduction over the vocabulary is online: a row keeps its running max ``m`` and, relative to
-it, the sum-exp ``s`` and ``t = sum exp(z - m)(z - m)``. Keeping ``t`` relative to the max is what
-lets ``entropy = log s - t / s`` be formed without cancelling two large numbers.
+The plain-PyTorch reference is ``TorchRows`` of ``kernels/reference.py`` (``pyrl.kernels.reference``)
+on the materialised logits ``h @ W.T + bias``, with the same ``RowParams``; the contract is
 
-What the kernels remove, in memory traffic:
+    FusedLinear.fwd(hidden, weight, bias | None, targets, p) -> (logp, entropy, lse)      each [N] fp32
+    FusedLinear.bwd(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent | None, p,
+                    need=(d_hidden?, d_weight?, d_bias?)) -> (d_hidden | None, d_weight | None, d_bias | None)
 
-* ``LogprobRows`` (logits already exist, ``[n, V]``): one program per row streams the row once in
-  forward (max, sum-exp, sum-exp*(z-m) and the target logit in the same pass; no fp32 copy, no
-  ``log_softmax`` tensor) and once in backward, which may write ``d_logits`` over the logits
-  (``out=logits``) so no second ``[n, V]`` buffer exists.
-* ``FusedLinear`` (hidden states and the LM head): the logits never reach memory.
-  ``_fused_fwd_kernel`` computes ``[BLOCK_N, BLOCK_V]`` tiles of ``h @ W.T`` with ``tl.dot`` over
-  ``BLOCK_H`` slices and folds each tile into the running statistics while it is in registers; the
-  ``[N, V]`` fp32 logits (1.2 GB per 2k tokens at V=151936) become ``3 * N * V / 2048`` floats of
-  per-slice partials, merged by ``_fused_combine_kernel``. Backward recomputes the tiles instead of
-  reading saved logits: ``_fused_bwd_hidden_kernel`` (one program per token tile) accumulates
-  ``d_hidden = dz @ W`` over the vocabulary, ``_fused_bwd_weight_kernel`` (one program per
-  vocabulary tile) accumulates ``d_weight = dz.T @ h`` and ``d_bias`` over the tokens. Both add
-  into fp32 buffers that each program owns (no atomics: deterministic). The price: the logits are
-  computed three times (``8 N H V`` FLOPs of matmul for forward + backward, against ``6 N H V``
-  for an unfused implementation), each backward tile reads and writes its fp32 accumulator slice,
-  and bf16/fp16 inputs need fp32 ``[N, H]`` and ``[V, H]`` accumulators during backward.
+The online row statistics (``merge_stats``, ``finish_row``) and the softmax gradient
+(``softmax_grad``) are the ones of the row kernels, imported from ``kernels/rows.py``.
+
+What the kernel removes, in memory traffic: the logits never reach memory. ``_fused_fwd_kernel``
+computes ``[BLOCK_N, BLOCK_V]`` tiles of ``h @ W.T`` with ``tl.dot`` over ``BLOCK_H`` slices and
+folds each tile into the running statistics while it is in registers; the ``[N, V]`` fp32 logits
+(1.2 GB per 2k tokens at V=151936) become ``3 * N * V / 2048`` floats of per-slice partials, merged
+by ``_fused_combine_kernel``. Backward recomputes the tiles instead of reading saved logits:
+``_fused_bwd_hidden_kernel`` (one program per token tile) accumulates ``d_hidden = dz @ W`` over
+the vocabulary, ``_fused_bwd_weight_kernel`` (one program per vocabulary tile) accumulates
+``d_weight = dz.T @ h`` and ``d_bias`` over the tokens. Both add into fp32 buffers that each
+program owns (no atomics: deterministic). The price: the logits are computed three times
+(``8 N H V`` FLOPs of matmul for forward + backward, against ``6 N H V`` for an unfused
+implementation), each backward tile reads and writes its fp32 accumulator slice, and bf16/fp16
+inputs need fp32 ``[N, H]`` and ``[V, H]`` accumulators during backward.
 
 Which body runs: ``pyrl.fused_linear_logprobs(..., backend="triton")`` uses this single kernel
-(``FusedLinear``) for fp32 inputs; for bf16/fp16 on CUDA it runs cuBLAS GEMMs per token chunk (fp32 logits out) around
-``LogprobRows`` instead (``pyrl/ops/logprobs.py``, ``_triton_linear``): on an H100 this kernel's
-tl.dot tiles reached ~100 TFLOP/s where cuBLAS reaches ~720 (benchmarks/results/h100-gpu-check-1).
+(``FusedLinear``) for fp32 inputs; for bf16/fp16 on CUDA it runs cuBLAS GEMMs per token chunk (fp32
+logits out) around ``LogprobRows`` (``kernels/rows.py``) instead: on an H100 this kernel's tl.dot
+tiles reached ~100 TFLOP/s where cuBLAS reaches ~720 (benchmarks/results/h100-gpu-check-1).
 
 Numerics: fp32 accumulation for bf16/fp16 inputs, whose ``dz`` is rounded to the input dtype
 before the two backward matmuls (as flash-attention does with P); fp32 inputs use 3xTF32
@@ -43,7 +43,10 @@ Batch invariance: a row's vocabulary reduction order depends only on ``V`` and `
 ``N`` or on the other rows. The forward splits the vocabulary into fixed ``_VOCAB_SPLIT``-wide
 slices (so small ``N`` still fills the GPU) merged in slice order; ``@triton.autotune`` is keyed
 on ``H`` and ``V`` only, so a process uses one tiling per shape (another process may autotune
-to another tiling, i.e. other last bits; pin one config for bitwise reproducibility across runs).
+to another tiling, i.e. other last bits; pin one config with ``PYRL_TRITON_CONFIG``, read through
+``pyrl.ops.plan.env_knobs()``, for bitwise reproducibility across runs). A tile product is
+``tl.dot`` on the GPU; under Triton's CPU interpreter (where ``tl.dot`` would be numpy's matmul,
+whose BLAS rounds a row by its position in the tile) ``_dot`` forms it in a fixed order instead.
 
 The configs were chosen from compile-time reports (ptxas for sm80/sm90: registers, spills,
 shared memory), not yet from timings on hardware. Under ``TRITON_INTERPRET=1`` (CPU tests) each
@@ -52,36 +55,32 @@ slices and tiles) runs on small shapes.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LogprobRows", "FusedLinear"]
+from pyrl.kernels.reference import RowParams
+from pyrl.kernels.rows import INTERPRET, check_dtype, finish_row, merge_stats, softmax_grad
+from pyrl.ops.plan import env_knobs
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if _INTERPRET and isinstance(tl.max, triton.runtime.jit.JITFunction):
-    raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported, so Triton's library functions are "
-                       "compiled, not interpreted; set TRITON_INTERPRET=1 before the first `import triton`")
-_FP64_ERROR = "backend='triton' does not support float64; use backend='torch'"
+__all__ = ["FusedLinear"]
 
 # Vocabulary slice of one forward program; a multiple of every BLOCK_V below. Fixed per V so the
 # per-row merge order never depends on N.
-_VOCAB_SPLIT = 128 if _INTERPRET else 2048
-# Triton's interpreter multiplies bf16 tiles as their uint16 bit patterns, so on CPU the dot operands
-# are widened first; bf16 x bf16 (and fp16 x fp16) products are exact in fp32, so nothing else changes.
-_WIDEN_DOT_OPERANDS = tl.constexpr(_INTERPRET)
+_VOCAB_SPLIT = 128 if INTERPRET else 2048
+# Under the interpreter only, `_dot` forms tile products without BLAS (see there); on the GPU this
+# is a compile-time False and `_dot` is exactly tl.dot.
+_DOT_WITHOUT_BLAS = tl.constexpr(INTERPRET)
 _GROUP_N = 8  # token tiles that sweep the same weight slices together (L2 reuse of W)
 
 
 # PYRL_TRITON_CONFIG=<name> pins one named config (below) in every kernel instead of autotuning:
 # no autotuning time per new (H, V), and the same tiling (so the same last bits) in every process.
-_PINNED = os.environ.get("PYRL_TRITON_CONFIG") or None
+_PINNED = env_knobs().triton_config
 
 
 def _configs(named: dict[str, triton.Config], small: triton.Config) -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         return [small]
     if _PINNED is not None:
         if _PINNED not in named:
@@ -123,185 +122,30 @@ assert all(_VOCAB_SPLIT % c.kwargs["BLOCK_V"] == 0 for c in _configs(_FWD_CONFIG
     "a vocabulary slice must be a whole number of BLOCK_V tiles"
 
 
-def _row_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the row kernels: a function of V only (batch invariance).
-
-    The row kernels are bandwidth-bound and the backward may run in place, so they are not
-    autotuned (benchmarking an in-place kernel would need a copy of the logits).
-    """
-    if _INTERPRET:
-        return 128, 4
-    block = min(4096, triton.next_power_of_2(vocab))
-    return block, max(4, min(16, block // 256))
-
-
 # --------------------------------------------------------------------------------------------
-# Shared pieces
+# Logits tiles computed in SRAM, never stored
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b, fp32 accumulation."""
-    if _WIDEN_DOT_OPERANDS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    """acc + a @ b, fp32 accumulation.
 
-
-@triton.jit
-def _merge_stats(m_a, s_a, t_a, m_b, s_b, t_b):
-    """Merge two (max, sum-exp, sum-exp*(z-max)) summaries; either may be empty (m = -inf, s = t = 0)."""
-    m = tl.maximum(m_a, m_b)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    # An empty side has s = t = 0; its offset is set to 0 so that -inf - -inf or 0 * inf never appear.
-    d_a = tl.where(m_a == float("-inf"), 0.0, m_a - m_safe)
-    d_b = tl.where(m_b == float("-inf"), 0.0, m_b - m_safe)
-    a = tl.exp(d_a)
-    b = tl.exp(d_b)
-    s = s_a * a + s_b * b
-    t = a * (t_a + s_a * d_a) + b * (t_b + s_b * d_b)
-    return m, s, t
-
-
-@triton.jit
-def _finish_row(m, s, t, zy, valid, NEED_ENTROPY: tl.constexpr):
-    """(lse, logp, entropy) of rows from their merged summaries and target logits."""
-    lse = m + tl.log(s)
-    finite = (lse == lse) & (tl.abs(lse) < float("inf"))
-    logp = tl.where(finite, tl.minimum(zy - lse, 0.0), float("-inf"))
-    logp = tl.where(valid, logp, 0.0)
-    if NEED_ENTROPY:
-        ent = tl.maximum(tl.log(s) - t / s, 0.0)
-        ent = tl.where(valid & finite, ent, 0.0)
-    else:
-        ent = lse * 0.0
-    return lse, logp, ent
-
-
-@triton.jit
-def _softmax_grad(z, ok, lse, mu, g1, g2, is_target, HAS_G_ENT: tl.constexpr):
-    """dz of g1 * logp + g2 * entropy w.r.t. logits z (g1, g2 already divided by temperature); 0 if not ``ok``.
-
-    dz = g1 * (onehot - p) - g2 * p * (z - mu),   p = exp(z - lse),   mu = sum_v p_v z_v = lse - entropy
+    Interpreter only (``_DOT_WITHOUT_BLAS``): ``tl.dot`` would be numpy's matmul, whose BLAS may
+    round a row by its position and alignment in the tile (one ulp on some AVX2 machines, i.e. a
+    row's bits would depend on the other rows of the batch) and which multiplies bf16 tiles as
+    their uint16 bit patterns. So the product is formed without BLAS: both tiles widened to fp64,
+    where each product of two bf16/fp16/fp32 values is exact, summed over K by ``tl.sum`` (a
+    fixed order given by the tile shape) and rounded once into the fp32 accumulator. The bits of
+    a row depend on that row's operands only, on every CPU.
     """
-    zc = tl.maximum(z, -3.4028234663852886e38)  # p * (z - mu) must be 0, not 0 * inf, at -inf
-    p = tl.where(ok, tl.exp(zc - lse), 0.0)  # not exp(z - 0) = inf (times g = 0) on rows without a gradient
-    if HAS_G_ENT:
-        # p * (z - mu) first: it is 0 at -inf logits, where g2 * (z - mu) alone could overflow.
-        dz = tl.where(is_target, g1, 0.0) - p * g1 - g2 * (p * (zc - mu))
+    if _DOT_WITHOUT_BLAS:
+        a64 = a.to(tl.float32).to(tl.float64)
+        b64 = b.to(tl.float32).to(tl.float64)
+        acc = (acc.to(tl.float64) + tl.sum(a64[:, :, None] * b64[None, :, :], 1)).to(tl.float32)
     else:
-        dz = tl.where(is_target, g1, 0.0) - p * g1
-    return dz
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
-# --------------------------------------------------------------------------------------------
-# Rows of existing logits
-# --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["n_rows"])
-def _rows_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, ent_ptr, lse_ptr, n_rows, V, temperature, ignore_index,
-                     NEED_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    y = tl.load(y_ptr + row)
-    valid = y != ignore_index
-    zy = tl.load(x_row + tl.where(valid, y, 0)).to(tl.float32) / temperature
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    t = tl.zeros((), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
-        m_b = tl.max(z, 0)
-        m_b_safe = tl.where(m_b == float("-inf"), 0.0, m_b)
-        d = tl.maximum(z - m_b_safe, -3.4028234663852886e38)  # exp(d) * d = 0, not 0 * -inf, at -inf
-        e = tl.exp(d)
-        s_b = tl.sum(e, 0)
-        if NEED_ENTROPY:
-            t_b = tl.sum(e * d, 0)
-        else:
-            t_b = tl.zeros((), tl.float32)
-        m, s, t = _merge_stats(m, s, t, m_b, s_b, t_b)
-    lse, logp, ent = _finish_row(m, s, t, zy, valid, NEED_ENTROPY)
-    tl.store(logp_ptr + row, logp)
-    tl.store(ent_ptr + row, ent)
-    tl.store(lse_ptr + row, lse)
-
-
-@triton.jit(do_not_specialize=["n_rows"])
-def _rows_bwd_kernel(x_ptr, stride_x, out_ptr, stride_out, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
-                     n_rows, V, temperature, ignore_index, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    out_row = out_ptr + row * stride_out
-    y = tl.load(y_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    ok = (y != ignore_index) & (lse == lse) & (tl.abs(lse) < float("inf"))
-    lse = tl.where(ok, lse, 0.0)
-    g1 = tl.where(ok, tl.load(g_logp_ptr + row), 0.0) / temperature
-    if HAS_G_ENT:
-        g2 = tl.where(ok, tl.load(g_ent_ptr + row), 0.0) / temperature
-        mu = lse - tl.load(ent_ptr + row)  # sum_v p_v z_v
-    else:
-        g2 = 0.0
-        mu = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        # Each element is read before it is written by this same program: out may alias x.
-        z = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        dz = _softmax_grad(z, ok, lse, mu, g1, g2, cols == y, HAS_G_ENT)
-        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _check_dtype(t: torch.Tensor) -> None:
-    if t.dtype == torch.float64:
-        raise TypeError(_FP64_ERROR)
-
-
-class LogprobRows:
-    """Row bodies for ``pyrl.ops.logprobs`` (the ``_TorchRows`` contract): logits ``[n, V]``, raw."""
-
-    @staticmethod
-    def fwd(logits, targets, temperature, ignore_index, need_entropy):
-        """-> (logp, entropy, lse), each ``[n]`` fp32; entropy is 0 unless ``need_entropy``."""
-        _check_dtype(logits)
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()
-        n, vocab = logits.shape
-        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-        ent = torch.empty_like(logp)
-        lse = torch.empty_like(logp)
-        if n == 0:
-            return logp, ent, lse
-        block, warps = _row_config(vocab)
-        _rows_fwd_kernel[(n,)](logits, logits.stride(0), targets.contiguous(), logp, ent, lse, n, vocab,
-                               float(temperature), int(ignore_index), NEED_ENTROPY=bool(need_entropy),
-                               BLOCK_V=block, num_warps=warps)
-        return logp, ent, lse
-
-    @staticmethod
-    def bwd(g_logp, g_ent, logits, targets, lse, ent, temperature, ignore_index, out=None):
-        """d_logits ``[n, V]`` in the logits dtype, written into ``out`` (which may be ``logits``)."""
-        _check_dtype(logits)
-        n, vocab = logits.shape
-        if out is None:
-            out = torch.empty((n, vocab), dtype=logits.dtype, device=logits.device)
-        if logits.stride(-1) != 1 or out.stride(-1) != 1:
-            raise ValueError("LogprobRows.bwd needs logits and out with contiguous rows")
-        if n == 0:
-            return out
-        # Upstream gradients of a .sum() arrive as expanded (stride 0) views.
-        g_logp = g_logp.to(torch.float32).contiguous()
-        g_ent_c = g_ent.to(torch.float32).contiguous() if g_ent is not None else g_logp
-        block, warps = _row_config(vocab)
-        _rows_bwd_kernel[(n,)](logits, logits.stride(0), out, out.stride(0), targets.contiguous(), lse, ent,
-                               g_logp, g_ent_c, n, vocab, float(temperature), int(ignore_index),
-                               HAS_G_ENT=g_ent is not None, BLOCK_V=block, num_warps=warps)
-        return out
-
-
-# --------------------------------------------------------------------------------------------
-# Fused LM head: logits tiles computed in SRAM, never stored
-# --------------------------------------------------------------------------------------------
 @triton.jit
 def _logit_tile(h_ptr, stride_h, w_ptr, stride_w, n0, v0, N, V, H,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -371,7 +215,7 @@ def _fused_fwd_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, y_ptr,
             t_b = tl.sum(e * d, 1)
         else:
             t_b = tl.zeros((BLOCK_N,), tl.float32)
-        m, s, t = _merge_stats(m, s, t, m_b, s_b, t_b)
+        m, s, t = merge_stats(m, s, t, m_b, s_b, t_b)
     part = tl.cast(pid_s, tl.int64) * N + rows
     tl.store(m_part_ptr + part, m, mask=row_mask)
     tl.store(s_part_ptr + part, s, mask=row_mask)
@@ -399,11 +243,11 @@ def _fused_combine_kernel(m_part_ptr, s_part_ptr, t_part_ptr, zy_ptr, y_ptr, log
             t_i = tl.load(t_part_ptr + part, mask=row_mask, other=0.0)
         else:
             t_i = tl.zeros((BLOCK,), tl.float32)
-        m, s, t = _merge_stats(m, s, t, m_i, s_i, t_i)
+        m, s, t = merge_stats(m, s, t, m_i, s_i, t_i)
     y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
     valid = y != ignore_index
     zy = tl.load(zy_ptr + rows, mask=row_mask & valid, other=0.0)
-    lse, logp, ent = _finish_row(m, s, t, zy, valid, NEED_ENTROPY)
+    lse, logp, ent = finish_row(m, s, t, zy, valid, NEED_ENTROPY)
     tl.store(logp_ptr + rows, logp, mask=row_mask)
     tl.store(ent_ptr + rows, ent, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
@@ -453,7 +297,7 @@ def _fused_bwd_hidden_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, y_ptr, lse
             if HAS_BIAS:
                 z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             z = tl.where(col_mask[None, :], z / temperature, float("-inf"))
-            dz = _softmax_grad(z, ok[:, None], lse[:, None], mu[:, None], g1[:, None], g2[:, None],
+            dz = softmax_grad(z, ok[:, None], lse[:, None], mu[:, None], g1[:, None], g2[:, None],
                                cols[None, :] == y[:, None], HAS_G_ENT)
             dz = dz.to(w_ptr.dtype.element_ty)
             w_ptrs = w_ptr + tl.cast(v0, tl.int64) * stride_w + (c[:, None] * stride_w + k[None, :])
@@ -500,7 +344,7 @@ def _fused_bwd_weight_kernel(h_ptr, stride_h, w_ptr, stride_w, b_ptr, y_ptr, lse
             if HAS_BIAS:  # reloaded per token tile (from cache): a live [BLOCK_V] vector costs registers
                 z += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             z = tl.where(col_mask[None, :], z / temperature, float("-inf"))
-            dz = _softmax_grad(z, ok[:, None], lse[:, None], mu[:, None], g1[:, None], g2[:, None],
+            dz = softmax_grad(z, ok[:, None], lse[:, None], mu[:, None], g1[:, None], g2[:, None],
                                cols[None, :] == y[:, None], HAS_G_ENT)
             if NEED_DB:
                 db += tl.sum(dz, 0)
@@ -546,7 +390,7 @@ def _fused_forward(hidden, weight, bias, targets, temperature, ignore_index, nee
                             m_part, s_part, t_part, zy, n, hdim, vocab, n_splits, float(temperature),
                             HAS_BIAS=bias is not None, NEED_ENTROPY=bool(need_entropy),
                             DOT_PRECISION=_dot_precision(hidden.dtype), VOCAB_SPLIT=_VOCAB_SPLIT, GROUP_N=_GROUP_N)
-    block = 16 if _INTERPRET else 128
+    block = 16 if INTERPRET else 128
     _fused_combine_kernel[(triton.cdiv(n, block),)](m_part, s_part, t_part, zy, targets, logp, ent, lse, n, n_splits,
                                                     int(ignore_index), NEED_ENTROPY=bool(need_entropy), BLOCK=block)
     return logp, ent, lse
@@ -565,25 +409,27 @@ def _prepare(hidden, weight, bias, targets, ignore_index):
 
 
 class FusedLinear:
-    """The single-kernel body of ``pyrl.fused_linear_logprobs(..., backend="triton")``, with the
-    ``fwd``/``bwd`` contract of the chunked bodies in ``pyrl.ops.logprobs`` (whose autograd Function
-    saves the inputs and the per-row lse/entropy, O(N)). ``chunk`` is unused: the kernels tile the
-    whole batch, and backward recomputes the logits tiles. fp32 per-token outputs; gradients come
-    back in the input dtype.
+    """The single-kernel body of ``pyrl.fused_linear_logprobs(..., backend="triton")``: the kernels
+    tile the whole batch, and backward recomputes the logits tiles (the caller saves the inputs and
+    the per-row lse/entropy, O(N)). fp32 per-token outputs; gradients come back in the input dtype.
     """
 
     @staticmethod
-    def fwd(hidden, weight, bias, targets, temperature, ignore_index, need_entropy, chunk):
-        _check_dtype(hidden)
-        hidden, weight, bias, y = _prepare(hidden, weight, bias, targets, ignore_index)
-        return _fused_forward(hidden, weight, bias, y, temperature, -1, need_entropy)
+    def fwd(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, p: RowParams):
+        """-> (logp, entropy, lse), each ``[N]`` fp32; entropy is 0 unless ``p.need_entropy``."""
+        check_dtype(hidden)
+        hidden, weight, bias, y = _prepare(hidden, weight, bias, targets, p.ignore_index)
+        return _fused_forward(hidden, weight, bias, y, p.temperature, -1, p.need_entropy)
 
     @staticmethod
-    def bwd(g_logp, g_ent, hidden, weight, bias, targets, lse, ent, temperature, ignore_index, chunk,
-            need_h, need_w, need_b):
-        hidden, weight, bias, y = _prepare(hidden, weight, bias, targets, ignore_index)
+    def bwd(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, lse: torch.Tensor,
+            ent: torch.Tensor, g_logp: torch.Tensor, g_ent, p: RowParams, need: tuple[bool, bool, bool]):
+        """-> (d_hidden, d_weight, d_bias), each ``None`` where ``need`` says so, in the input dtypes."""
+        need_h, need_w, need_b = need
+        hidden, weight, bias, y = _prepare(hidden, weight, bias, targets, p.ignore_index)
         n, hdim = hidden.shape
         vocab = weight.shape[0]
+        temperature = float(p.temperature)
         g_logp = g_logp.to(torch.float32).contiguous()
         has_g_ent = g_ent is not None
         g_ent = g_ent.to(torch.float32).contiguous() if has_g_ent else g_logp
@@ -597,7 +443,7 @@ class FusedLinear:
                 grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
                 _fused_bwd_hidden_kernel[grid](hidden, hidden.stride(0), weight, weight.stride(0), b_arg, y,
                                                lse, ent, g_logp, g_ent, dh, dh.stride(0), n, hdim, vocab,
-                                               float(temperature), -1, **common)
+                                               temperature, -1, **common)
             d_hidden = dh.to(hidden.dtype)
         if need_w or need_b:
             dw = torch.zeros((vocab, hdim) if need_w else (1, 1), dtype=torch.float32, device=weight.device)
@@ -606,7 +452,7 @@ class FusedLinear:
                 grid = lambda meta: (triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
                 _fused_bwd_weight_kernel[grid](hidden, hidden.stride(0), weight, weight.stride(0), b_arg, y,
                                                lse, ent, g_logp, g_ent, dw, dw.stride(0), db, n, hdim, vocab,
-                                               float(temperature), -1,
+                                               temperature, -1,
                                                NEED_DW=bool(need_w), NEED_DB=bool(need_b), **common)
             d_weight = dw.to(weight.dtype) if need_w else None
             d_bias = db.to(bias.dtype) if need_b else None

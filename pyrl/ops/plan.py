@@ -1,0 +1,205 @@
+"""Which implementation an op call runs, decided in one place and returned as data.
+
+Every public op validates its arguments, then calls ``make_plan`` once; the ``Plan`` it gets back
+says everything the engine (``pyrl.ops.walk``) needs to run the call:
+
+* ``backend``: the row body: ``"torch"`` (the plain-PyTorch reference, ``pyrl.kernels.reference``),
+  ``"cpp"`` (``torch.ops.pyrl.logprobs_*``, csrc/logprobs_cpu.cpp) or ``"triton"``
+  (``pyrl.kernels.rows``);
+* ``linear``: how logits come to exist: ``"given"`` (``logprobs_from_logits``), ``"chunked"``
+  (one GEMM per token chunk, then the row body, the chunk's logits dropped after use) or
+  ``"kernel"`` (Triton's single fused kernel, ``pyrl.kernels.fused_linear``: logits tiles never
+  leave the chip);
+* ``passes`` (the policy loss): ``"one"`` (gradients formed in forward, three GEMMs per chunk; only
+  for token-separable losses on a chunked body) or ``"two"`` (log-probs first, loss on the whole
+  batch, logits recomputed in backward), docs/formulas.md §10;
+* ``gemm``: ``"acc"`` (GEMM operands in the accumulation dtype, fp32 or fp64) or ``"lowp"``
+  (bf16/fp16 tensor-core GEMMs with fp32 output, CUDA);
+* ``chunk_rows`` / ``pad_rows``: tokens per chunk, and the multiple every chunk GEMM is padded to
+  (batch invariance: a token's logits never depend on how many tokens share its chunk);
+* ``vocab_parallel``: the LM head is split by vocabulary across ranks (collectives per chunk).
+
+``make_plan`` is a pure function of its arguments and of the environment knobs, which only
+``env_knobs`` reads. ``pyrl.explain(op, *args, **kwargs)`` shows the plan of a call as text.
+
+| knob | values | effect |
+|---|---|---|
+| ``PYRL_TRITON_LINEAR`` | ``chunked`` \\| ``fused`` | the ``linear`` of ``backend="triton"`` (default: chunked for bf16/fp16 on CUDA, the fused kernel otherwise) |
+| ``PYRL_PASSES`` | ``one`` \\| ``two`` | force the policy loss's plan (``one`` is refused where it cannot run) |
+| ``PYRL_TRITON_CONFIG`` | a config name | pin one tiling of the fused Triton kernel (read by ``pyrl.kernels.fused_linear``) |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from pyrl._backend import BACKENDS, resolve_backend
+
+__all__ = ["Plan", "EnvKnobs", "env_knobs", "make_plan", "chunk_bytes_default", "GEMM_ROW_QUANTUM",
+           "DEFAULT_CHUNK_BYTES", "DEFAULT_CUDA_CHUNK_BYTES"]
+
+# Rows per chunk are chosen so one chunk of fp32 logits stays under this many bytes (CPU).
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+# On CUDA a chunk must be large for the GEMMs to fill the GPU: 160 MB of fp32 logits is 256 rows at
+# V=151936 (with the chunk's bf16 copy, ~240 MB of working memory).
+DEFAULT_CUDA_CHUNK_BYTES = 160 * 2**20
+# Batch invariance of the GEMMs. A BLAS may give a row of ``h @ W.T`` other last bits depending on
+# how many rows the call has: MKL (PyTorch's x86 BLAS) does whenever M is not a multiple of 4 (its
+# edge kernels sum in another order). Every "acc" chunk GEMM therefore runs on a multiple of
+# GEMM_ROW_QUANTUM rows, zero-padding the last chunk, so a token's logits (and its log-prob,
+# entropy and d_hidden) are bitwise the same whatever else is in the batch. 16 covers microkernel
+# heights 1, 2, 4, 8 and 16. (The "lowp" GEMMs are all padded to the full chunk instead.)
+GEMM_ROW_QUANTUM = 16
+_LOWP = (torch.bfloat16, torch.float16)
+_OPS = ("logprobs_from_logits", "fused_linear_logprobs", "fused_linear_policy_loss")
+
+
+@dataclass(frozen=True)
+class EnvKnobs:
+    """Every environment variable that changes what an op runs; ``env_knobs()`` is their only reader."""
+
+    triton_linear: Optional[str]   # PYRL_TRITON_LINEAR: "chunked" | "fused" | None (automatic)
+    triton_config: Optional[str]   # PYRL_TRITON_CONFIG: one named tiling of the fused Triton kernel
+    passes: Optional[str]          # PYRL_PASSES: "one" | "two" | None (automatic)
+
+
+def env_knobs() -> EnvKnobs:
+    get = lambda k: os.environ.get(k) or None  # noqa: E731
+    knobs = EnvKnobs(triton_linear=get("PYRL_TRITON_LINEAR"), triton_config=get("PYRL_TRITON_CONFIG"),
+                     passes=get("PYRL_PASSES"))
+    if knobs.triton_linear not in (None, "chunked", "fused"):
+        raise ValueError(f"PYRL_TRITON_LINEAR must be 'fused' or 'chunked', got {knobs.triton_linear!r}")
+    if knobs.passes not in (None, "one", "two"):
+        raise ValueError(f"PYRL_PASSES must be 'one' or 'two', got {knobs.passes!r}")
+    return knobs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one op call runs (see the module docstring); ``str(plan)`` is a readable summary."""
+
+    op: str
+    backend: str
+    linear: str = "given"
+    passes: str = "-"
+    gemm: str = "-"
+    chunk_rows: int = 0
+    pad_rows: int = 1
+    chunk_bytes: int = 0
+    kl_chunk_rows: int = 0
+    vocab_parallel: bool = False
+    reasons: Tuple[str, ...] = ()
+
+    def padded(self, rows: int) -> int:
+        """Rows of the GEMM that computes ``rows`` tokens' logits."""
+        return -(-rows // self.pad_rows) * self.pad_rows
+
+    def __str__(self) -> str:
+        head = f"{self.op}: backend={self.backend}, linear={self.linear}"
+        if self.linear != "given":
+            head += f", gemm={self.gemm}, chunk_rows={self.chunk_rows} (GEMMs padded to a multiple of {self.pad_rows})"
+        if self.passes != "-":
+            head += f", passes={self.passes}"
+        if self.kl_chunk_rows:
+            head += f", exact-KL chunk_rows={self.kl_chunk_rows}"
+        if self.vocab_parallel:
+            head += ", vocab_parallel"
+        return "\n".join([head, *("  - " + r for r in self.reasons)])
+
+
+def chunk_bytes_default(device: torch.device) -> int:
+    return DEFAULT_CUDA_CHUNK_BYTES if device.type == "cuda" else DEFAULT_CHUNK_BYTES
+
+
+def _acc_chunk_rows(n_rows: int, vocab: int, chunk_bytes: int) -> int:
+    rows = chunk_bytes // max(1, vocab * 4)
+    if rows >= GEMM_ROW_QUANTUM:
+        rows -= rows % GEMM_ROW_QUANTUM  # full chunks need no padding
+    return max(1, min(n_rows, rows))
+
+
+def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
+    """Rows of every lowp chunk GEMM: a multiple of 64 in [64, 4096] (tensor-core tiles)."""
+    rows = chunk_bytes // max(1, vocab * 4)
+    return int(min(4096, max(64, rows - rows % 64)))
+
+
+def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int = 0, vocab: int = 0,
+              backend: str = "auto", chunk_bytes: Optional[int] = None, separable: Optional[str] = None,
+              full_kl: bool = False, vocab_parallel: bool = False) -> Plan:
+    """The plan of one call. ``separable``: for the policy loss, ``None`` when the loss is
+    token-separable, else the reason it is not (which rules out the one-pass plan)."""
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {_OPS}, got {op!r}")
+    knobs = env_knobs()
+    reasons = []
+    if vocab_parallel:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in ("auto", "torch"):
+            raise RuntimeError(f"backend={backend!r} is not implemented for the vocab-parallel path "
+                               "(vocab_parallel_group): it runs the PyTorch body plus collectives on every device; "
+                               "use backend='auto' or 'torch'")
+        name = "torch"
+        reasons.append("vocab_parallel_group: the reference row body, its stats merged across ranks per chunk")
+    else:
+        name = resolve_backend(backend, device)
+        reasons.append(f"backend={backend!r} on {device.type} -> the {name} row body")
+    if op == "logprobs_from_logits":
+        return Plan(op, name, reasons=tuple(reasons))
+
+    chunk_bytes = chunk_bytes_default(device) if chunk_bytes is None else chunk_bytes
+    low = dtype in _LOWP
+    linear, gemm = "chunked", "acc"
+    if name == "triton":
+        mode = knobs.triton_linear or ("chunked" if low and device.type == "cuda" else "fused")
+        if mode == "fused":
+            linear = "kernel"
+            reasons.append("triton " + ("(PYRL_TRITON_LINEAR=fused)" if knobs.triton_linear else
+                                        f"with {str(dtype).replace('torch.', '')}") +
+                           ": one fused kernel over the whole batch, logits tiles never stored")
+        else:
+            gemm = "lowp" if low else "acc"
+            reasons.append("triton " + ("(PYRL_TRITON_LINEAR=chunked)" if knobs.triton_linear else
+                                        f"with {str(dtype).replace('torch.', '')} on cuda") +
+                           ": cuBLAS GEMMs per token chunk around the Triton row kernels")
+    if linear == "kernel":
+        chunk_rows, pad_rows = max(1, n_rows), 1
+    elif gemm == "lowp":
+        chunk_rows = pad_rows = _lowp_chunk_rows(vocab, chunk_bytes)
+        reasons.append(f"{str(dtype).replace('torch.', '')} GEMMs on the tensor cores with fp32 output; every GEMM "
+                       f"padded to the full chunk")
+    else:
+        chunk_rows, pad_rows = _acc_chunk_rows(n_rows, vocab, chunk_bytes), GEMM_ROW_QUANTUM
+        reasons.append(f"GEMMs in {'fp64' if dtype == torch.float64 else 'fp32'}; chunk_bytes={chunk_bytes} "
+                       f"-> {chunk_rows} rows of [{vocab}] fp32 logits per chunk")
+
+    passes, kl_rows = "-", 0
+    if op == "fused_linear_policy_loss":
+        why_not = separable
+        if why_not is None and linear == "kernel":
+            why_not = "the fused Triton kernel is not a chunk walk"
+        if why_not is None and vocab_parallel:
+            why_not = "vocab_parallel_group (the log-prob op owns the collectives)"
+        if why_not is None and n_rows == 0:
+            why_not = "an empty batch"
+        if knobs.passes == "one" and why_not is not None:
+            raise ValueError(f"PYRL_PASSES=one cannot run this call: {why_not}")
+        if knobs.passes == "two":
+            passes = "two"
+            reasons.append("two passes (PYRL_PASSES=two)")
+        elif why_not is None:
+            passes = "one"
+            reasons.append("one pass: the loss is token-separable, so d logits are formed in forward "
+                           "(3 GEMMs per chunk, backward only scales)")
+        else:
+            passes = "two"
+            reasons.append(f"two passes: {why_not}")
+        if full_kl:
+            kl_rows = _acc_chunk_rows(n_rows, vocab, chunk_bytes // 2)
+            reasons.append(f"exact KL: a second walk over both heads, {kl_rows} rows per chunk")
+    return Plan(op, name, linear, passes, gemm, chunk_rows, pad_rows, chunk_bytes, kl_rows, vocab_parallel,
+                tuple(reasons))

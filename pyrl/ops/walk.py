@@ -1,0 +1,208 @@
+"""The one chunk walk under every fused op, and the bodies it plugs in.
+
+    for each chunk [s, e) of tokens (Plan.chunk_rows):
+        z = head.logits(s, e)            GEMM (padded to Plan.pad_rows), [c, V] fp32 scratch
+        step(s, e, z, z_ref)             the op's per-chunk maths: row body, chunk loss, KL, ...
+        head.backprop(s, e)              when ``step`` turned z into d logits: the d_hidden and
+                                         d_weight GEMMs (and d_bias), d_hidden reduced across
+                                         vocabulary shards when the walk has a collective
+
+Log-prob forward and backward, the one-pass policy loss, the exact KL and the vocabulary-parallel
+log-probs all run on ``walk``; only their ``step`` differs. At most one chunk of logits (per head)
+is alive at a time. The bodies:
+
+* ``Head``: the GEMMs of one walk, with ``gemm="acc"`` (operands in the accumulation dtype: the
+  reference and CPU; fp64 stays fp64) or ``"lowp"`` (bf16/fp16 operands on the tensor cores, fp32
+  logits out of cuBLAS, ``d logits`` rounded to the input dtype for the two gradient GEMMs as
+  flash-attention does with P, ``d_weight`` accumulated in the weight's dtype, rounded once per
+  chunk: an fp32 accumulator would be 2.5 GB at V=151936, H=4096).
+* row bodies (``rows_body``): ``TorchRows`` (``pyrl.kernels.reference``), ``CppRows`` (the C++
+  ops) and Triton's ``LogprobRows``, all with the contract in ``pyrl.kernels.reference``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from pyrl.kernels.reference import TorchRows, acc_dtype
+from pyrl.ops.plan import Plan
+
+__all__ = ["Head", "walk", "rows_body", "fused_kernel", "CppRows"]
+
+
+class CppRows:
+    """``torch.ops.pyrl.logprobs_fwd/bwd(_)`` (csrc/logprobs_cpu.cpp), CPU."""
+
+    @staticmethod
+    def fwd(logits, targets, p):
+        return torch.ops.pyrl.logprobs_fwd(logits, targets, float(p.temperature), int(p.ignore_index),
+                                           bool(p.need_entropy))
+
+    @staticmethod
+    def bwd(logits, targets, lse, ent, g_logp, g_ent, p, out=None):
+        args = (g_logp, g_ent, logits, targets, lse, ent, float(p.temperature), int(p.ignore_index))
+        if out is not None:
+            if out is not logits:
+                raise ValueError("CppRows.bwd writes its gradient over the logits only (out=logits)")
+            torch.ops.pyrl.logprobs_bwd_(*args)
+            return logits
+        return torch.ops.pyrl.logprobs_bwd(*args)
+
+
+def _triton():
+    from pyrl import kernels  # lazy: Triton costs start-up time and memory on CPU-only paths
+
+    return kernels
+
+
+def rows_body(backend: str):
+    """The row body of a plan's backend."""
+    if backend == "torch":
+        return TorchRows
+    if backend == "cpp":
+        return CppRows
+    return _triton().LogprobRows
+
+
+def fused_kernel():
+    """Triton's single fused LM-head kernel (``Plan.linear == "kernel"``)."""
+    return _triton().FusedLinear
+
+
+_MM_OUT_DTYPE = None  # whether torch.mm takes out_dtype on CUDA; unknown until the first call
+
+
+def _mm_fp32(a, b):
+    """``a @ b`` with an fp32 result from 16-bit operands: cuBLAS accumulates in fp32 and writes fp32
+    (``out_dtype``, CUDA); elsewhere, or on a torch without it, the operands are widened first."""
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE is not False and a.is_cuda:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:
+            raise  # a real failure, not a missing feature: never fall back to widening the weight
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+        else:
+            _MM_OUT_DTYPE = True
+            return out
+    return a.float() @ b.float()
+
+
+class Head:
+    """The GEMMs of one walk over ``hidden [N, H]`` and an LM head ``weight [V, H]`` (+ ``bias``),
+    as ``Plan.gemm`` and ``Plan.pad_rows`` say (``Head.of(plan, ...)``).
+
+    ``need``: which of (d_hidden, d_weight, d_bias) ``backprop`` accumulates. ``reduce_d_hidden``:
+    a collective applied to each chunk's d_hidden before it is stored (vocabulary-parallel: the sum
+    over the shards); with it, d_hidden is computed even where this rank does not need it, because
+    the other ranks need this shard's share.
+    """
+
+    def __init__(self, hidden, weight, bias, *, gemm: str, pad_rows: int, need=(False, False, False),
+                 reduce_d_hidden: Optional[Callable] = None):
+        self.gemm, self.pad_rows = gemm, pad_rows
+        acc = acc_dtype(hidden.dtype)
+        lowp = self.gemm == "lowp"
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.w = weight if lowp else weight.to(acc)
+        self.b = None if bias is None else bias.to(acc)
+        need_h, need_w, need_b = need
+        self.reduce_d_hidden = reduce_d_hidden
+        self.d_hidden = torch.zeros_like(hidden) if need_h else None
+        self.d_weight = torch.zeros_like(weight, dtype=self.w.dtype) if need_w else None
+        self.d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None \
+            else None
+        self._full = self._h = None
+
+    @classmethod
+    def of(cls, plan: Plan, hidden, weight, bias, **kw) -> "Head":
+        return cls(hidden, weight, bias, gemm=plan.gemm, pad_rows=plan.pad_rows, **kw)
+
+    def logits(self, s: int, e: int) -> torch.Tensor:
+        """The chunk's logits ``[e - s, V]``: the first rows of a GEMM over ``h`` zero-padded to a
+        multiple of ``pad_rows`` rows (kept for ``backprop``, which may overwrite it)."""
+        self.release()  # drop the last chunk before the next is allocated
+        h = self.hidden[s:e] if self.gemm == "lowp" else self.hidden[s:e].to(self.w.dtype)
+        pad = -h.shape[0] % self.pad_rows
+        hp = torch.cat([h, h.new_zeros(pad, h.shape[1])]) if pad else h
+        if self.gemm == "lowp":
+            full = _mm_fp32(hp, self.w.t())
+            full = full.add_(self.b) if self.b is not None else full
+        else:
+            full = torch.addmm(self.b, hp, self.w.t()) if self.b is not None else hp @ self.w.t()
+        self._full, self._h = full, h
+        return full[: e - s]
+
+    def backprop(self, s: int, e: int) -> None:
+        """Accumulate the chunk's gradients from its logits buffer, which now holds d logits (the
+        padding rows are scratch and zeroed here)."""
+        full, h, rows = self._full, self._h, e - s
+        if full.shape[0] != rows:
+            full[rows:] = 0
+        dz = full[:rows]
+        if self.d_bias is not None:
+            self.d_bias += dz.sum(0)
+        if self.gemm == "lowp":
+            dz16 = full.to(self.w.dtype)
+            want_dh = self.d_hidden is not None or self.reduce_d_hidden is not None
+            dh = (dz16 @ self.w)[:rows] if want_dh else None
+            if self.d_weight is not None:
+                self.d_weight.addmm_(dz16[:rows].t(), h)
+        else:
+            dh = None
+            if self.d_hidden is not None or self.reduce_d_hidden is not None:
+                # As (W.T @ full.T).T over the padded rows: with few rows and a large V, MKL streams W
+                # through this layout ~1.35x faster than full @ W (87 vs 117 ms at 48 x 151936 x 896
+                # fp32 on 2 EPYC cores), and the padding keeps the GEMM's rounding batch-invariant.
+                dh = torch.mm(self.w.t(), full.t()).t()[:rows]
+            if self.d_weight is not None:
+                self.d_weight.addmm_(dz.t(), h)
+        if dh is not None:
+            self._store_d_hidden(s, e, dh)
+        self.release()
+
+    def release(self) -> None:
+        """Let the current chunk's buffers go."""
+        self._full = self._h = None
+
+    def skip(self, s: int, e: int) -> None:
+        """A chunk with no gradient: nothing to do, unless d_hidden is reduced across ranks (every
+        rank must join each collective, with zeros)."""
+        if self.reduce_d_hidden is not None:
+            acc = torch.float32 if self.gemm == "lowp" else self.w.dtype
+            self._store_d_hidden(s, e, self.hidden.new_zeros(e - s, self.hidden.shape[1], dtype=acc))
+
+    def _store_d_hidden(self, s, e, dh):
+        if self.reduce_d_hidden is not None:
+            dh = self.reduce_d_hidden(dh.contiguous())
+        if self.d_hidden is not None:
+            self.d_hidden[s:e] = dh.to(self.hidden.dtype)
+
+    def grads(self):
+        """(d_hidden, d_weight, d_bias) in the dtypes of hidden, weight and bias (None if not needed)."""
+        return (self.d_hidden, None if self.d_weight is None else self.d_weight.to(self.weight.dtype),
+                None if self.d_bias is None else self.d_bias.to(self.bias.dtype))
+
+
+def walk(head: Head, chunk_rows: int, step: Callable, *, ref: Optional[Head] = None,
+         active: Optional[torch.Tensor] = None):
+    """Run ``step(s, e, z, z_ref)`` on every token chunk; where it returns True (``z`` now holds
+    d logits), ``head.backprop`` consumes the chunk. ``active`` [N] bool: chunks with no active
+    row get no GEMM at all (their gradient is exactly zero). Returns ``head.grads()``."""
+    n = head.hidden.shape[0]
+    for s in range(0, n, chunk_rows):
+        e = min(n, s + chunk_rows)
+        if active is not None and not bool(active[s:e].any()):
+            head.skip(s, e)
+            continue
+        z = head.logits(s, e)
+        z_ref = None if ref is None else ref.logits(s, e)
+        if step(s, e, z, z_ref):
+            head.backprop(s, e)
+        del z, z_ref  # one chunk of logits alive at a time, not two
+        head.release()
+        if ref is not None:
+            ref.release()
+    return head.grads()

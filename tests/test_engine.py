@@ -1,0 +1,197 @@
+"""The engine: one plan per call (pyrl.explain), losses that declare what they are, and every plan
+held to the float64 oracle on every backend."""
+import math
+
+import pytest
+import torch
+
+import pyrl
+from _ref import linear_logprobs_ref
+from conftest import CPU_BACKENDS, triton_on_cpu
+
+B, T, H, V = 3, 8, 16, 37
+TRITON = triton_on_cpu()
+ALL_BACKENDS = CPU_BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="no triton"))]
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / math.sqrt(H)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[0, 5:] = 0
+    mask[2, 2:] = 0
+    adv = torch.randn(B, generator=g)
+    old = 0.3 * torch.randn(B, T, generator=g)
+    return hidden, weight, targets, mask, adv, old
+
+
+@pytest.fixture
+def registered():
+    """Register losses for one test and always remove them again (public API only)."""
+    names = []
+
+    def register(name, **kw):
+        names.append(name)
+        return pyrl.register_policy_loss(name, **kw)
+
+    yield register
+    for name in names:
+        if name in pyrl.policy_loss_names():
+            pyrl.unregister_policy_loss(name)
+
+
+def _reference_loss(fn_config, hidden, weight, targets, mask, adv, old):
+    """float64: full logits -> per-token log-probs -> pyrl.policy_loss (which sees [B, T])."""
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    safe = torch.where(mask.bool(), targets, -100)
+    logp, _ = linear_logprobs_ref(hd, wd, safe)
+    loss, _ = pyrl.policy_loss(logp, adv.double(), mask, old_logp=(logp.detach() + old.double()), config=fn_config)
+    loss.backward()
+    return loss, hd.grad, wd.grad
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sequence_normalising_loss_is_the_same_on_every_backend(backend, registered, monkeypatch):
+    """A registered loss that normalises over its sequence: with the default token_separable=False it
+    must always see [B, T] (the one-pass plan once called it on [1, chunk] slices on cpp: loss rel.
+    error 1.2, d_hidden rel. error 0.75)."""
+    seen = []
+
+    @registered("test_seq_normalised")
+    def seq_normalised(logp, ratio, advantages, config):
+        seen.append(tuple(logp.shape))
+        # each token's weight is its ratio relative to the sequence's mean ratio
+        share = ratio / ratio.detach().mean(-1, keepdim=True)
+        return -advantages * share, None
+
+    cfg = pyrl.PolicyLossConfig(loss_type="test_seq_normalised")
+    hidden, weight, targets, mask, adv, old = _batch()
+    assert "passes=two" in pyrl.explain("fused_linear_policy_loss", hidden, weight, targets, mask, adv, config=cfg,
+                                        backend=backend)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    safe = torch.where(mask.bool(), targets, -100)
+    with torch.no_grad():
+        base = pyrl.fused_linear_logprobs(hidden, weight, safe, backend="torch")
+    loss, _ = pyrl.fused_linear_policy_loss(h, w, targets, mask, adv, old_logp=base + old, config=cfg, backend=backend,
+                                            chunk_bytes=5 * V * 4)
+    loss.backward()
+    assert seen and all(s == (B, T) for s in seen), seen
+    ref, gh, gw = _reference_loss(cfg, hidden, weight, targets, mask, adv, old)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h.grad.double(), gh, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), gw, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_separable_loss_takes_the_one_pass_plan_on_flat_chunks(backend, registered):
+    seen = []
+
+    @registered("test_separable", token_separable=True)
+    def separable(logp, ratio, advantages, config):
+        seen.append(tuple(logp.shape))
+        return -advantages * ratio.clamp(0.5, 1.5), None
+
+    cfg = pyrl.PolicyLossConfig(loss_type="test_separable")
+    hidden, weight, targets, mask, adv, old = _batch()
+    kw = dict(config=cfg, backend=backend, chunk_bytes=5 * V * 4)
+    assert "passes=one" in pyrl.explain("fused_linear_policy_loss", hidden, weight, targets, mask, adv, **kw)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    safe = torch.where(mask.bool(), targets, -100)
+    with torch.no_grad():
+        base = pyrl.fused_linear_logprobs(hidden, weight, safe, backend="torch")
+    loss, _ = pyrl.fused_linear_policy_loss(h, w, targets, mask, adv, old_logp=base + old, **kw)
+    loss.backward()
+    assert seen and all(s[0] == 1 and s[1] < B * T for s in seen), seen  # flat chunks, not [B, T]
+    ref, gh, gw = _reference_loss(cfg, hidden, weight, targets, mask, adv, old)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h.grad.double(), gh, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), gw, atol=1e-5, rtol=1e-4)
+
+
+def test_registry_refuses_duplicates_and_bad_declarations(registered):
+    with pytest.raises(ValueError, match="policy loss named 'ppo' is already registered"):
+        pyrl.register_policy_loss("ppo")(lambda logp, ratio, advantages, config: (-advantages * ratio, None))
+    with pytest.raises(TypeError, match="token_separable must be a bool"):
+        pyrl.register_policy_loss("test_bad", token_separable="yes")
+    with pytest.raises(ValueError, match="unknown policy loss 'never_registered'"):
+        pyrl.unregister_policy_loss("never_registered")
+
+    @registered("test_twice")
+    def first(logp, ratio, advantages, config):
+        return -advantages * ratio, None
+
+    with pytest.raises(ValueError, match="already registered"):
+        pyrl.register_policy_loss("test_twice")(first)
+    assert "test_twice" in pyrl.policy_loss_names()
+
+
+def test_a_loss_owns_and_validates_its_parameters(registered):
+    from pyrl._validate import check_number
+
+    # delta belongs to ppo/gspo: another loss that does not own it refuses it
+    with pytest.raises(ValueError, match="delta applies to loss_type 'ppo' or 'gspo' only"):
+        pyrl.PolicyLossConfig(loss_type="reinforce", delta=4.0)
+
+    @registered("test_owns_delta", params={"delta": lambda name, x: check_number(name, x, low=10, allow_none=True)})
+    def owns(logp, ratio, advantages, config):
+        return -advantages * ratio.clamp(max=config.delta), None
+
+    assert pyrl.PolicyLossConfig(loss_type="test_owns_delta", delta=11.0).delta == 11.0
+    # ... and its own validator now runs for the field too
+    with pytest.raises(ValueError, match="delta must be >= 10"):
+        pyrl.PolicyLossConfig(loss_type="test_owns_delta", delta=4.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_reference_runs_both_plans(backend, monkeypatch):
+    hidden, weight, targets, mask, adv, old = _batch()
+    cfg = pyrl.PolicyLossConfig(eps_high=0.28, entropy_coef=0.01, agg="seq-mean-token-mean")
+    out = {}
+    for passes in ("one", "two"):
+        monkeypatch.setenv("PYRL_PASSES", passes)
+        assert f"passes={passes}" in pyrl.explain(pyrl.fused_linear_policy_loss, hidden, weight, targets, mask, adv,
+                                                  config=cfg, backend=backend)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, metrics = pyrl.fused_linear_policy_loss(h, w, targets, mask, adv, old_logp=old - 2, config=cfg,
+                                                      backend=backend, chunk_bytes=4 * V * 4)
+        (3.0 * loss).backward()
+        out[passes] = (loss, metrics, h.grad, w.grad)
+    (l1, m1, *g1), (l2, m2, *g2) = out["one"], out["two"]
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
+    for k in m2:
+        torch.testing.assert_close(m1[k], m2[k], atol=1e-6, rtol=1e-5, msg=k)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_forcing_one_pass_where_it_cannot_run_says_why(monkeypatch):
+    hidden, weight, targets, mask, adv, _ = _batch()
+    monkeypatch.setenv("PYRL_PASSES", "one")
+    with pytest.raises(ValueError, match="PYRL_PASSES=one cannot run this call: a sequence-level ratio"):
+        pyrl.fused_linear_policy_loss(hidden, weight, targets, mask, adv,
+                                      config=pyrl.PolicyLossConfig(ratio_level="sequence"), backend="torch")
+    monkeypatch.setenv("PYRL_PASSES", "three")
+    with pytest.raises(ValueError, match="PYRL_PASSES must be 'one' or 'two'"):
+        pyrl.fused_linear_logprobs(hidden, weight, targets, backend="torch")
+
+
+@pytest.mark.parametrize("dtype,chunk_bytes", [(torch.float32, None), (torch.float64, 7 * V * 8)])
+def test_explain_describes_the_call(dtype, chunk_bytes):
+    hidden, weight, targets, mask, adv, _ = (x.to(dtype) if x.is_floating_point() else x for x in _batch())
+    text = pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch", chunk_bytes=chunk_bytes)
+    assert text.startswith("fused_linear_logprobs: backend=torch, linear=chunked, gemm=acc")
+    rows = B * T if chunk_bytes is None else 16  # 7*V*8 bytes hold 14 rows of fp32 logits -> 14, padded to 16
+    if chunk_bytes is not None:
+        assert "chunk_rows=14 " in text
+    else:
+        assert f"chunk_rows={rows} " in text
+    reasons = pyrl.explain("fused_linear_policy_loss", hidden, weight, targets, mask, adv,
+                           config=pyrl.PolicyLossConfig(top_entropy_rho=0.5), backend="torch")
+    assert "two passes: the top-entropy mask" in reasons
+    with pytest.raises(ValueError, match="op must be one of"):
+        pyrl.explain("not_an_op", hidden)
+    # explain validates exactly as the op does
+    with pytest.raises(ValueError, match=r"mask must have shape \[3, 8\]"):
+        pyrl.explain("fused_linear_policy_loss", hidden, weight, targets, mask[:, :2], adv)
