@@ -195,3 +195,65 @@ def test_explain_describes_the_call(dtype, chunk_bytes):
     # explain validates exactly as the op does
     with pytest.raises(ValueError, match=r"mask must have shape \[3, 8\]"):
         pyrl.explain("fused_linear_policy_loss", hidden, weight, targets, mask[:, :2], adv)
+
+
+# Every plan on every backend against the float64 oracle, on the odd shapes: one token, a vocabulary
+# that is no multiple of any block (and a vocabulary of one), all-masked rows, bf16 inputs.
+ODD = {
+    "one-token": dict(B=1, T=1, V=37),
+    "vocab-129": dict(B=2, T=5, V=129),
+    "vocab-1": dict(B=2, T=3, V=1),
+    "all-masked-row": dict(B=3, T=4, V=37, masked_row=1),
+}
+PLANS = [("torch", None), ("cpp", None), ("triton", "fused"), ("triton", "chunked")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("passes", ["one", "two"])
+@pytest.mark.parametrize("backend,linear", PLANS, ids=["torch", "cpp", "triton-kernel", "triton-chunked"])
+@pytest.mark.parametrize("case", list(ODD))
+def test_every_plan_matches_float64_on_odd_shapes(case, backend, linear, passes, dtype, monkeypatch):
+    if backend == "cpp" and not pyrl.backends()["cpp"]["available"]:
+        pytest.skip("pyrl._C not built")
+    if backend == "triton" and not TRITON:
+        pytest.skip("no triton")
+    if linear == "fused" and passes == "one":
+        pytest.skip("the fused Triton kernel has the two-pass plan only")
+    if linear is not None:
+        monkeypatch.setenv("PYRL_TRITON_LINEAR", linear)
+    monkeypatch.setenv("PYRL_PASSES", passes)
+    c = ODD[case]
+    b, t, v = c["B"], c["T"], c["V"]
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(b, t, H, generator=g).to(dtype)
+    weight = (torch.randn(v, H, generator=g) / math.sqrt(H)).to(dtype)
+    targets = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t)
+    if "masked_row" in c:
+        mask[c["masked_row"]] = 0
+    adv = torch.randn(b, generator=g)
+    old = 0.2 * torch.randn(b, t, generator=g)
+    cfg = pyrl.PolicyLossConfig(eps_high=0.28, entropy_coef=0.05, agg="seq-mean-token-mean")
+    plan = pyrl.explain("fused_linear_policy_loss", hidden, weight, targets, mask, adv, config=cfg, backend=backend)
+    assert f"passes={passes}" in plan and f"backend={backend}" in plan, plan
+
+    safe = torch.where(mask.bool(), targets, -100)
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    logp64, ent64 = linear_logprobs_ref(hd, wd, safe)
+    old_logp = (logp64.detach() + old.double())
+    ref, _ = pyrl.policy_loss(logp64, adv.double(), mask, old_logp=old_logp, entropy=ent64, config=cfg)
+    ref.backward()
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = pyrl.fused_linear_policy_loss(h, w, targets, mask, adv, old_logp=old_logp.float(), config=cfg,
+                                                  backend=backend, chunk_bytes=2 * v * 4)
+    loss.backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.isfinite(loss) and all(torch.isfinite(m) for m in metrics.values())
+    torch.testing.assert_close(loss.double(), ref, atol=tol, rtol=tol)
+    for got, want in ((h.grad, hd.grad), (w.grad, wd.grad)):
+        assert got.dtype == dtype
+        scale = want.abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(got.double() / scale, want / scale, atol=4 * tol, rtol=0)
+    if "masked_row" in c:
+        assert (h.grad[c["masked_row"]] == 0).all(), "a masked row gets no gradient"

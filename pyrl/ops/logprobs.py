@@ -30,7 +30,7 @@ import torch
 from pyrl._validate import (check_bool, check_chunk_bytes, check_float, check_linear_args, check_positive,
                             check_same_device, check_targets, shape_str)
 from pyrl.kernels.reference import RowParams, acc_dtype
-from pyrl.ops.plan import Plan, make_plan
+from pyrl.ops.plan import Plan, chunk_bytes_default, make_plan
 from pyrl.ops.walk import Head, fused_kernel, rows_body, walk
 
 __all__ = ["fused_linear_logprobs", "logprobs_from_logits", "LinearCall", "plan_fused_linear_logprobs",
@@ -257,6 +257,8 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     if vocab_parallel_group is not None:
         from pyrl.ops.vocab_parallel import vocab_parallel_linear_logprobs
 
+        if chunk_bytes is None:  # a bad `hidden` is reported by the vocab-parallel op's own checks
+            chunk_bytes = chunk_bytes_default(getattr(hidden, "device", torch.device("cpu")))
         return vocab_parallel_linear_logprobs(hidden, weight, targets, group=vocab_parallel_group, bias=bias,
                                               temperature=temperature, ignore_index=ignore_index,
                                               return_entropy=return_entropy, backend=backend,

@@ -36,8 +36,6 @@ collective hook, on the PyTorch reference body on every device (CPU with gloo, C
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -45,7 +43,7 @@ from pyrl._validate import FLOAT_DTYPES, check_bool, check_chunk_bytes, check_li
     check_targets
 from pyrl.kernels.reference import RowParams, RowStats
 from pyrl.ops.logprobs import LinearCall, run_linear_logprobs
-from pyrl.ops.plan import chunk_bytes_default, make_plan
+from pyrl.ops.plan import DEFAULT_CHUNK_BYTES, make_plan
 
 __all__ = ["vocab_parallel_linear_logprobs", "VocabShards"]
 
@@ -109,7 +107,7 @@ class VocabShards:
 
 def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None, temperature=1.0,
                                    ignore_index=-100, return_entropy=False, backend="auto",
-                                   chunk_bytes: Optional[int] = None):
+                                   chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """``fused_linear_logprobs`` with the LM head split by vocabulary across ``group``'s ranks.
 
     Args:
@@ -137,7 +135,7 @@ def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None,
     temperature = check_linear_args(hidden, weight, bias, temperature, ignore_index)
     check_bool("return_entropy", return_entropy)
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    chunk_bytes = chunk_bytes_default(hidden.device) if chunk_bytes is None else check_chunk_bytes(chunk_bytes)
+    chunk_bytes = check_chunk_bytes(chunk_bytes)
     # the plan's backend check runs before any collective, so a bad backend raises on every rank
     make_plan("fused_linear_logprobs", device=hidden.device, dtype=hidden.dtype, backend=backend,
               vocab_parallel=True)
