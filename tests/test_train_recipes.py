@@ -101,6 +101,8 @@ def test_jsonl_task_rows_split_and_errors(tmp_path):
     assert not train_prompts & {str(e.prompt) for e in task.eval_examples(0, 5)}  # held out
     assert task.example(3) == tasks.make_task("jsonl", seed=1, path=path, eval_fraction=0.25).example(3)
     assert [task.example(i) for i in range(16)] != [task.example(i) for i in range(16, 32)]  # reshuffled epochs
+    assert sorted(task.example_id(i) for i in range(16, 32)) == list(range(16))  # row numbers, for HAPO
+    assert all(task.rows[task.example_id(i)] == task.example(i) for i in range(40))
     chat = next(e for e in task.rows + task.eval_rows if isinstance(e.prompt, list))
     assert chat.answer == "2"
     tok = types.SimpleNamespace(chat_template=None)
@@ -250,7 +252,8 @@ def _fake_run(algo_items, rounds_rewards, monkeypatch, G=2, prompts=2):
                 "rewards": r}, 0.0
 
     monkeypatch.setattr(loop, "_generate_round", fake_round)
-    run = types.SimpleNamespace(cfg=cfg, dist=CPU, data_position=0, tokenizer=types.SimpleNamespace(pad_token_id=0))
+    run = types.SimpleNamespace(cfg=cfg, dist=CPU, data_position=0, engine=None,
+                                tokenizer=types.SimpleNamespace(pad_token_id=0))
     return run, calls
 
 

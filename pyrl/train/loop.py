@@ -372,7 +372,6 @@ def _generate_round(run: Run, start: int, count: int) -> tuple[dict, float]:
     answers = [ex.answer for ex in examples for _ in range(G)]
     r = cfg.rollout
     if run.engine is not None:
-        run.engine.sync(run.policy.lm)
         roll = run.engine.generate(prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                    device=run.dist.device)
     else:
@@ -381,7 +380,8 @@ def _generate_round(run: Run, start: int, count: int) -> tuple[dict, float]:
                             temperature=r.temperature, batch_size=r.batch_size)
     t = time.time()
     rewards = run.reward(roll.texts, answers, prompts, lengths=roll.completion_mask.sum(1),
-                         prompt_index=torch.arange(start, start + count).repeat_interleave(G), group_size=G)
+                         prompt_index=torch.tensor([run.task.example_id(i) for i in range(start, start + count)])
+                         .repeat_interleave(G), group_size=G)
     rows = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "completion_ids": roll.completion_ids,
             "completion_mask": roll.completion_mask, "rollout_logp": roll.rollout_logp,
             "truncated": roll.truncated, "rewards": rewards.to(run.dist.device)}
@@ -398,6 +398,8 @@ def rollout(run: Run) -> Samples:
     filtering = a.dynamic_sampling or a.pass_rate_band is not None
     kept, dropped, counts = [], [], torch.zeros(len(_COUNTS), dtype=torch.float64)
     have, rounds, score_s = 0, 0, 0.0
+    if run.engine is not None:
+        run.engine.sync(run.policy.lm)  # the weights of the last update, once for every round
     for i in range(a.max_sample_rounds if filtering else 1):
         if i and not distributed.any_rank(have < want):  # every rank runs the same rounds
             break

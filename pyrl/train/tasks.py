@@ -85,6 +85,11 @@ class Task:
     def examples(self, start: int, count: int) -> list[Example]:
         return [self.example(i) for i in range(start, start + count)]
 
+    def example_id(self, index: int) -> int:
+        """Which prompt ``example(index)`` is, as an integer that repeats when the prompt does (a
+        file's row number; here the index itself): HAPO's per-prompt history is keyed by it."""
+        return index
+
     num_eval: Optional[int] = None
     """How many distinct evaluation examples there are (``None``: unbounded)."""
 
@@ -305,13 +310,16 @@ class FileTask(Task):
         self.num_eval = len(self.eval_rows) if self.eval_rows else None
         self._epoch: tuple[int, list[int]] = (-1, [])
 
-    def example(self, index: int) -> Example:
+    def example_id(self, index: int) -> int:
         epoch, pos = divmod(index, len(self.rows))
         if self._epoch[0] != epoch:
             order = list(range(len(self.rows)))
             random.Random(f"FileTask-{self.seed}-{epoch}").shuffle(order)  # jsonl/parquet/file alike
             self._epoch = (epoch, order)
-        return self.rows[self._epoch[1][pos]]
+        return self._epoch[1][pos]
+
+    def example(self, index: int) -> Example:
+        return self.rows[self.example_id(index)]
 
     def eval_examples(self, start: int, count: int) -> list[Example]:
         if not self.eval_rows:
