@@ -59,11 +59,12 @@ def test_bf16_accepts_yaml_booleans_and_names_the_key(tmp_path):
     ("algo.ref_reset_every=5", "algo.ref_reset_every"),       # needs a reference model
     ("algo.max_tokens_per_micro_batch=-1", "algo.max_tokens_per_micro_batch"),
     ("save_every=-1", "save_every"),
+    ('algo={"dynamic_sampling": true}', "algo.dynamic_sampling"),  # with group_size 1 below
 ])
 def test_bad_recipe_values_name_the_key(item, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        validate(apply_overrides(TrainConfig(), [item]))
-    assert cli.run(["--preset", "tiny", "--out", "x", "--set", item]) == 2
+        validate(apply_overrides(TrainConfig(), [item, "rollout.group_size=1"]))
+    assert cli.run(["--preset", "tiny", "--out", "x", "--set", item, "--set", "rollout.group_size=1"]) == 2
 
 
 def test_save_every_zero_writes_no_checkpoint_and_timings_are_honest(tmp_path):

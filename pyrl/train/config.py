@@ -337,6 +337,9 @@ def validate(cfg: TrainConfig) -> None:
                              f"got {band!r}")
     if not _is_number(a.pass_threshold):
         raise ValueError(f"config key 'algo.pass_threshold' must be a number, got {a.pass_threshold!r}")
+    if a.dynamic_sampling and cfg.rollout.group_size < 2:
+        raise ValueError("config key 'algo.dynamic_sampling' keeps groups whose rewards differ: it needs "
+                         f"rollout.group_size >= 2, got {cfg.rollout.group_size}")
     beta = a.loss.get("beta", 0.0)
     if a.kl_target is not None:
         if not _is_number(a.kl_target) or a.kl_target <= 0:
