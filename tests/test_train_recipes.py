@@ -352,7 +352,7 @@ def test_token_budget_update_is_exact(tiny, agg):
     """One micro-batch of 8 sequences, or micro-batches by a token budget: the same update."""
     lm, tok = tiny
     data = synthetic_data(tok)
-    params = []
+    params, padding = [], []
     for item in ("algo.micro_batch_size=8", "algo.max_tokens_per_micro_batch=20"):
         cfg = apply_overrides(TrainConfig(), [item, "algo.ppo_epochs=2", f'algo.loss={{"agg": "{agg}"}}'])
         model = Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(**cfg.algo.loss))
@@ -360,10 +360,12 @@ def test_token_budget_update_is_exact(tiny, agg):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         d = dict(data)
         d.update(_score_old(model, None, d, cfg, need_old=True, need_values=False, autocast=contextlib.nullcontext))
-        update(model, opt, sched, d, cfg=cfg, dist=CPU, params=list(model.parameters()),
-               autocast=contextlib.nullcontext)
+        stats = update(model, opt, sched, d, cfg=cfg, dist=CPU, params=list(model.parameters()),
+                       autocast=contextlib.nullcontext)
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        padding.append(stats["padding_frac"])
     torch.testing.assert_close(params[0], params[1], atol=2e-6, rtol=1e-5)
+    assert 0 <= padding[1] < padding[0]  # grouped by length: less padding computed
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):

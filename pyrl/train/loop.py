@@ -238,8 +238,9 @@ def update(model, optimizer, scheduler, data: dict, *, cfg: TrainConfig, dist, p
         torch.distributed.all_reduce(ratio_max, op=torch.distributed.ReduceOp.MAX)
     got = dict(zip(keys, totals.tolist()))
     n_opt = algo.ppo_epochs * algo.minibatches
-    out = {k: v / max(got["tokens"], 1.0) for k, v in got.items() if k not in ("loss", "tokens")}
+    out = {k: v / max(got["tokens"], 1.0) for k, v in got.items() if k not in ("loss", "tokens", "positions", "real")}
     out["loss"] = got["loss"] / n_opt
+    out["padding_frac"] = 1.0 - got["real"] / max(got["positions"], 1.0)  # of the positions the update computed
     out["ratio_max"] = float(ratio_max)
     out["grad_norm"] = float(torch.stack([g.float() for g in grad_norms]).mean())
     return out
@@ -268,6 +269,8 @@ def _accumulate_minibatch(model, ref, data: dict, idx: torch.Tensor, cfg: TrainC
                 loss, metrics = model(batch, mode="loss", scale=scale, reference=reference)
             loss.backward()
         n = batch["completion_mask"].sum().double()
+        sums["positions"] += batch["attention_mask"].numel()
+        sums["real"] += batch["attention_mask"].sum().double()
         sums["loss"] += loss.detach().double() / W
         sums["tokens"] += n
         for k, v in metrics.items():
