@@ -280,6 +280,15 @@ def test_dynamic_sampling_is_bounded_and_tops_up(monkeypatch):
     assert s.rows["rewards"].tolist()[:2] == [0, 1]
 
 
+def test_oversampling_fills_the_batch_in_one_round(monkeypatch):
+    run, calls = _fake_run(["algo.dynamic_sampling=true", "algo.oversample=2"],
+                           [[1, 1, 0, 1, 1, 0, 0, 1], [0, 1, 0, 1, 0, 1, 0, 1]], monkeypatch)
+    s = loop.rollout(run)
+    assert calls == [0] and run.data_position == 4  # 4 prompts sampled for a batch of 2
+    assert s.rows["prompt_ids"][:, 0].tolist() == [102, 103, 104, 105]  # the first two kept groups
+    assert dict(zip(loop._COUNTS, s.counts.tolist()))["kept_groups"] == 3
+
+
 def test_pass_rate_band_filter(monkeypatch):
     run, calls = _fake_run(["algo.pass_rate_band=[0.4, 0.6]", "algo.max_sample_rounds=4"],
                            [[1, 1, 0, 1], [0, 0, 1, 1], [1, 0, 1, 1]], monkeypatch)

@@ -109,6 +109,9 @@ class AlgoConfig:
     """``[low, high]``: keep only groups whose pass rate (fraction of rewards ``>= pass_threshold``)
     lies in the band (Online Difficulty Filtering, Bae et al. 2025); refilled like dynamic sampling."""
     pass_threshold: float = 0.5
+    oversample: float = 1.0
+    """When filtering: each round samples ``ceil(oversample x prompts_per_step / world)`` prompts per
+    rank (DAPO oversamples so that one round usually fills the batch); extra kept groups are dropped."""
     max_sample_rounds: int = 4
     """Rollout rounds per step when filtering; a batch still short after them is topped up with the
     most recently dropped groups (counted in ``sample_shortfall_frac``)."""
@@ -335,6 +338,8 @@ def validate(cfg: TrainConfig) -> None:
                 or not 0 <= band[0] <= band[1] <= 1):
             raise ValueError(f"config key 'algo.pass_rate_band' must be [low, high] with 0 <= low <= high <= 1, "
                              f"got {band!r}")
+    if not _is_number(a.oversample) or a.oversample < 1:
+        raise ValueError(f"config key 'algo.oversample' must be a number >= 1, got {a.oversample!r}")
     if not _is_number(a.pass_threshold):
         raise ValueError(f"config key 'algo.pass_threshold' must be a number, got {a.pass_threshold!r}")
     if a.dynamic_sampling and cfg.rollout.group_size < 2:

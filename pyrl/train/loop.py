@@ -393,12 +393,14 @@ def _generate_round(run: Run, start: int, count: int) -> tuple[dict, float]:
 
 def rollout(run: Run) -> Samples:
     """This rank's ``prompts_per_step / world`` groups. With ``algo.dynamic_sampling`` or
-    ``algo.pass_rate_band`` only groups passing ``group_keep_mask`` are kept, sampling further
-    rounds of prompts (all ranks together) until the batch is full or ``max_sample_rounds`` ran;
-    a batch still short is topped up with the most recently dropped groups."""
+    ``algo.pass_rate_band`` only groups passing ``group_keep_mask`` are kept, sampling rounds of
+    ``oversample`` times as many prompts (all ranks together) until the batch is full or
+    ``max_sample_rounds`` ran; a batch still short is topped up with the most recently dropped
+    groups."""
     cfg, G, a = run.cfg, run.cfg.rollout.group_size, run.cfg.algo
     want = cfg.rollout.prompts_per_step // run.dist.world_size
     filtering = a.dynamic_sampling or a.pass_rate_band is not None
+    per_round = math.ceil(want * a.oversample) if filtering else want
     kept, dropped, counts = [], [], torch.zeros(len(_COUNTS), dtype=torch.float64)
     have, rounds, score_s = 0, 0, 0.0
     if run.engine is not None:
@@ -406,12 +408,12 @@ def rollout(run: Run) -> Samples:
     for i in range(a.max_sample_rounds if filtering else 1):
         if i and not distributed.any_rank(have < want):  # every rank runs the same rounds
             break
-        start = run.data_position + run.dist.rank * want
-        run.data_position += cfg.rollout.prompts_per_step
+        start = run.data_position + run.dist.rank * per_round
+        run.data_position += per_round * run.dist.world_size
         rounds += 1
         if have >= want:
             continue
-        rows, dt = _generate_round(run, start, want)
+        rows, dt = _generate_round(run, start, per_round)
         score_s += dt
         r = rows["rewards"]
         keep = group_keep_mask(r, G, dynamic=a.dynamic_sampling, band=a.pass_rate_band, threshold=a.pass_threshold)
