@@ -321,10 +321,12 @@ def test_recipes_run_end_to_end(tmp_path):
     assert records[2]["kl_mean"] == pytest.approx(0.0, abs=1e-5)  # the reference was reset to the policy
 
 
-def test_adaptive_kl_and_hapo_resume_exactly(tmp_path):
+def test_recipes_resume_exactly(tmp_path):
+    """Adaptive KL, HAPO's history and dynamic sampling's data position survive a resume."""
     cfg = fast_config("max_steps=2", "save_every=1", "keep_checkpoints=3", "deterministic=true", "plot=false",
                       "task.eval_size=0", "warmup.steps=5", 'algo.loss={"beta": 0.05, "kl_type": "k3"}',
-                      "algo.kl_target=0.001", "algo.kl_horizon=10", 'task.length_shaping=[{"name": "hapo"}]')
+                      "algo.kl_target=0.001", "algo.kl_horizon=10", 'task.length_shaping=[{"name": "hapo"}]',
+                      "algo.dynamic_sampling=true", "algo.max_sample_rounds=3")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(cfg, a)
     import shutil
@@ -335,7 +337,7 @@ def test_adaptive_kl_and_hapo_resume_exactly(tmp_path):
     train(cfg, b, resume=True)
     ra, rb = read_metrics(os.path.join(a, "metrics.jsonl")), read_metrics(os.path.join(b, "metrics.jsonl"))
     assert rb[-1]["kl_coef"] == ra[-1]["kl_coef"] and rb[-1]["loss"] == ra[-1]["loss"]
-    assert rb[-1]["reward_mean"] == ra[-1]["reward_mean"]
+    assert rb[-1]["reward_mean"] == ra[-1]["reward_mean"] and rb[-1]["sample_rounds"] == ra[-1]["sample_rounds"]
 
 
 # ------------------------------------------------------------------------------------------------
