@@ -31,7 +31,7 @@ from ._validate import (check_group_size, check_number, check_positive, check_po
 from .registry import Registry
 
 __all__ = [
-    "compute", "names", "register", "extract_answer",
+    "compute", "get", "names", "register", "extract_answer",
     "dapo_overlong_penalty", "dler_truncation", "grpo_lambda_length_penalty",
     "cosine_length_reward", "HistoryAwareLengthReward", "mask_truncated_completions",
     "filter_zero_variance_groups", "zero_variance_group_rate", "DynamicSampler", "DynamicSample",
@@ -58,6 +58,11 @@ def unregister(name: str) -> Callable:
 def names() -> list[str]:
     """The registered reward names, sorted."""
     return _REWARDS.names()
+
+
+def get(name: str) -> Callable:
+    """The function registered as ``name`` (``ValueError`` naming the registered ones otherwise)."""
+    return _REWARDS.get(name)
 
 
 def compute(name: str, completions: Sequence, **kw) -> torch.Tensor:

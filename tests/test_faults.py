@@ -25,7 +25,8 @@ from pyrl.train.metrics import read_metrics  # noqa: E402
 STEPS, SAVE_EVERY = 6, 2
 SMALL = ["warmup.steps=20", "task.eval_size=0", "rollout.group_size=4", "rollout.prompts_per_step=4",
          "algo.micro_batch_size=8", "tensorboard=false", "plot=false", "threads=1"]
-TIMING = ("tokens_per_s", "rollout_s", "update_s")  # wall-clock fields: the only ones allowed to differ
+# wall-clock fields: the only ones allowed to differ
+TIMING = ("tokens_per_s", "rollout_s", "score_s", "update_s", "eval_s")
 STATE_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 TIMEOUT = 120
 

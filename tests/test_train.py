@@ -20,7 +20,7 @@ from pyrl.train.distributed import DistInfo  # noqa: E402
 from pyrl.train.loop import _score_old, fifths, lr_lambda, update  # noqa: E402
 from pyrl.train.metrics import REQUIRED_FIELDS, MetricsLogger, plot_curves, read_metrics  # noqa: E402
 from pyrl.train.models import backbone, build_tiny_model, char_tokenizer, smollm2_gguf  # noqa: E402
-from pyrl.train.policy import Policy, clipped_value_loss, make_batch  # noqa: E402
+from pyrl.train.policy import LossScale, Policy, clipped_value_loss, make_batch  # noqa: E402
 from pyrl.train.rollout import completion_mask_from_ids, generate  # noqa: E402
 from pyrl.train.tasks import AdditionTask, make_task  # noqa: E402
 
@@ -194,9 +194,8 @@ def test_policy_never_calls_the_lm_head_and_matches_full_logits(tiny, monkeypatc
         got = policy(batch, mode="logprobs")["logp"]
     m = batch["completion_mask"].bool()
     torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
-    batch.update(advantages=data["advantages"], num_tokens=m.sum().float(), loss_scale=torch.tensor(1.0),
-                 world_size=1.0)
-    loss, metrics = policy(batch, mode="loss")
+    batch.update(advantages=data["advantages"])
+    loss, metrics = policy(batch, mode="loss", scale=LossScale(m.sum().float(), 1.0, 1))
     loss.backward()
     assert torch.isfinite(loss) and {"clip_frac", "kl_mean", "entropy_mean"} <= set(metrics)
     assert all(torch.isfinite(p.grad).all() for p in lm.parameters() if p.grad is not None)

@@ -83,6 +83,10 @@ def _worker(out: str) -> None:
         train(cfg, os.path.join(out, kind))
         cfg = apply_overrides(cfg, ["max_steps=3"])
         train(cfg, os.path.join(out, kind), resume=True)
+    # dynamic sampling: ranks that need different numbers of rounds still run them together
+    cfg = apply_overrides(get_preset("tiny"), base + ["data_parallel=ddp", "max_steps=2", "save_every=0",
+                                                      "algo.dynamic_sampling=true", "algo.max_sample_rounds=3"])
+    train(cfg, os.path.join(out, "ddp-dynamic"))
     distributed.teardown()
 
 
@@ -132,6 +136,14 @@ def test_two_process_training_runs_and_resumes(launch, kind):
     assert all(set(REQUIRED_FIELDS) <= set(r) for r in records)
     assert json.load(open(os.path.join(out, "summary.json")))["world_size"] == WORLD
     assert checkpoint.latest(os.path.join(out, "checkpoints")).endswith("step-000003")
+
+
+def test_two_process_dynamic_sampling(launch):
+    from pyrl.train.metrics import read_metrics
+
+    records = read_metrics(os.path.join(launch, "ddp-dynamic", "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(1 <= r["sample_rounds"] <= 3 and 0 <= r["groups_kept_frac"] <= 1 for r in records)
 
 
 if __name__ == "__main__":

@@ -395,6 +395,7 @@ CASES = {
     "unregister/estimator": (lambda: A.unregister("no_such_estimator"), ValueError,
                              "unknown advantage estimator 'no_such_estimator'"),
     "unregister/reward": (lambda: R.unregister("no_such_reward"), ValueError, "unknown reward 'no_such_reward'"),
+    "get/reward": (lambda: R.get("no_such_reward"), ValueError, "unknown reward 'no_such_reward'"),
 }
 
 
@@ -418,6 +419,7 @@ def test_every_public_name_is_audited():
         "filter_zero_variance_groups": "rw/zero_var", "zero_variance_group_rate": "rw/zero_var",
         "DynamicSampler": "rw/sampler", "pass_at_k": "rw/pass_at_k", "explain": "explain/",
         "register_policy_loss": "register/", "unregister_policy_loss": "unregister/", "unregister": "unregister/",
+        "get": "get/",
     }
     public = set(pyrl.__all__) | set(pyrl.nn.__all__) | set(A.__all__) | set(R.__all__)
     missing = sorted(n for n in public - no_input if not any(k.startswith(covered_prefixes.get(n, "\0"))

@@ -7,7 +7,8 @@ One loop (``pyrl.train.loop.train``) wires small components that are importable 
 
     config      TrainConfig dataclasses, YAML/JSON loading, dotted overrides
     presets     tiny, smollm2-arith, qwen2.5-0.5b-gsm8k
-    tasks       verifiable tasks addressed by index (addition, arithmetic, gsm8k)
+    tasks       verifiable tasks addressed by index (addition, arithmetic, gsm8k; jsonl/parquet files)
+    recipes     rewards composed from the config, length shaping, group filters, adaptive KL
     models      Hugging Face models, a tiny Llama + character tokenizer, SmolLM2 from GGUF
     rollout     HF generate with the sampler's log-probs; an optional colocated vLLM engine
     policy      Policy: backbone -> last hidden -> fused policy loss (+ value head), never full logits

@@ -66,9 +66,12 @@ def config_from_args(args) -> TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     """Refuse, before any model is loaded, names and values the run would trip over later."""
     import pyrl
-    from pyrl.train import tasks
+    from pyrl.train import recipes, tasks
+    from pyrl.train.config import validate
 
+    validate(cfg)
     pyrl.PolicyLossConfig(**cfg.algo.loss)  # raises naming the field
+    recipes.Reward.from_config(cfg, tasks.Task())  # reward names, user functions, length shapers
     if cfg.algo.advantage not in pyrl.advantages.names():
         raise ValueError(f"unknown advantage estimator {cfg.algo.advantage!r}; available: "
                          f"{', '.join(pyrl.advantages.names())}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["ModelConfig", "TaskConfig", "RolloutConfig", "AlgoConfig", "OptimConfig", "WarmupConfig",
-           "TrainConfig", "load_config", "apply_overrides", "merge", "config_from_dict"]
+           "TrainConfig", "load_config", "apply_overrides", "merge", "config_from_dict", "validate"]
 
 
 @dataclass
@@ -35,16 +35,33 @@ class ModelConfig:
     """``"auto"``: ``flash_attention_2`` on CUDA when flash-attn is installed, else ``"sdpa"``."""
     tiny: dict = field(default_factory=dict)
     """For ``name="tiny"``: ``LlamaConfig`` overrides (hidden_size, num_hidden_layers, ...)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (``gradient_checkpointing_enable(use_reentrant=False)``): less memory, about one more forward."""
+    lora: dict = field(default_factory=dict)
+    """LoRA adapters through ``peft`` (``{}``: off): keyword arguments of ``peft.LoraConfig``, e.g.
+    ``{"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}``; only the adapters train."""
 
 
 @dataclass
 class TaskConfig:
     name: str = "addition"
-    """A task of ``pyrl.train.tasks`` (``addition``, ``arithmetic``, ``gsm8k``)."""
+    """A task of ``pyrl.train.tasks``: ``addition``, ``arithmetic``, ``gsm8k``, or a file of yours:
+    ``jsonl``, ``parquet``, ``file`` (by extension; a folder is a ``datasets.save_to_disk`` one)."""
     options: dict = field(default_factory=dict)
-    """Keyword arguments of the task (e.g. ``{"max_operand": 9}``); changing ``name`` clears them."""
+    """Keyword arguments of the task (e.g. ``{"max_operand": 9}``, ``{"path": "data.jsonl",
+    "eval_fraction": 0.1}``); changing ``name`` clears them."""
     eval_size: int = 0
     """Greedy accuracy on this many held-out prompts every ``eval_every`` steps (0: off)."""
+    reward: Any = None
+    """``None``: the task's own reward. Else a reward name of ``pyrl.rewards`` (``math_verify``,
+    ``exact_match``, ``format``), a user function ``"module:function"`` (or ``"path/file.py:function"``),
+    or a list of terms summed with weights: ``[{"name": "math_verify", "weight": 1.0},
+    {"name": "format", "weight": 0.1, "options": {"pattern": "..."}}]`` (see ``pyrl.train.recipes``)."""
+    length_shaping: list = field(default_factory=list)
+    """Length shapers applied in order to the summed reward: ``[{"name": "overlong", "cache_len": 4}]``;
+    names ``overlong`` (DAPO), ``dler``, ``grpo_lambda``, ``cosine``, ``hapo``; the other keys are
+    their options (``max_len`` defaults to ``rollout.max_new_tokens``)."""
 
 
 @dataclass
@@ -78,6 +95,34 @@ class AlgoConfig:
     """Optimizer steps per epoch (the batch is split into this many minibatches)."""
     micro_batch_size: int = 16
     """Sequences per forward/backward; gradients accumulate over a minibatch."""
+    max_tokens_per_micro_batch: int = 0
+    """A token budget per micro-batch instead (0: off): sequences sorted by length are packed while
+    ``sequences x longest (prompt + completion)`` stays within it (a longer sequence goes alone),
+    so little padding is computed. The loss is the same exact token mean."""
+    mask_truncated: bool = False
+    """Drop completions that hit ``max_new_tokens`` without EOS from the loss (DAPO); their rewards
+    still count in their group's baseline."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: keep only groups whose rewards are not all equal, sampling further
+    prompts until the batch is full (at most ``max_sample_rounds`` rounds)."""
+    pass_rate_band: Optional[list] = None
+    """``[low, high]``: keep only groups whose pass rate (fraction of rewards ``>= pass_threshold``)
+    lies in the band (Online Difficulty Filtering, Bae et al. 2025); refilled like dynamic sampling."""
+    pass_threshold: float = 0.5
+    oversample: float = 1.0
+    """When filtering: each round samples ``ceil(oversample x prompts_per_step / world)`` prompts per
+    rank (DAPO oversamples so that one round usually fills the batch); extra kept groups are dropped."""
+    max_sample_rounds: int = 4
+    """Rollout rounds per step when filtering; a batch still short after them is topped up with the
+    most recently dropped groups (counted in ``sample_shortfall_frac``)."""
+    kl_target: Optional[float] = None
+    """Adaptive KL coefficient (Ziegler et al. 2019): ``beta *= 1 + clip(KL / target - 1, -0.2, 0.2)
+    * n / kl_horizon`` after each step (``n``: sequences in the step); needs ``algo.loss.beta > 0``."""
+    kl_horizon: int = 10000
+    ref_reset_every: int = 0
+    """Every this many steps the reference model becomes a copy of the policy (ProRL; 0: never)."""
+    ref_reset_optimizer: bool = False
+    """With ``ref_reset_every``: also clear the optimizer's moments at each reset (as ProRL does)."""
     critic: str = "shared"
     """With ``advantage="gae"``: ``"shared"`` (a value head on the policy's backbone) or
     ``"separate"`` (a copy of the initial backbone with its own value head)."""
@@ -129,7 +174,8 @@ class TrainConfig:
     device: str = "auto"
     """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``."""
     bf16: str = "auto"
-    """``"auto"`` (bf16 autocast on CUDA), ``"on"`` or ``"off"``."""
+    """``"auto"`` (bf16 autocast on CUDA), ``"on"`` or ``"off"`` (YAML's booleans ``on``/``off``/
+    ``true``/``false`` are accepted)."""
     backend: str = "auto"
     """The pyrl op backend (``"auto"``, ``"cpp"``, ``"triton"``, ``"torch"``)."""
     threads: int = 0
@@ -147,7 +193,8 @@ class TrainConfig:
     runs with the same config and seed, and a resumed run, give bitwise-identical metrics and
     parameters on CPU."""
     save_every: int = 50
-    """Checkpoint every this many steps (and at the end); 0: only at the end."""
+    """Checkpoint every this many steps and at the end; 0: no checkpoint at all (nor ``initial/``;
+    a SIGTERM then stops without one, and the run cannot be resumed)."""
     keep_checkpoints: int = 2
     eval_every: int = 0
     progress: bool = True
@@ -187,8 +234,17 @@ def merge(cfg, updates: dict, *, where: str = ""):
     return dataclasses.replace(cfg, **changes)
 
 
+_CHOICES = {"bf16": ("auto", "on", "off")}
+
+
 def _coerce(path: str, current, value):
     """Keep the declared type: ints stay ints, tuples stay tuples; a float field accepts an int."""
+    if path in _CHOICES:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            value = "on" if value else "off"
+        if value not in _CHOICES[path]:
+            raise ValueError(f"config key {path!r} must be one of {', '.join(_CHOICES[path])}, got {value!r}")
+        return value
     if value is None or current is None:
         return value
     if isinstance(current, bool):
@@ -254,3 +310,53 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             nested = {part: nested}
         cfg = merge(cfg, nested)
     return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse values of the recipe and memory keys that would fail later, naming the key (reward and
+    length-shaper names are checked where they are built, ``pyrl.train.recipes``)."""
+    a = cfg.algo
+    for key, v in (("save_every", cfg.save_every), ("algo.max_tokens_per_micro_batch", a.max_tokens_per_micro_batch),
+                   ("algo.ref_reset_every", a.ref_reset_every)):
+        if not _is_int(v) or v < 0:
+            raise ValueError(f"config key {key!r} must be an integer >= 0, got {v!r}")
+    for key, v in (("algo.max_sample_rounds", a.max_sample_rounds), ("algo.kl_horizon", a.kl_horizon),
+                   ("algo.micro_batch_size", a.micro_batch_size)):
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"config key {key!r} must be an integer >= 1, got {v!r}")
+    band = a.pass_rate_band
+    if band is not None:
+        if (not isinstance(band, (list, tuple)) or len(band) != 2 or not all(_is_number(x) for x in band)
+                or not 0 <= band[0] <= band[1] <= 1):
+            raise ValueError(f"config key 'algo.pass_rate_band' must be [low, high] with 0 <= low <= high <= 1, "
+                             f"got {band!r}")
+    if not _is_number(a.oversample) or a.oversample < 1:
+        raise ValueError(f"config key 'algo.oversample' must be a number >= 1, got {a.oversample!r}")
+    if not _is_number(a.pass_threshold):
+        raise ValueError(f"config key 'algo.pass_threshold' must be a number, got {a.pass_threshold!r}")
+    if a.dynamic_sampling and cfg.rollout.group_size < 2:
+        raise ValueError("config key 'algo.dynamic_sampling' keeps groups whose rewards differ: it needs "
+                         f"rollout.group_size >= 2, got {cfg.rollout.group_size}")
+    beta = a.loss.get("beta", 0.0)
+    if a.kl_target is not None:
+        if not _is_number(a.kl_target) or a.kl_target <= 0:
+            raise ValueError(f"config key 'algo.kl_target' must be a number > 0, got {a.kl_target!r}")
+        if not _is_number(beta) or beta <= 0:
+            raise ValueError("config key 'algo.kl_target' adapts the KL coefficient: set algo.loss.beta > 0 "
+                             f"(its starting value), got beta={beta!r}")
+    if a.ref_reset_every and not (beta or a.loss.get("kl_type")):
+        raise ValueError("config key 'algo.ref_reset_every' resets the reference model, and there is none: set "
+                         "algo.loss.beta > 0 or an algo.loss.kl_type")
+    if not isinstance(cfg.model.lora, dict):
+        raise ValueError(f"config key 'model.lora' must be a mapping of peft.LoraConfig arguments, got "
+                         f"{cfg.model.lora!r}")
+    if not isinstance(cfg.task.length_shaping, list):
+        raise ValueError(f"config key 'task.length_shaping' must be a list, got {cfg.task.length_shaping!r}")

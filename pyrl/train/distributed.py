@@ -18,8 +18,8 @@ import torch.distributed as tdist
 
 from pyrl._validate import check_number
 
-__all__ = ["DistInfo", "setup", "wrap", "unwrap", "is_fsdp", "grad_sync", "gathered_for_generation", "all_reduce_sum",
-           "all_gather_object", "barrier", "any_rank", "teardown"]
+__all__ = ["DistInfo", "launch_info", "setup", "wrap", "unwrap", "is_fsdp", "grad_sync", "gathered_for_generation",
+           "all_reduce_sum", "all_gather_object", "barrier", "any_rank", "teardown"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -38,14 +39,22 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launch_info() -> tuple[int, int, int, int]:
+    """``(rank, world_size, local_rank, local_world_size)`` as torchrun describes this process
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``; alone: ``(0, 1, 0, 1)``). The
+    one place the trainer reads them."""
+    env = os.environ
+    return (int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")),
+            int(env.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def setup(device: str = "auto", timeout_s: float = 900.0) -> DistInfo:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA), or run alone.
     ``timeout_s``: how long start-up and every collective may wait for the other ranks before
     raising (a crashed or stuck rank then ends the job instead of hanging it)."""
     timeout_s = check_number("timeout_s (dist_timeout_s)", timeout_s, low=0, low_open=True,
                              expect="a finite number of seconds > 0")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local, local_world = launch_info()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -61,7 +70,7 @@ def setup(device: str = "auto", timeout_s: float = 900.0) -> DistInfo:
         tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
                                  timeout=datetime.timedelta(seconds=timeout_s),
                                  **({"device_id": dev} if dev.type == "cuda" else {}))
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, local, dev, local_world)
 
 
 def teardown() -> None:

