@@ -28,8 +28,8 @@ from pyrl._validate import check_chunk_bytes, check_linear_args, check_same_devi
     shape_str
 from pyrl.config import PolicyLossConfig
 from pyrl.kernels.reference import RowParams, acc_dtype, kl_rows_bwd, kl_rows_fwd
-from pyrl.ops.logprobs import fused_linear_logprobs
-from pyrl.ops.plan import Plan, make_plan
+from pyrl.ops.logprobs import LinearCall, fused_linear_logprobs, run_linear_logprobs
+from pyrl.ops.plan import GEMM_ROW_QUANTUM, Plan, make_plan
 from pyrl.ops.policy_loss import agg_weights, check_policy_args, not_token_separable, policy_loss_core
 from pyrl.ops.walk import Head, rows_body, walk
 
@@ -73,7 +73,7 @@ class _FullKL(torch.autograd.Function):
 
 def _kl_head(hidden, weight, bias, need=(False, False, False)):
     # the exact KL always runs its GEMMs in the accumulation dtype (two heads' logits per chunk)
-    return Head(hidden, weight, bias, gemm="acc", pad_rows=16, need=need)
+    return Head(hidden, weight, bias, gemm="acc", pad_rows=GEMM_ROW_QUANTUM, need=need)
 
 
 class _OnePassPolicyLoss(torch.autograd.Function):
@@ -260,9 +260,16 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
         return _one_pass_loss(hidden, weight, bias, targets, mask, advantages, old_logp=old_logp, ref_logp=ref_logp,
                               rollout_logp=rollout_logp, policy_weight=policy_weight, config=config, plan=plan,
                               ignore_index=ignore_index)
-    logp, entropy = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=config.temperature,
-                                          ignore_index=ignore_index, return_entropy=True, backend=backend,
-                                          chunk_bytes=plan.chunk_bytes, vocab_parallel_group=vocab_parallel_group)
+    if vocab_parallel_group is None:
+        # the log-prob pass of this call's own plan: validated and planned once, above
+        params = RowParams(config.temperature, ignore_index, True)
+        logp, entropy = run_linear_logprobs(LinearCall(plan, hidden.reshape(B * T, -1), weight, bias,
+                                                       targets.reshape(-1), params, (B, T)))
+        logp, entropy = logp.reshape(B, T), entropy.reshape(B, T)
+    else:  # the vocab-parallel op agrees its chunks with the other ranks first
+        logp, entropy = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=config.temperature,
+                                              ignore_index=ignore_index, return_entropy=True, backend=backend,
+                                              chunk_bytes=plan.chunk_bytes, vocab_parallel_group=vocab_parallel_group)
     kl = None
     if call.full_kl:
         kl = _FullKL.apply(hidden.reshape(B * T, -1), weight, bias, ref_hidden.reshape(B * T, -1).detach(),
