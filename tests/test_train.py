@@ -35,6 +35,15 @@ def fast_config(*extra) -> TrainConfig:
     return apply_overrides(get_preset("tiny"), FAST + list(extra))
 
 
+def seed_resume_dir(src: str, dst: str, step: int) -> None:
+    """Give ``dst`` only what a resumed run finds: the step-``step`` checkpoint of ``src`` and its
+    initial weights (a fresh run directory, nothing else carried over)."""
+    name = f"step-{step:06d}"
+    os.makedirs(os.path.join(dst, "checkpoints"))
+    shutil.copytree(os.path.join(src, "checkpoints", name), os.path.join(dst, "checkpoints", name))
+    shutil.copytree(os.path.join(src, "initial"), os.path.join(dst, "initial"))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These models are tiny: one thread is as fast, and immune to a busy machine's OpenMP stalls."""
@@ -365,9 +374,7 @@ def test_resume_is_exact(tmp_path):
                       "task.eval_size=0", "algo.ppo_epochs=2")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(cfg, a)
-    os.makedirs(os.path.join(b, "checkpoints"))
-    shutil.copytree(os.path.join(a, "checkpoints", "step-000002"), os.path.join(b, "checkpoints", "step-000002"))
-    shutil.copytree(os.path.join(a, "initial"), os.path.join(b, "initial"))
+    seed_resume_dir(a, b, 2)
     torch.manual_seed(1234)  # the checkpoint, not the caller, decides the random stream
     train(cfg, b, resume=True)
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):

@@ -21,7 +21,7 @@ from pyrl.train.loop import _score_old, micro_batches, update  # noqa: E402
 from pyrl.train.metrics import REQUIRED_FIELDS, read_metrics  # noqa: E402
 from pyrl.train.models import load_model  # noqa: E402
 from pyrl.train.policy import LossScale, Policy, make_batch  # noqa: E402
-from test_train import FAST, fast_config, synthetic_data, tiny  # noqa: E402,F401  (tiny: a fixture)
+from test_train import FAST, fast_config, seed_resume_dir, synthetic_data, tiny  # noqa: E402,F401  (tiny: a fixture)
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -329,11 +329,7 @@ def test_recipes_resume_exactly(tmp_path):
                       "algo.dynamic_sampling=true", "algo.max_sample_rounds=3")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(cfg, a)
-    import shutil
-
-    os.makedirs(os.path.join(b, "checkpoints"))
-    shutil.copytree(os.path.join(a, "checkpoints", "step-000001"), os.path.join(b, "checkpoints", "step-000001"))
-    shutil.copytree(os.path.join(a, "initial"), os.path.join(b, "initial"))
+    seed_resume_dir(a, b, 1)
     train(cfg, b, resume=True)
     ra, rb = read_metrics(os.path.join(a, "metrics.jsonl")), read_metrics(os.path.join(b, "metrics.jsonl"))
     assert rb[-1]["kl_coef"] == ra[-1]["kl_coef"] and rb[-1]["loss"] == ra[-1]["loss"]
