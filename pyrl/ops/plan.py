@@ -93,10 +93,6 @@ class Plan:
     vocab_parallel: bool = False
     reasons: Tuple[str, ...] = ()
 
-    def padded(self, rows: int) -> int:
-        """Rows of the GEMM that computes ``rows`` tokens' logits."""
-        return -(-rows // self.pad_rows) * self.pad_rows
-
     def __str__(self) -> str:
         head = f"{self.op}: backend={self.backend}, linear={self.linear}"
         if self.linear != "given":
