@@ -19,6 +19,8 @@ PPO/GRPO with the DAPO token-mean normaliser, as in verl and TRL (``loss_type="d
     dual-clip PPO             loss_type="ppo", clip_ratio_c=3.0
     TIS / MIS / IcePop        is_level="token"|"sequence", is_mode="truncate"|"mask"
     80/20 high-entropy        top_entropy_rho=0.2
+    Clip-Cov / KL-Cov         loss_type="clip_cov" | "kl_cov" (Cui et al. 2025)
+    GMPO                      loss_type="geo_mean", eps_low=eps_high=0.4 (log-ratio bounds)
     ========================  ============================================================
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pyrl.losses import POLICY_LOSSES
 __all__ = ["PolicyLossConfig"]
 
 RATIO_LEVELS = ("token", "sequence")
-KL_TYPES = (None, "k1", "k2", "k3", "full")
+KL_TYPES = (None, "k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+", "full")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 IS_LEVELS = (None, "token", "sequence")
 IS_MODES = ("truncate", "mask")
@@ -109,6 +111,8 @@ class PolicyLossConfig:
     """KL-to-reference estimator (docs/formulas.md §4, Schulman's k1/k2/k3 notation): ``None``, ``"k1"``,
     ``"k2"``, ``"k3"`` (low variance; TRL/Liger/verl ``low_var_kl``) or ``"full"`` (the exact KL over
     the vocabulary, only computable by ``fused_linear_policy_loss`` from reference hidden states).
+    ``"abs"`` (``|d|``) and the straight-through ``"k1+"``, ``"k2+"``, ``"k3+"`` (the value of k1/k2/k3
+    with the gradient of k2, verl's ``k3+``; ``"abs+"`` likewise) are verl's further ``kl_loss_type`` modes.
     ``None`` with ``beta > 0`` means ``"k3"``, the TRL/Liger estimator (``effective_kl_type``). A
     ``kl_type`` with ``beta == 0`` is computed for the ``kl_mean`` metric only."""
 
@@ -178,6 +182,29 @@ class PolicyLossConfig:
 
     tau_neg: float = 1.05
     """SAPO gate temperature for ``A <= 0`` (TRL/Liger ``sapo_temperature_neg``). ``> 0``."""
+
+    clip_cov_ratio: Optional[float] = None
+    """``clip_cov`` (docs/formulas.md §3.8): the fraction of valid tokens whose gradient the
+    covariance clip may remove. ``None`` means verl's default 2e-4; else a number in ``(0, 1]``.
+    Only for ``loss_type="clip_cov"``."""
+
+    clip_cov_lb: Optional[float] = None
+    """``clip_cov``: tokens are eligible when their covariance lies strictly between ``clip_cov_lb``
+    and ``clip_cov_ub``. ``None`` means verl's default 1.0; ``-inf`` no lower bound. Only for
+    ``loss_type="clip_cov"``."""
+
+    clip_cov_ub: Optional[float] = None
+    """``clip_cov``: the upper covariance bound (``None``: verl's default 5.0; ``inf``: none). Only for
+    ``loss_type="clip_cov"``."""
+
+    kl_cov_ratio: Optional[float] = None
+    """``kl_cov`` (docs/formulas.md §3.9): the fraction of valid tokens, those of largest covariance,
+    that get the ``|log r|`` penalty. ``None`` means verl's default 2e-4; else in ``(0, 1]``. Only for
+    ``loss_type="kl_cov"``."""
+
+    ppo_kl_coef: Optional[float] = None
+    """``kl_cov``: the coefficient of the ``|log r|`` penalty (``None``: verl's default 1.0; else
+    ``>= 0``). Only for ``loss_type="kl_cov"``."""
 
     def __post_init__(self) -> None:
         _choice("loss_type", self.loss_type, [s.name for s in POLICY_LOSSES.values()])  # registration order

@@ -53,7 +53,7 @@ class FusedLinearLogProbs(torch.nn.Module):
 
 
 # The Liger/TRL loss_type names and what each is in pyrl: pyrl.losses.aliases (docs/formulas.md §12).
-_KL_TYPES = ("k1", "k2", "k3", "full")
+_KL_TYPES = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+", "full")
 
 
 def _number(name: str, x, **kw) -> None:

@@ -12,7 +12,9 @@ def test_defaults_match_api():
                     ratio_level="token", kl_type=None, beta=0.0, entropy_coef=0.0, top_entropy_rho=1.0,
                     agg="token-mean", max_completion_length=None, num_items_in_batch=None,
                     temperature=1.0, is_level=None, is_mode="truncate", is_cap=2.0, is_min=None,
-                    tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=False)
+                    tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=False,
+                    # loss-owned fields added with clip_cov/kl_cov: None means verl's default
+                    clip_cov_ratio=None, clip_cov_lb=None, clip_cov_ub=None, kl_cov_ratio=None, ppo_kl_coef=None)
     assert {f.name: getattr(c, f.name) for f in dataclasses.fields(c)} == expected
 
 
@@ -68,7 +70,7 @@ def test_valid_configs(kwargs):
     (dict(clip_ratio_c=0.5), ValueError, r"clip_ratio_c must be > 1"),
     (dict(clip_ratio_c=3.0, loss_type="cispo"), ValueError, r"clip_ratio_c applies to loss_type"),
     (dict(ratio_level="seq"), ValueError, r"ratio_level must be one of 'token', 'sequence', got 'seq'"),
-    (dict(kl_type="low_var_kl"), ValueError, r"kl_type must be one of None, 'k1', 'k2', 'k3', 'full'"),
+    (dict(kl_type="low_var_kl"), ValueError, r"kl_type must be one of None, 'k1', 'k2', 'k3', 'abs', 'k1\+', 'k2\+', 'k3\+', 'abs\+', 'full'"),
     (dict(beta=-0.1), ValueError, r"beta must be >= 0"),
     (dict(beta=float("nan")), ValueError, r"beta must be finite"),
     (dict(use_bias_correction_kl=1), TypeError, r"use_bias_correction_kl must be a bool"),

@@ -13,6 +13,10 @@ first imported; verl itself is never needed to import this module):
     pyrl_gspo      verl ``gspo``: the sequence-level ratio, aggregated by ``loss_agg_mode``
     pyrl_cispo     verl ``cispo``: ``-sg(clip(r, 1 - low, 1 + high)) * A * logp``, ``loss_agg_mode``
     pyrl_sapo      verl ``sapo``: sigmoid gate (``tau_pos``, ``tau_neg``), always ``seq-mean-token-mean``
+    pyrl_gspo_seq  verl <= 0.8 ``gspo``: as ``pyrl_gspo``, always ``seq-mean-token-mean``
+    pyrl_clip_cov  verl ``clip_cov`` (``policy_loss.clip_cov_ratio/lb/ub``), ``loss_agg_mode``
+    pyrl_kl_cov    verl ``kl_cov`` (``policy_loss.kl_cov_ratio``, ``ppo_kl_coef``), ``loss_agg_mode``
+    pyrl_geo_mean  verl ``geo_mean`` (GMPO): the mean of the sequence losses over the micro-batch
     =============  ================================================================================
 
 so a run switches with ``actor_rollout_ref.actor.policy_loss.loss_mode=pyrl`` and
@@ -31,7 +35,12 @@ a 4-tuple: neither is supported.
 The loss differs from verl's own only where verl divides by zero (pyrl returns 0, verl NaN) and
 for GSPO log-ratios above 10 (verl clamps at 10, pyrl at 20).
 ``actor/pg_clipfrac`` is pyrl's ``clip_frac`` (tokens whose loss a clip bound decided; for ``pyrl``
-this includes the dual-clip tokens that ``actor/pg_clipfrac_lower`` counts).
+this includes the dual-clip tokens that ``actor/pg_clipfrac_lower`` counts; for ``pyrl_clip_cov``
+the PPO-clipped tokens too, where verl counts the covariance-selected ones only), except where
+verl counts otherwise and pyrl follows it: ``pyrl_cispo`` (either bound, whatever the sign of
+``A``) and ``pyrl_geo_mean`` (log-ratios outside the bounds, split by the sign of ``A`` into
+``pg_clipfrac`` and ``pg_clipfrac_lower``). ``pyrl_kl_cov``'s ``actor/ppo_kl`` is the mean ``|log r|``.
+``kl_penalty`` is verl's ``kl_penalty`` (all its names) on pyrl's KL estimators.
 
 verl hands a policy loss log-probs, not hidden states: the registered functions are
 ``pyrl.policy_loss`` (the loss half of ``pyrl.fused_linear_policy_loss``). The other half is:
@@ -52,12 +61,13 @@ import torch
 
 from pyrl.config import PolicyLossConfig
 from pyrl.losses import get_policy_loss
-from pyrl.losses.aliases import VERL_LOSS_MODES, verl_config_kwargs
+from pyrl.losses.aliases import VERL_KL_TYPES, VERL_LOSS_MODES, verl_config_kwargs
 from pyrl.losses.surrogates import ppo_clipped_flags
 from pyrl.ops.logprobs import fused_linear_logprobs
-from pyrl.ops.policy_loss import policy_loss
+from pyrl.ops.policy_loss import kl_estimate, policy_loss
 
-__all__ = ["compute_policy_loss", "LOSS_MODES", "register", "linear_cross_entropy", "patch_linear_cross_entropy"]
+__all__ = ["compute_policy_loss", "LOSS_MODES", "register", "kl_penalty", "linear_cross_entropy",
+           "patch_linear_cross_entropy"]
 
 VERL_CORE_ALGOS = "verl.trainer.ppo.core_algos"
 
@@ -136,11 +146,18 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
     agg = mode.agg or loss_agg_mode
     mask = response_mask.bool()
     info = dict(_get(config, "global_batch_info", None) or {})
-    agg_fields, factor = _aggregation(agg, mask, info)
+    if mode.sequence_mean:  # verl: torch.mean over the micro-batch's per-sequence losses
+        agg_fields, factor = {"agg": "seq-mean-token-mean"}, 1.0
+        if rollout_is_weights is not None:
+            rollout_is_weights = _sequence_geometric_mean(rollout_is_weights, mask)
+    else:
+        agg_fields, factor = _aggregation(agg, mask, info)
     low, high = _clip_bounds(config)
+    sub = _get(config, "policy_loss", None)
     cfg = PolicyLossConfig(**verl_config_kwargs(
         mode, clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=float(_get(config, "clip_ratio_c", 3.0)),
-        tau_pos=float(_get(config, "tau_pos", 1.0)), tau_neg=float(_get(config, "tau_neg", 1.05))), **agg_fields)
+        tau_pos=float(_get(config, "tau_pos", 1.0)), tau_neg=float(_get(config, "tau_neg", 1.05)),
+        verl_params={name: _get(sub, name) for name in mode.verl_params}), **agg_fields)
     loss, metrics = policy_loss(log_prob, advantages, mask, old_logp=old_log_prob,
                                 policy_weight=rollout_is_weights, config=cfg)
     loss = loss * factor
@@ -150,9 +167,19 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
         log_ratio = (log_prob.detach() - old_log_prob).float().clamp(-20.0, 20.0)
         ppo_kl = (torch.where(mask, -log_ratio, 0.0)).sum() / count
         lower = torch.zeros((), device=log_prob.device)
+        clip_frac = metrics["clip_frac"]
+        A = advantages.detach().float()
+        A = A.unsqueeze(-1) if A.dim() == 1 else A
+        if cfg.loss_type == "kl_cov":  # verl reports the mean |log r| for kl_cov
+            ppo_kl = (torch.where(mask, log_ratio.abs(), 0.0)).sum() / count
+        elif cfg.loss_type == "cispo":  # verl counts either bound, whatever the advantage's sign
+            r = log_ratio.exp()
+            clip_frac = (((r < 1.0 - cfg.eps_low) | (r > 1.0 + cfg.eps_high)) & mask).float().sum() / count
+        elif cfg.loss_type == "geo_mean":  # verl: log r outside the bounds, split by the advantage's sign
+            outside = ((log_ratio < -cfg.eps_low) | (log_ratio > cfg.eps_high)) & mask
+            clip_frac = (outside & (A > 0)).float().sum() / count
+            lower = (outside & (A < 0)).float().sum() / count
         if cfg.clip_ratio_c is not None:  # tokens where dual-clip capped the loss (verl's pg_clipfrac_lower)
-            A = advantages.detach().float()
-            A = A.unsqueeze(-1) if A.dim() == 1 else A
             r = log_ratio.exp()
             # The registered surrogate flags the tokens a bound decided: the clip range's and, for A < 0,
             # the cap's. The cap binds only where the loss exceeds -A * clip_ratio_c > -A, never on a token
@@ -162,8 +189,40 @@ def compute_policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, adva
             by_clip = ppo_clipped_flags(r, A, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high, cfg.delta)
             capped = (A < 0) & flagged & ~by_clip & mask
             lower = capped.float().sum() / count
-    return loss, {"actor/pg_clipfrac": float(metrics["clip_frac"]), "actor/ppo_kl": float(ppo_kl),
+    return loss, {"actor/pg_clipfrac": float(clip_frac), "actor/ppo_kl": float(ppo_kl),
                   "actor/pg_clipfrac_lower": float(lower)}
+
+
+def _sequence_geometric_mean(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's geo_mean weight per sequence: ``exp(sum_t m log(w + 1e-10) / (|y| + 1e-8))`` ``[B, 1]``."""
+    w = weights.detach()
+    if w.dim() == 1:
+        w = w.unsqueeze(-1).expand(mask.shape)
+    m = mask.to(w.dtype)
+    log_w = torch.where(mask, (w + 1e-10).log(), 0.0)
+    return ((log_w * m).sum(-1, keepdim=True) / (m.sum(-1, keepdim=True) + 1e-8)).exp()
+
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """verl's ``core_algos.kl_penalty`` (per-token KL estimate ``[B, T]``) computed by pyrl's estimators
+    (docs/formulas.md §4, §4.1), with verl's names (``VERL_KL_TYPES``: ``kl``/``k1``, ``abs``,
+    ``mse``/``k2``, ``low_var_kl``/``k3`` and each with a trailing ``+``, the straight-through form).
+    ``k3`` keeps verl's extra clamp of the estimate to ``[-10, 10]`` (pyrl's own ``k3`` only clamps the
+    log-ratio to ``[-20, 20]``; docs/integrations.md lists the difference). ``full`` is refused, as
+    verl refuses it (it needs the distributions, not log-probs).
+    """
+    if kl_penalty not in VERL_KL_TYPES:
+        raise ValueError(f"kl_penalty must be one of {', '.join(map(repr, VERL_KL_TYPES))}, got {kl_penalty!r}")
+    kl_type = VERL_KL_TYPES[kl_penalty]
+    if kl_type == "full":
+        raise NotImplementedError("kl_penalty='full' needs the two distributions over the vocabulary; use "
+                                  "pyrl.fused_linear_policy_loss with kl_type='full' and the reference head")
+    kl = kl_estimate(logprob, ref_logprob, kl_type)
+    if kl_type == "k3":  # verl clamps the k3 estimate to [-10, 10] (no gradient beyond)
+        return kl.clamp(-10.0, 10.0)
+    if kl_type == "k3+":  # the clamped value, k2's gradient
+        return kl + (kl.detach().clamp(-10.0, 10.0) - kl.detach())
+    return kl
 
 
 def _bound(loss_mode: str):

@@ -20,6 +20,9 @@ and the aggregation are applied around it. What a registration declares:
   default is ``None`` (``delta``, ``clip_ratio_c``) may be set only with a loss that owns it.
 * ``nullable``: fields with a non-``None`` default that this loss accepts as ``None``
   (``cispo``: ``eps_low=None``, no lower bound).
+* ``needs_mask``: the function also gets ``mask=`` the ``[B, T]`` bool of valid tokens (a loss
+  that averages over a sequence or selects tokens over the batch: ``geo_mean``, ``clip_cov``,
+  ``kl_cov``). Such a loss is never token-separable.
 
 A name is registered once; a duplicate raises ``ValueError`` (``replace=True`` overrides on
 purpose). ``unregister_policy_loss`` removes one.
@@ -50,6 +53,7 @@ class PolicyLossSpec:
     token_separable: bool = False
     params: Mapping[str, ParamCheck] = field(default_factory=dict)
     nullable: Tuple[str, ...] = ()
+    needs_mask: bool = False
 
 
 POLICY_LOSSES: Registry[PolicyLossSpec] = Registry("policy loss")
@@ -57,14 +61,17 @@ POLICY_LOSSES: Registry[PolicyLossSpec] = Registry("policy loss")
 
 def register_policy_loss(name: str, *, token_separable: bool = False,
                          params: Optional[Mapping[str, ParamCheck]] = None, nullable: Tuple[str, ...] = (),
-                         replace: bool = False) -> Callable[[PolicyLossFn], PolicyLossFn]:
+                         needs_mask: bool = False, replace: bool = False) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Decorator: register a per-token surrogate as ``PolicyLossConfig(loss_type=name)``.
 
-    See the module docstring for ``token_separable``, ``params`` and ``nullable``. Returns the
+    See the module docstring for ``token_separable``, ``params``, ``nullable`` and ``needs_mask``. Returns the
     function unchanged. A duplicate name raises ``ValueError`` unless ``replace=True``.
     """
-    if not isinstance(token_separable, bool):
-        raise TypeError(f"token_separable must be a bool, got {type(token_separable).__name__} {token_separable!r}")
+    for flag, value in (("token_separable", token_separable), ("needs_mask", needs_mask)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__} {value!r}")
+    if token_separable and needs_mask:
+        raise ValueError("a loss with needs_mask=True sees the whole [B, T] batch: it cannot be token_separable")
     params = dict(params or {})
     for key, check in params.items():
         if not callable(check):
@@ -77,7 +84,7 @@ def register_policy_loss(name: str, *, token_separable: bool = False,
         if name in POLICY_LOSSES and not replace:
             raise ValueError(f"a policy loss named {name!r} is already registered; pick another name "
                              f"or pass replace=True")
-        POLICY_LOSSES.register(name, PolicyLossSpec(name, fn, token_separable, params, nullable), replace=True)
+        POLICY_LOSSES.register(name, PolicyLossSpec(name, fn, token_separable, params, nullable, needs_mask), replace=True)
         return fn
 
     return decorator
@@ -97,4 +104,4 @@ def policy_loss_names() -> list:
     return POLICY_LOSSES.names()
 
 
-from pyrl.losses import surrogates  # noqa: E402,F401  (registers the built-in losses)
+from pyrl.losses import surrogates, covariance, gmpo  # noqa: E402,F401  (registers the built-in losses)

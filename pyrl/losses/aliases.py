@@ -23,7 +23,7 @@ from typing import Optional
 from pyrl.losses import get_policy_loss
 
 __all__ = ["LigerLossType", "LIGER_LOSS_TYPES", "TRL_LOSS_TYPES", "liger_config_kwargs",
-           "VerlLossMode", "VERL_LOSS_MODES", "verl_config_kwargs"]
+           "VerlLossMode", "VERL_LOSS_MODES", "VERL_KL_TYPES", "verl_config_kwargs"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,11 @@ class VerlLossMode:
         agg: the aggregation verl forces for this mode, or ``None`` for verl's ``loss_agg_mode``.
         dual_clip: verl's ``clip_ratio_c`` (dual-clip PPO) applies, as in verl's ``vanilla``.
         verl_name: verl's own loss mode that this one reproduces.
+        sequence_mean: verl returns the plain mean of per-sequence losses over the micro-batch
+            (``torch.mean``, no ``global_batch_info``) and folds ``rollout_is_weights`` into one
+            geometric-mean weight per sequence: geo_mean.
+        verl_params: the ``policy_loss`` sub-config fields of verl's actor config this mode reads,
+            each the ``PolicyLossConfig`` field of the same name.
     """
 
     name: str
@@ -121,6 +126,8 @@ class VerlLossMode:
     agg: Optional[str] = None
     dual_clip: bool = False
     verl_name: str = ""
+    sequence_mean: bool = False
+    verl_params: tuple = ()
 
 
 VERL_LOSS_MODES = {row.name: row for row in (
@@ -128,17 +135,34 @@ VERL_LOSS_MODES = {row.name: row for row in (
     VerlLossMode("pyrl_gspo", "gspo", verl_name="gspo"),
     VerlLossMode("pyrl_cispo", "cispo", verl_name="cispo"),
     VerlLossMode("pyrl_sapo", "sapo", agg="seq-mean-token-mean", verl_name="sapo"),
+    # verl <= 0.8's gspo aggregates seq-mean-token-mean whatever loss_agg_mode says
+    VerlLossMode("pyrl_gspo_seq", "gspo", agg="seq-mean-token-mean", verl_name="gspo"),
+    VerlLossMode("pyrl_clip_cov", "clip_cov", verl_name="clip_cov",
+                 verl_params=("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub")),
+    VerlLossMode("pyrl_kl_cov", "kl_cov", verl_name="kl_cov", verl_params=("kl_cov_ratio", "ppo_kl_coef")),
+    VerlLossMode("pyrl_geo_mean", "geo_mean", agg="seq-mean-token-mean", verl_name="geo_mean", sequence_mean=True),
 )}
+
+# verl's kl_loss_type / kl_penalty names -> PolicyLossConfig.kl_type (docs/formulas.md §4.1)
+VERL_KL_TYPES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3",
+                 "kl+": "k1+", "k1+": "k1+", "abs+": "abs+", "mse+": "k2", "k2+": "k2", "low_var_kl+": "k3+",
+                 "k3+": "k3+", "full": "full"}
 
 
 def verl_config_kwargs(mode: VerlLossMode, *, clip_ratio_low: float, clip_ratio_high: float,
-                       clip_ratio_c: float = 3.0, tau_pos: float = 1.0, tau_neg: float = 1.05) -> dict:
+                       clip_ratio_c: float = 3.0, tau_pos: float = 1.0, tau_neg: float = 1.05,
+                       verl_params: Optional[dict] = None) -> dict:
     """The loss-specific ``PolicyLossConfig`` keyword arguments of a verl ``loss_mode`` from verl's
     actor config values: the clip range ``[1 - clip_ratio_low, 1 + clip_ratio_high]`` (cispo too:
     verl's cispo has both bounds), ``clip_ratio_c`` for dual-clip modes, ``tau_pos``/``tau_neg``
-    for sapo. The aggregation is the caller's (it depends on verl's ``global_batch_info``)."""
+    for sapo, and the mode's ``verl_params`` found in ``verl_params`` (verl's ``policy_loss``
+    sub-config; a missing or ``None`` one keeps verl's default). The aggregation is the caller's
+    (it depends on verl's ``global_batch_info``)."""
     owned = get_policy_loss(mode.loss_type).params
     kw = dict(loss_type=mode.loss_type)
+    for name in mode.verl_params:
+        if (verl_params or {}).get(name) is not None:
+            kw[name] = float(verl_params[name])
     if "eps_high" in owned:
         kw.update(eps_low=clip_ratio_low, eps_high=clip_ratio_high)
     if mode.dual_clip:

@@ -9,7 +9,7 @@ import torch
 from pyrl._validate import check_number
 from pyrl.losses import register_policy_loss
 
-__all__ = ["ppo_loss", "gspo_loss", "cispo_loss", "sapo_loss", "reinforce_loss", "ppo_clipped_flags"]
+__all__ = ["ppo_loss", "gspo_loss", "cispo_loss", "sapo_loss", "reinforce_loss", "ppo_clipped_flags", "CLIP_PARAMS"]
 
 
 def _non_negative(name, x):
@@ -30,8 +30,8 @@ def _positive(name, x):
 
 # The clip range is shared by the clipped losses; ``delta`` and dual-clip ``clip_ratio_c`` belong
 # to the PPO surrogate only.
-_CLIP = {"eps_low": _non_negative_or_none, "eps_high": _non_negative}
-_PPO_PARAMS = {**_CLIP, "delta": _above_one, "clip_ratio_c": _above_one}
+CLIP_PARAMS = {"eps_low": _non_negative_or_none, "eps_high": _non_negative}
+_PPO_PARAMS = {**CLIP_PARAMS, "delta": _above_one, "clip_ratio_c": _above_one}
 
 
 def ppo_clipped_flags(r: torch.Tensor, A: torch.Tensor, lo: Optional[float], hi: float,
@@ -86,7 +86,7 @@ def gspo_loss(logp, ratio, advantages, config):
     return ppo_loss(logp, ratio, advantages, config)
 
 
-@register_policy_loss("cispo", token_separable=True, params=_CLIP, nullable=("eps_low",))
+@register_policy_loss("cispo", token_separable=True, params=CLIP_PARAMS, nullable=("eps_low",))
 def cispo_loss(logp, ratio, advantages, config):
     """CISPO (MiniMax-M1, 2025): REINFORCE weighted by the clipped, detached importance ratio, so
     clipped tokens still get a gradient:

@@ -23,7 +23,7 @@ from pyrl.config import PolicyLossConfig
 from pyrl.losses import get_policy_loss, policy_loss_names, register_policy_loss
 
 __all__ = ["policy_loss", "register_policy_loss", "policy_loss_names", "agg_weights", "aggregate",
-           "not_token_separable", "policy_loss_core", "check_policy_args", "local_entropy_quantile"]
+           "not_token_separable", "policy_loss_core", "check_policy_args", "local_entropy_quantile", "kl_estimate"]
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -66,14 +66,20 @@ def _ratio(logp, old_logp, m, level: str) -> torch.Tensor:
     return seq.exp() * (logp - logp.detach()).exp()
 
 
-def _kl(logp, ref_logp, kl_type: str) -> torch.Tensor:
+def kl_estimate(logp, ref_logp, kl_type: str) -> torch.Tensor:
     """docs/formulas.md §4, ``d = logp - logp_ref``: k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (d clamped
-    to [-20, 20] for k3 only, whose exp would overflow)."""
+    to [-20, 20] for k3 only, whose exp would overflow), abs = |d|. A trailing ``+`` (§4.1) keeps the
+    estimator's value and takes the gradient of k2 (straight-through), as verl's ``k3+``."""
     d = logp - ref_logp
+    if kl_type.endswith("+"):
+        k2 = 0.5 * d * d
+        return (k2 - k2.detach()) + kl_estimate(logp.detach(), ref_logp, kl_type[:-1])  # exactly the value
     if kl_type == "k1":
         return d
     if kl_type == "k2":
         return 0.5 * d * d
+    if kl_type == "abs":
+        return d.abs()
     d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return (-d).exp() + d - 1.0
 
@@ -175,7 +181,9 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
     count = m.sum()
 
     ratio = _ratio(logp, old_logp, m, config.effective_ratio_level)
-    per_token, clipped = get_policy_loss(config.loss_type).fn(logp, ratio, advantages, config)
+    spec = get_policy_loss(config.loss_type)
+    extra = {"mask": valid} if spec.needs_mask else {}
+    per_token, clipped = spec.fn(logp, ratio, advantages, config, **extra)
 
     policy_mask = m
     if config.top_entropy_rho < 1.0 and logp.numel() > 0:
@@ -198,7 +206,7 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
 
     kl_type = config.effective_kl_type
     if kl is None and kl_type is not None and kl_type != "full" and ref_logp is not None:
-        kl = _kl(logp, ref_logp, kl_type)
+        kl = kl_estimate(logp, ref_logp, kl_type)
     if kl is not None and config.use_bias_correction_kl:
         kl = kl * ratio
     if kl is not None and config.beta != 0:
