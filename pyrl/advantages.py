@@ -330,8 +330,26 @@ def opo(rewards, group_size, *, lengths):
     return _zero_where(_constant_groups(rewards, G), (g - baseline).reshape(-1))
 
 
+def _segment_token_scan(x: torch.Tensor, valid: torch.Tensor, discount: float) -> torch.Tensor:
+    """Discounted reverse cumulative sum that restarts at every masked token (verl's REINFORCE++
+    return): ``y_t = x_t + discount * y_{t+1}`` inside a run of valid tokens, cut where the next
+    token is masked; masked positions come out 0. Without a loop: with ``Y`` the uncut scan and
+    ``e`` the first masked position after ``t``, ``y_t = Y_t - discount^(e - t) * Y_e``."""
+    B, T = x.shape
+    x = torch.where(valid, x, torch.zeros_like(x))
+    Y = _discounted_reverse_cumsum(x, discount)
+    idx = torch.arange(T, device=x.device)
+    cut = torch.where(valid, torch.full_like(idx, T).expand(B, T), idx.expand(B, T))
+    nxt = cut.flip(1).cummin(1).values.flip(1)                      # first masked position >= t, or T
+    Y_pad = torch.cat([Y, Y.new_zeros(B, 1)], dim=1)
+    tail = Y_pad.gather(1, nxt)
+    steps = (nxt - idx).to(x.dtype)
+    d = torch.tensor(discount, dtype=x.dtype, device=x.device)
+    return torch.where(valid, Y - d.pow(steps) * tail, torch.zeros_like(x))
+
+
 @register("reinforce_pp")
-def reinforce_pp(rewards, group_size, *, mask, kl=None, kl_coef=None, gamma: float = 1.0):
+def reinforce_pp(rewards, group_size, *, mask, kl=None, kl_coef=None, gamma: float = 1.0, masked: str = "skip"):
     """REINFORCE++ (Hu et al. 2025): token-level return-to-go of a KL-penalised reward, whitened.
 
     Per-token reward ``r_t = R * [t = last valid token] - kl_coef * kl_t`` on valid tokens;
@@ -340,8 +358,14 @@ def reinforce_pp(rewards, group_size, *, mask, kl=None, kl_coef=None, gamma: flo
     ``G`` whitened over all valid tokens of the batch (``(G - mean) / sqrt(var + 1e-8)``, unbiased
     var, as verl). ``kl`` ``[B, T]`` is a per-token KL estimate (e.g. ``logp_old - logp_ref``);
     ``kl_coef`` is required with it. Returns ``[B, T]``, 0 at masked positions.
+
+    ``masked="skip"`` (default): the return flows across masked tokens (a multi-turn rollout's
+    tool or user turns do not cut a turn off from the final reward). ``masked="reset"``: verl's
+    recursion, which restarts the return at every masked token, so a turn before a masked span sees
+    only its own per-token rewards (docs/formulas.md §7.1). The two agree for right padding.
     """
     gamma = check_number("gamma", gamma, low=0, high=1, expect="a number in [0, 1]")
+    _check_choice("masked", masked, ("skip", "reset"))
     valid = mask != 0
     dtype = rewards.dtype
     r = _place_at_last_valid(rewards, valid, dtype)
@@ -351,20 +375,31 @@ def reinforce_pp(rewards, group_size, *, mask, kl=None, kl_coef=None, gamma: flo
         r = r - check_number("kl_coef", kl_coef) * kl.to(dtype) * valid
     elif kl_coef is not None:
         raise TypeError("reinforce_pp got kl_coef without kl")
-    returns = _valid_token_scan(r, valid, gamma)
-    return _masked_whiten(returns, valid)
+    scan = _valid_token_scan if masked == "skip" else _segment_token_scan
+    return _masked_whiten(scan(r, valid, gamma), valid)
 
 
 @register("reinforce_pp_baseline")
-def reinforce_pp_baseline(rewards, group_size, *, mask=None):
+def reinforce_pp_baseline(rewards, group_size, *, mask=None, constant_groups: str = "zero"):
     """REINFORCE++-baseline (Hu et al. 2025): ``A = R - mean_g R``, then whitened over the batch
     (``(A - mean) / sqrt(var + 1e-8)``, unbiased var). With ``mask`` ``[B, T]`` the advantage is
     broadcast to the valid tokens first and the whitening statistics are over valid tokens (verl);
-    the result is ``[B, T]``. Groups of size 1 or with all-equal rewards get exactly 0.
+    the result is ``[B, T]``.
+
+    ``constant_groups="zero"`` (default): groups of size 1 or with all-equal rewards get exactly 0
+    (they carry no preference between completions). ``"whiten"``: verl's behaviour, where their
+    centred reward (0, or ``R`` itself for a group of one, whose baseline verl takes as 0) enters
+    the whitening like any other and comes out as ``-mean / std``, not 0 (docs/formulas.md §7.1).
     """
+    _check_choice("constant_groups", constant_groups, ("zero", "whiten"))
     G = group_size
-    centered = _group_centered(rewards, G)
-    keep = ~_constant_groups(rewards, G)
+    if constant_groups == "whiten":
+        g = rewards.view(-1, G)
+        centered = (g - g.mean(1, keepdim=True)).reshape(-1) if G > 1 else rewards
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+    else:
+        centered = _group_centered(rewards, G)
+        keep = ~_constant_groups(rewards, G)
     if mask is None:
         return _masked_whiten(centered, torch.ones_like(keep)) * keep
     valid = mask != 0
@@ -413,24 +448,32 @@ def gae(rewards, group_size, *, values, mask=None, token_rewards=None, gamma: fl
 
 
 @register("grpo_passk")
-def grpo_passk(rewards, group_size):
+def grpo_passk(rewards, group_size, *, scale: str = "none", eps: float = 1e-6):
     """Pass@k-style max-reward advantage (credit only for the best of the group, as in pass@k /
     best-of-N training, e.g. Chen et al. 2025 "Pass@k Training for Adaptively Balancing Exploration
     and Exploitation"; Tang et al. 2025 "Optimizing Language Models for Inference Time
     Objectives using Reinforcement Learning"): the best completion of a group gets
-    ``r_max - r_second``, every other completion 0. Ties at the top give 0 to everyone."""
+    ``r_max - r_second``, every other completion 0. Ties at the top give 0 to everyone.
+
+    ``scale="none"`` (default): the raw gap. ``scale="group"``: the gap divided by the group's std
+    + ``eps`` (Bessel-corrected), verl's default ``norm_adv_by_std_in_grpo=True``. Groups of one
+    give 0 (verl refuses them)."""
+    _check_choice("scale", scale, ("none", "group"))
+    eps = check_positive("eps", eps)
     G = group_size
     if G == 1:
         return torch.zeros_like(rewards)
     g = rewards.view(-1, G)
     top = g.topk(2, dim=1)
     gap = top.values[:, 0] - top.values[:, 1]
+    if scale == "group":
+        gap = gap / (g.std(1) + eps)
     adv = torch.zeros_like(g).scatter(1, top.indices[:, :1], gap[:, None])
     return adv.reshape(-1)
 
 
 @register("gpg")
-def gpg(rewards, group_size, *, scale: str = "none", eps: float = 1e-6):
+def gpg(rewards, group_size, *, scale: str = "none", eps: float = 1e-6, alpha: str = "valid_groups"):
     """GPG (Chu et al. 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline for Model
     Reasoning"): ``A_i = alpha * (R_i - mean_g R) / F_norm`` with the gradient-bias correction
     ``alpha = B / (B - M)``, ``M`` = number of completions in groups with zero reward std (which,
@@ -438,16 +481,21 @@ def gpg(rewards, group_size, *, scale: str = "none", eps: float = 1e-6):
     group is invalid, whose advantages are 0 anyway). ``F_norm = 1`` (``scale="none"``, the
     paper's default) or the group std + eps (``scale="group"``).
 
-    verl's ``gpg`` counts non-zero rewards instead of valid groups for ``M``; pyrl follows the
-    paper.
+    ``alpha="valid_groups"`` (default) follows the paper. ``alpha="nonzero_rewards"`` is verl's
+    ``gpg``: ``alpha = B / max(#(R != 0), 1)``, which equals the paper's only for 0/1 rewards where
+    every group with a success is also mixed (docs/formulas.md §7.1).
     """
     _check_choice("scale", scale, ("none", "group"))
+    _check_choice("alpha", alpha, ("valid_groups", "nonzero_rewards"))
     eps = check_positive("eps", eps)
     G = group_size
     invalid = _constant_groups(rewards, G)
     B = rewards.shape[0]
-    n_valid = (~invalid).sum().to(rewards.dtype)
-    alpha = torch.where(n_valid > 0, B / n_valid.clamp(min=1), torch.ones_like(n_valid))
+    if alpha == "nonzero_rewards":
+        alpha = B / (rewards != 0).sum().to(rewards.dtype).clamp(min=1)
+    else:
+        n_valid = (~invalid).sum().to(rewards.dtype)
+        alpha = torch.where(n_valid > 0, B / n_valid.clamp(min=1), torch.ones_like(n_valid))
     adv = _group_centered(rewards, G)
     if scale == "group":
         adv = adv / (_group_std(rewards, G) + eps)

@@ -85,7 +85,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     float tolerance (``tests/test_nn_liger_parity.py`` checks it against Liger itself). pyrl adds
     keyword-only arguments: ``entropy_coef`` (entropy bonus), ``top_entropy_quantile`` (train only on
     the top-``rho`` highest-entropy tokens, TRL's name for ``PolicyLossConfig.top_entropy_rho``),
-    ``kl_type`` (``"k1"``, ``"k2"``, ``"k3"`` (Liger's only estimator, the default) or ``"full"``, the
+    ``kl_type`` (``"k1"``, ``"k2"``, ``"k3"`` (Liger's only estimator, the default), ``"abs"``, the
+    straight-through ``"k1+"``/``"k2+"``/``"k3+"``/``"abs+"`` (docs/formulas.md §4.1) or ``"full"``, the
     exact KL over the vocabulary, which needs ``ref_input``/``ref_weight``) and ``backend``.
 
     How each Liger ``loss_type`` maps onto :class:`pyrl.PolicyLossConfig` (the table is
@@ -140,6 +141,15 @@ class FusedLinearGRPOLoss(torch.nn.Module):
       ``s_b * (d kl_t + kl_t d logp_t)``, where Liger differentiates the sequence ratio,
       ``s_b * (d kl_t + mean_t(kl) d logp_t)``.
     * ``vespo`` with a ``[B, T]`` ``vllm_is_ratio``: padded positions do not enter the sequence weight.
+    * ``importance_sampling_level="sequence"`` with cispo, sapo or vespo is refused when the module
+      is built (a ``ValueError`` naming the argument); Liger raises at the first ``forward``, with its
+      own message.
+    * ``k3`` at extreme log-ratios: pyrl clamps ``d = logp - logp_ref`` to ``[-20, 20]`` before the
+      ``exp`` (so the KL stays finite, at most ``e^20 - 21`` per token, and has no gradient beyond);
+      Liger does not clamp (``exp(27)`` is ``5.3e11`` per token, and ``inf`` in fp32 beyond ``d = -88``).
+      verl clamps the estimate itself to 10 (docs/integrations.md has the three numbers).
+    * ``kl_type`` accepts pyrl's other estimators too (``k1``, ``k2``, ``abs``, the straight-through
+      ``k1+``/``k2+``/``k3+`` and ``full``); Liger has ``k3`` only (the default here).
 
     Cost note: VESPO with ``old_per_token_logps`` needs the current log-probs before the loss, so it
     runs one more forward sweep (no gradient) over the vocabulary.

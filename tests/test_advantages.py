@@ -483,3 +483,101 @@ def test_shape_mismatches():
         advantages.aggregate_rewards(torch.zeros(4, 2), group_size=2, mode="mean")
     with pytest.raises(ValueError, match="group_size=3 does not divide the batch of 4 rewards"):
         advantages.aggregate_rewards(torch.zeros(4, 2), group_size=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# verl's behaviours, offered as options (verl 0.8.0.dev, commit b178a3cd; docs/formulas.md §7.1).
+# verl's functions are written out here in float64 with its Python loops.
+def _verl_whiten(values, mask):
+    m = mask.double()
+    n = m.sum()
+    mean = (values * m).sum() / (n + 1e-8)
+    var = (((values - mean) ** 2) * m).sum() / (n + 1e-8) * (n / (n - 1))
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def _verl_rpp_baseline(scores, G, mask):
+    scores = scores.clone()
+    groups = scores.view(-1, G)
+    means = groups.mean(1) if G > 1 else torch.zeros(groups.shape[0], dtype=scores.dtype)
+    for i in range(scores.shape[0]):
+        scores[i] = scores[i] - means[i // G]
+    tok = scores[:, None].expand(mask.shape) * mask
+    return _verl_whiten(tok, mask) * mask
+
+
+def _verl_rpp(token_rewards, mask, gamma):
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros(token_rewards.shape[0], dtype=token_rewards.dtype)
+    for t in reversed(range(token_rewards.shape[1])):
+        running = token_rewards[:, t] + gamma * running
+        returns[:, t] = running
+        running = running * mask[:, t]
+    return _verl_whiten(returns, mask) * mask
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_reinforce_pp_baseline_whiten_option_is_verls(G):
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.0], dtype=torch.float64)
+    mask = torch.ones(8, 5, dtype=torch.float64)
+    mask[2, 3:] = 0
+    mask[5, 1:] = 0
+    ours = advantages.compute("reinforce_pp_baseline", rewards, group_size=G, mask=mask, constant_groups="whiten")
+    # verl divides its means by n + 1e-8: agreement to ~1e-9 relative
+    torch.testing.assert_close(ours, _verl_rpp_baseline(rewards, G, mask), rtol=1e-7, atol=1e-8)
+    default = advantages.compute("reinforce_pp_baseline", rewards, group_size=G, mask=mask)
+    if G == 4:  # the first group is constant: verl gives it a nonzero advantage (-mean/std), pyrl 0
+        assert (default[:4] == 0).all() and (ours[:4][mask[:4] > 0] != 0).all()
+    with pytest.raises(ValueError, match="constant_groups must be one of"):
+        advantages.compute("reinforce_pp_baseline", rewards, group_size=G, constant_groups="verl")
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_pp_reset_option_is_verls(gamma):
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 9
+    mask = torch.ones(B, T, dtype=torch.float64)
+    mask[0, 3:5] = 0   # a masked tool turn in the middle
+    mask[1, 6:] = 0    # right padding
+    mask[2, 0] = 0     # masked first token
+    mask[3, 2] = 0
+    mask[3, 7] = 0
+    rewards = torch.randn(B, generator=g, dtype=torch.float64)
+    kl = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1
+    ours = advantages.compute("reinforce_pp", rewards, group_size=1, mask=mask, kl=kl, kl_coef=0.5, gamma=gamma,
+                              masked="reset")
+    last = (T - 1) - mask.flip(1).argmax(1)
+    token_rewards = -0.5 * kl * mask
+    token_rewards[torch.arange(B), last] += rewards
+    torch.testing.assert_close(ours, _verl_rpp(token_rewards, mask, gamma), rtol=1e-7, atol=1e-8)  # verl: n + 1e-8
+    skip = advantages.compute("reinforce_pp", rewards, group_size=1, mask=mask, kl=kl, kl_coef=0.5, gamma=gamma)
+    assert not torch.allclose(skip[0], ours[0])  # the masked span cuts row 0's early turn off in verl's form
+    right_padded = mask.clone()
+    right_padded[0], right_padded[2], right_padded[3] = 1, 1, 1
+    a = advantages.compute("reinforce_pp", rewards, group_size=1, mask=right_padded, gamma=gamma, masked="reset")
+    b = advantages.compute("reinforce_pp", rewards, group_size=1, mask=right_padded, gamma=gamma)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # identical for right padding
+
+
+def test_grpo_passk_group_scale_is_verls_default():
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.2, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    ours = advantages.compute("grpo_passk", rewards, group_size=4, scale="group")
+    want = torch.zeros(8, dtype=torch.float64)
+    g0 = rewards[:4]
+    want[1] = (1.0 - 0.5) / (g0.std() + 1e-6)  # the second group ties at the top: 0
+    torch.testing.assert_close(ours, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(advantages.compute("grpo_passk", rewards, group_size=4)[1], torch.tensor(0.5, dtype=torch.float64))
+
+
+def test_gpg_nonzero_rewards_alpha_is_verls():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 2.0, 0.0], dtype=torch.float64)
+    ours = advantages.compute("gpg", rewards, group_size=2, alpha="nonzero_rewards")
+    centered = (rewards.view(-1, 2) - rewards.view(-1, 2).mean(1, keepdim=True)).reshape(-1)
+    torch.testing.assert_close(ours, 8 / 4 * centered, rtol=1e-12, atol=0)
+    paper = advantages.compute("gpg", rewards, group_size=2)
+    torch.testing.assert_close(paper, 8 / 4 * centered, rtol=1e-12, atol=0)  # 2 mixed groups of 2 = 4 valid
+    rewards[2:4] = 1.0
+    rewards[0:2] = torch.tensor([1.0, 1.0], dtype=torch.float64)  # a constant group with nonzero rewards
+    ours = advantages.compute("gpg", rewards, group_size=2, alpha="nonzero_rewards")
+    paper = advantages.compute("gpg", rewards, group_size=2)
+    assert float(ours.abs().max()) != float(paper.abs().max())
