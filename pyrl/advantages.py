@@ -502,6 +502,23 @@ def gpg(rewards, group_size, *, scale: str = "none", eps: float = 1e-6, alpha: s
     return alpha * adv
 
 
+@register("w_reinforce")
+def w_reinforce(rewards, group_size, *, positive_weight: float = 0.1, threshold: float = 0.5):
+    """Weighted REINFORCE (Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in
+    LLM Reasoning"): with the REINFORCE loss (``loss_type="reinforce"``) the objective is
+    ``positive_weight * PSR + NSR``, positive-sample reinforcement down-weighted against
+    negative-sample reinforcement (docs/formulas.md §7.2)::
+
+        A_i = positive_weight   if R_i > threshold   (a correct completion)
+        A_i = -1                otherwise
+
+    ``positive_weight`` ``>= 0`` (the paper's lambda, 0.1); ``0`` is pure NSR, ``1`` plain
+    REINFORCE on +-1 rewards. No group baseline (``group_size`` is only checked)."""
+    lam = check_number("positive_weight", positive_weight, low=0)
+    threshold = check_number("threshold", threshold)
+    return torch.where(rewards > threshold, torch.full_like(rewards, lam), torch.full_like(rewards, -1.0))
+
+
 @register("drpo")
 def drpo(rewards, group_size, *, lengths, max_length=None, lam: float = 0.1, correct=None,
          scores=None, tau: float = 10.0):
@@ -552,12 +569,23 @@ def drpo(rewards, group_size, *, lengths, max_length=None, lam: float = 0.1, cor
 # ----------------------------------------------------------------------------------------------
 # multi-reward aggregation
 
+AGGREGATION_MODES = ("sum_then_normalize", "normalize_then_sum", "ensemble_min", "ensemble_mean_std", "gated")
+
 def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_then_normalize",
-                      group_size: int, eps: float = 1e-6) -> torch.Tensor:
+                      group_size: int, eps: float = 1e-6, lam: float = 1.0, gate: float = 0.5) -> torch.Tensor:
     """Advantages ``[B]`` from ``K`` rewards per completion, ``rewards`` ``[B, K]``.
 
     - ``"sum_then_normalize"`` (GRPO with a summed reward): ``R = sum_k w_k r_k``, then
       ``(R - mean_g R) / (std_g R + eps)``.
+    - ``"ensemble_min"`` / ``"ensemble_mean_std"`` (Coste et al. 2024, "Reward Model Ensembles Help
+      Mitigate Overoptimization"): the ``K`` columns are an ensemble of reward models scoring the
+      same completion; ``R = min_k r_k`` (worst case) or ``R = mean_k r_k - lam * std_k r_k``
+      (uncertainty-weighted, Bessel std, 0 for ``K = 1``), then GRPO-normalised. ``weights`` are
+      not used.
+    - ``"gated"`` (2025, "Stabilizing Long-term Multi-turn Reinforcement Learning with
+      Gated Rewards", G-RA): column 0 is the outcome reward, the others step/auxiliary rewards,
+      which count only when the outcome reaches ``gate``: ``R = r_0 + [r_0 >= gate] sum_{k>0} w_k
+      r_k`` (``weights[0]`` is ignored), then GRPO-normalised.
     - ``"normalize_then_sum"`` (GDPO, Liu et al. 2026, "Group reward-Decoupled Normalization Policy
       Optimization"): each reward is normalised within its group on its own,
       ``z_k = (r_k - mean_g r_k) / (std_g r_k + eps)`` (0 for constant groups), then
@@ -575,8 +603,10 @@ def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_t
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be finite, found NaN or inf")
     check_group_size(group_size, B)
-    _check_choice("mode", mode, ("sum_then_normalize", "normalize_then_sum"))
+    _check_choice("mode", mode, AGGREGATION_MODES)
     eps = check_positive("eps", eps)
+    lam = check_number("lam", lam, low=0)
+    gate = check_number("gate", gate)
     dtype = _out_dtype(rewards)
     r = rewards.to(dtype)
     if weights is None:
@@ -590,6 +620,14 @@ def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_t
     G = group_size
     if mode == "sum_then_normalize":
         return grpo(r @ w, G, scale="group", eps=eps)
+    if mode == "ensemble_min":
+        return grpo(r.amin(1), G, scale="group", eps=eps)
+    if mode == "ensemble_mean_std":
+        std = r.std(1) if K > 1 else torch.zeros(B, dtype=dtype, device=r.device)
+        return grpo(r.mean(1) - lam * std, G, scale="group", eps=eps)
+    if mode == "gated":
+        outcome = r[:, 0]
+        return grpo(outcome + (outcome >= gate).to(dtype) * (r[:, 1:] @ w[1:]), G, scale="group", eps=eps)
     g = r.view(-1, G, K)
     constant = g.amax(1) == g.amin(1)                                   # [B // G, K]
     std = g.std(1) if G > 1 else torch.zeros_like(constant, dtype=dtype)

@@ -183,6 +183,12 @@ class PolicyLossConfig:
     tau_neg: float = 1.05
     """SAPO gate temperature for ``A <= 0`` (TRL/Liger ``sapo_temperature_neg``). ``> 0``."""
 
+    mastered_token_prob: Optional[float] = None
+    """UloRL's masking of well-mastered positive tokens (docs/formulas.md §5.1): tokens with
+    ``A > 0`` whose probability ``exp(logp)`` exceeds this are dropped from the policy term (they
+    are learnt already; pushing them further only collapses the entropy). ``None`` (off) or a
+    number in ``(0, 1)`` (UloRL uses 0.99). KL and entropy terms keep every token. Token-separable."""
+
     clip_cov_ratio: Optional[float] = None
     """``clip_cov`` (docs/formulas.md §3.8): the fraction of valid tokens whose gradient the
     covariance clip may remove. ``None`` means verl's default 2e-4; else a number in ``(0, 1]``.
@@ -218,6 +224,8 @@ class PolicyLossConfig:
 
         _number("entropy_coef", self.entropy_coef)
         _number("top_entropy_rho", self.top_entropy_rho, low=0, high=1, low_open=True)
+        _number("mastered_token_prob", self.mastered_token_prob, low=0, high=1, low_open=True, high_open=True,
+                allow_none=True)
 
         _choice("agg", self.agg, AGG_MODES)
         mcl = self.max_completion_length

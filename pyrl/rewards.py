@@ -209,6 +209,39 @@ def exact_match(completions: list[str], *, ground_truth: Sequence[str], ignore_c
     return out
 
 
+CONFIDENCE_PATTERN = r"<confidence>\s*([-+]?[0-9]*\.?[0-9]+)\s*</confidence>"
+
+
+@register("brier")
+def brier_calibration(completions: list[str], *, ground_truth: Sequence[str],
+                      pattern: str = CONFIDENCE_PATTERN) -> list[float]:
+    """Calibration reward (Damani et al. 2025, "Beyond Binary Rewards: Training LMs to Reason About
+    Their Uncertainty", RLCR; docs/formulas.md §8.1): correctness plus the Brier score of the
+    completion's stated confidence ``q``::
+
+        R = c - (q - c)^2,    c = 1 if the answer is right else 0
+
+    ``q`` is the number captured by ``pattern`` (the last match; default ``<confidence>0.8</confidence>``),
+    clipped to ``[0, 1]``; a completion that states none gets ``q = 0``. The answer is
+    ``extract_answer`` of the completion with the confidence tags removed, compared with
+    ``ground_truth`` as normalised strings (numbers by value). ``R`` lies in ``[-1, 1]``."""
+    try:
+        rx = re.compile(pattern, re.DOTALL)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"pattern must be a valid regular expression, got {pattern!r}: {e}") from e
+    if rx.groups < 1:
+        raise ValueError(f"pattern must capture the confidence in a group, got {pattern!r}")
+    answers = _check_answers("ground_truth", ground_truth, len(completions))
+    out = []
+    for text, gt in zip(completions, answers):
+        found = rx.findall(text)
+        q = min(max(float(found[-1] if isinstance(found[-1], str) else found[-1][0]), 0.0), 1.0) if found else 0.0
+        pred = extract_answer(rx.sub(" ", text))
+        c = 1.0 if pred is not None and _normalize(pred) == _normalize(gt) else 0.0
+        out.append(c - (q - c) ** 2)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # length shaping (tensor in, tensor out)
 

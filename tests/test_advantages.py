@@ -581,3 +581,33 @@ def test_gpg_nonzero_rewards_alpha_is_verls():
     ours = advantages.compute("gpg", rewards, group_size=2, alpha="nonzero_rewards")
     paper = advantages.compute("gpg", rewards, group_size=2)
     assert float(ours.abs().max()) != float(paper.abs().max())
+
+
+def test_w_reinforce_weights_positive_against_negative_samples():
+    r = t64(1.0, 0.0, 1.0, 0.0)
+    close(advantages.compute("w_reinforce", r, group_size=2), [0.1, -1.0, 0.1, -1.0], 0)
+    close(advantages.compute("w_reinforce", r, group_size=2, positive_weight=0.0), [0.0, -1.0, 0.0, -1.0], 0)
+    close(advantages.compute("w_reinforce", t64(1.0, -1.0), group_size=1, positive_weight=1.0, threshold=0.0),
+          [1.0, -1.0], 0)
+    with pytest.raises(ValueError, match="positive_weight"):
+        advantages.compute("w_reinforce", r, group_size=2, positive_weight=-1.0)
+
+
+def test_reward_ensembles_and_gated_accumulation():
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(8, 3, generator=g, dtype=torch.float64)
+
+    def grpo64(x):
+        x = x.view(-1, 4)
+        return ((x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)).reshape(-1)
+
+    close(advantages.aggregate_rewards(r, mode="ensemble_min", group_size=4), grpo64(r.min(1).values), 1e-12)
+    close(advantages.aggregate_rewards(r, mode="ensemble_mean_std", lam=0.5, group_size=4),
+          grpo64(r.mean(1) - 0.5 * r.std(1)), 1e-12)
+    w = t64(7.0, 2.0, -1.0)  # weights[0] unused by the gate
+    gated = advantages.aggregate_rewards(r, w, mode="gated", gate=0.5, group_size=4)
+    close(gated, grpo64(r[:, 0] + (r[:, 0] >= 0.5).double() * (2.0 * r[:, 1] - r[:, 2])), 1e-12)
+    one = advantages.aggregate_rewards(r[:, :1], mode="ensemble_mean_std", group_size=4)
+    close(one, grpo64(r[:, 0]), 1e-12)  # K = 1: std 0
+    with pytest.raises(ValueError, match="mode must be one of"):
+        advantages.aggregate_rewards(r, mode="max", group_size=4)

@@ -14,7 +14,8 @@ def test_defaults_match_api():
                     temperature=1.0, is_level=None, is_mode="truncate", is_cap=2.0, is_min=None,
                     tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=False,
                     # loss-owned fields added with clip_cov/kl_cov: None means verl's default
-                    clip_cov_ratio=None, clip_cov_lb=None, clip_cov_ub=None, kl_cov_ratio=None, ppo_kl_coef=None)
+                    clip_cov_ratio=None, clip_cov_lb=None, clip_cov_ub=None, kl_cov_ratio=None, ppo_kl_coef=None,
+                    mastered_token_prob=None)
     assert {f.name: getattr(c, f.name) for f in dataclasses.fields(c)} == expected
 
 

@@ -695,3 +695,48 @@ def test_quantile_beyond_torch_quantile_limit():
     ent = torch.arange(n - 1, -1, -1, dtype=torch.float64).view(1, n)  # descending: the sort has work to do
     got = local_entropy_quantile(ent, torch.ones(1, n, dtype=torch.bool), 0.3)
     assert got.item() == pytest.approx(0.3 * (n - 1), rel=1e-15)
+
+
+def test_mastered_token_mask_drops_confident_positive_tokens():
+    """UloRL (docs/formulas.md §5.1): A > 0 tokens with p > tau leave the policy term; float64."""
+    logp = torch.log(torch.tensor([[0.995, 0.5, 0.999, 0.2], [0.999, 0.3, 0.9, 0.1]], dtype=torch.float64))
+    logp.requires_grad_()
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    cfg = pyrl.PolicyLossConfig(loss_type="reinforce", mastered_token_prob=0.99)
+    loss, metrics = pyrl.policy_loss(logp, adv, mask, config=cfg)
+    keep = torch.tensor([[0, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)  # row 1 has A < 0: all kept
+    m = mask.double()
+    want = (-adv[:, None] * logp * keep * m).sum() / m.sum()
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+    g, = torch.autograd.grad(loss, logp)
+    assert g[0, 0] == 0 and g[0, 2] == 0 and g[0, 1] != 0
+    assert float(metrics["mastered_frac"]) == pytest.approx(2 / 7)
+    with pytest.raises(ValueError, match="mastered_token_prob"):
+        pyrl.PolicyLossConfig(mastered_token_prob=1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_mastered_token_mask_runs_the_one_pass_plan(backend):
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 2, 5, 8, 11
+    hidden, weight = torch.randn(B, T, H, generator=g) * 3, torch.randn(V, H, generator=g)
+    ids, mask, adv = torch.randint(0, V, (B, T), generator=g), torch.ones(B, T), torch.tensor([1.0, -0.5])
+    ids[0, :3] = (hidden[0, :3] @ weight.T).argmax(-1)  # likely tokens in the positive row
+    cfg = pyrl.PolicyLossConfig(mastered_token_prob=0.6, entropy_coef=0.01)
+    assert "passes=one" in pyrl.explain("fused_linear_policy_loss", hidden, weight, ids, mask, adv, config=cfg,
+                                        backend=backend)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = pyrl.fused_linear_policy_loss(h, w, ids, mask, adv, config=cfg, backend=backend)
+    loss.backward()
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    z = hd @ wd.T
+    logp = z.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+    ent = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    want, want_m = pyrl.policy_loss(logp, adv.double(), mask, entropy=ent, config=cfg)
+    want.backward()
+    assert 0 < float(want_m["mastered_frac"]) < 1
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(metrics["mastered_frac"].double(), want_m["mastered_frac"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(h.grad.double(), hd.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-3, atol=1e-4)

@@ -91,7 +91,7 @@ def test_exact_match_reward():
 
 
 def test_compute_bad_input():
-    with pytest.raises(ValueError, match="unknown reward 'bleu'; available: exact_match, format, math_verify"):
+    with pytest.raises(ValueError, match="unknown reward 'bleu'; available: brier, exact_match, format, math_verify"):
         rewards.compute("bleu", ["a"])
     with pytest.raises(TypeError, match="unexpected option 'answers'.*ground_truth"):
         rewards.compute("exact_match", ["a"], answers=["a"])
@@ -332,3 +332,20 @@ def test_pass_at_k_large_and_broadcast():
         rewards.pass_at_k(torch.tensor([4.0]), 1, 1)
     with pytest.raises(ValueError, match="k must be a positive int"):
         rewards.pass_at_k(4, 1, 0)
+
+
+def test_brier_calibration_reward():
+    """RLCR (docs/formulas.md §8.1): R = c - (q - c)^2, float64 by hand."""
+    from pyrl import rewards as rw
+    texts = ["the answer is 12 <confidence>0.75</confidence>",
+             "13 <confidence> 0.25 </confidence>",
+             "12",                                        # no confidence stated: q = 0
+             "\\boxed{12} <confidence>1.7</confidence>",   # clipped to 1
+             "<confidence>0.5</confidence> 12 <confidence>0.9</confidence>"]  # the last one counts
+    got = rw.compute("brier", texts, ground_truth=["12"] * 5).double()
+    want = torch.tensor([1 - 0.25 ** 2, -(0.25 ** 2), 1 - 1.0, 1.0, 1 - 0.1 ** 2], dtype=torch.float64)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="capture the confidence"):
+        rw.compute("brier", texts, ground_truth=["12"] * 5, pattern="<c>")
+    with pytest.raises(ValueError, match="ground_truth must have 5 entries"):
+        rw.compute("brier", texts, ground_truth=["12"])

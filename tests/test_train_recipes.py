@@ -207,6 +207,45 @@ def test_length_shapers_by_name():
         _reward("exact_match", [{"name": "overlong"}])  # a missing option fails at start, not mid-run
 
 
+@pytest.mark.parametrize("loss", [
+    {"loss_type": "clip_cov", "clip_cov_ratio": 0.01},
+    {"loss_type": "kl_cov", "kl_cov_ratio": 0.01, "ppo_kl_coef": 0.5},
+    {"loss_type": "geo_mean", "eps_low": 0.4, "eps_high": 0.4, "agg": "seq-mean-token-mean"},
+    {"loss_type": "ppo", "beta": 0.01, "kl_type": "k3+"},
+    {"loss_type": "ppo", "beta": 0.01, "kl_type": "abs"},
+    {"loss_type": "reinforce", "mastered_token_prob": 0.99},
+])
+def test_catalogue_losses_by_name_from_the_trainer_config(loss):
+    cfg = apply_overrides(TrainConfig(), [f"algo.loss={json.dumps(loss)}"])
+    validate(cfg)
+    assert pyrl.PolicyLossConfig(**cfg.algo.loss).loss_type == loss["loss_type"]
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        pyrl.PolicyLossConfig(**dict(loss, loss_type=loss["loss_type"] + "_typo"))
+
+
+@pytest.mark.parametrize("name, options", [
+    ("w_reinforce", {"positive_weight": 0.1}),
+    ("reinforce_pp_baseline", {"constant_groups": "whiten"}),
+    ("reinforce_pp", {"masked": "reset"}),
+    ("grpo_passk", {"scale": "group"}),
+    ("gpg", {"alpha": "nonzero_rewards"}),
+])
+def test_catalogue_estimators_by_name_from_the_trainer_config(name, options):
+    cfg = apply_overrides(TrainConfig(), [f"algo.advantage={name}", f"algo.advantage_options={json.dumps(options)}"])
+    validate(cfg)
+    G = cfg.rollout.group_size
+    rewards = torch.arange(2 * G, dtype=torch.float32) % 3
+    mask = torch.ones(2 * G, 4)
+    adv, _ = loop._advantages(cfg, rewards, mask, None)
+    assert adv.shape == (2 * G, 4) and torch.isfinite(adv).all()
+
+
+def test_brier_reward_by_name():
+    r = _reward("brier")
+    got = _call(r, ["7 <confidence>0.5</confidence>", "8 <confidence>0.5</confidence>"], ["7", "7"])
+    assert got.tolist() == [0.75, -0.25]
+
+
 def test_readme_example_trains_on_a_jsonl_with_a_user_reward(tmp_path):
     """The README's command: the tiny preset's model on examples/data/addition.jsonl, scored by
     examples/my_reward.py, a held-out fifth for the greedy eval."""

@@ -143,7 +143,8 @@ def _one_pass_loss(hidden, weight, bias, targets, mask, advantages, *, old_logp,
     params = RowParams(config.temperature, ignore_index, True)
     loss, *values = _OnePassPolicyLoss.apply(hidden.reshape(B * T, H), weight, bias, targets.reshape(-1), plan,
                                              params, chunk_loss)
-    keys = list(_METRICS) + (["is_weight_mean"] if config.is_level is not None else [])
+    keys = (list(_METRICS) + (["mastered_frac"] if config.mastered_token_prob is not None else [])
+            + (["is_weight_mean"] if config.is_level is not None else []))
     total = m.sum()
     metrics = {k: v if k == "ratio_max" else torch.where(total > 0, v / total.clamp(min=1), 0.0)
                for k, v in zip(keys, values)}

@@ -14,6 +14,7 @@ or the gradient. Nothing here synchronises with the device: metrics are 0-dim te
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -192,6 +193,10 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
         threshold = quantile(ent, valid, 1.0 - config.top_entropy_rho)
         policy_mask = policy_mask * (ent >= threshold).to(dtype)
     extra_metrics = {}
+    if config.mastered_token_prob is not None:  # UloRL: drop positive tokens the policy has mastered
+        mastered = (advantages > 0) & (logp.detach() > math.log(config.mastered_token_prob))
+        policy_mask = policy_mask * (~mastered).to(dtype)
+        extra_metrics["mastered_frac"] = _masked_mean(mastered.to(dtype), m, count)
     if config.is_level is not None:
         weight, keep = _mismatch_weight(old_logp, rollout_logp, m, config)
         if keep is not None:
