@@ -19,3 +19,16 @@ def linear_logprobs_ref(hidden, weight, targets, bias=None, temperature=1.0, ign
     if bias is not None:
         logits = logits + bias.double()
     return logprobs_ref(logits, targets, temperature, ignore_index)
+
+
+def assert_fused_matches_float64(loss, metrics, want, grads, dtype):
+    """A fused loss (fp32 or bf16 inputs) against its float64 oracle: the loss within 1e-4 (fp32) or
+    2e-2 (bf16) and every gradient, in the input dtype, within 4x that of its largest entry.
+    ``grads``: ``(got, want)`` pairs."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.isfinite(loss) and all(torch.isfinite(m) for m in metrics.values())
+    torch.testing.assert_close(loss.double(), want, atol=tol, rtol=tol)
+    for got, ref in grads:
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        scale = ref.abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(got.double() / scale, ref / scale, atol=4 * tol, rtol=0)
