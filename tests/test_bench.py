@@ -68,9 +68,11 @@ def test_runner_tiny_in_process(tmp_path, wrong_impls):
         assert doc["plots"] and all((tmp_path / p).is_file() for p in doc["plots"])
 
 
-def test_runner_child_process_memory(tmp_path):
+def test_runner_child_process_memory(tmp_path, capsys):
     status = run(TINY + ["--ops", "logits_logprobs", "--impls", "pyrl?torch?", "--out", str(tmp_path), "--no-plots"])
     assert status == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "plot" in last and "not drawn" in last and "and plots" not in last, last  # says no plot was drawn
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     ours = next(r for r in rows if r["impl"] == "pyrl[torch]")
     assert ours["status"] == "ok" and ours["correct"] == "PASS"

@@ -112,7 +112,9 @@ def headline(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Writers
 # --------------------------------------------------------------------------------------------
-def write_report(out: Path, rows: list[dict], meta: dict, *, plots: bool = True) -> None:
+def write_report(out: Path, rows: list[dict], meta: dict, *, plots: bool = True) -> tuple[list[str], str]:
+    """Write results.json and results.md (and the plots when ``plots``); returns the plot files
+    written and the note on them (why none were drawn)."""
     out = Path(out)
     _add_floor_ratio(rows)
     heads = headline(rows)
@@ -123,6 +125,7 @@ def write_report(out: Path, rows: list[dict], meta: dict, *, plots: bool = True)
     doc = {**meta, "headline": heads, "plots": plot_files, "plot_note": plot_note, "rows": rows}
     (out / "results.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     (out / "results.md").write_text(_markdown(rows, meta, heads, plot_files, plot_note))
+    return plot_files, plot_note
 
 
 def _fmt(x, spec=".1f", none="—") -> str:

@@ -159,8 +159,9 @@ def run(argv=None) -> int:
                 rows += _run_op(op, shape, settings, _selected(implementations(op), args.impls),
                                 use_children, workdir, start)
             write_report(out, rows, meta, plots=False)  # partial results survive a kill
-    write_report(out, rows, meta, plots=not args.no_plots)
-    print(f"pyrl bench: wrote {out}/results.json, results.md and plots in {time.time() - start:.0f} s", flush=True)
+    plot_files, plot_note = write_report(out, rows, meta, plots=not args.no_plots)
+    drawn = f" and {len(plot_files)} plot(s)" if plot_files else f" ({plot_note})"
+    print(f"pyrl bench: wrote {out}/results.json, results.md{drawn} in {time.time() - start:.0f} s", flush=True)
     bad = [r for r in rows if r["kind"] == "pyrl" and (r["status"] == "error" or r.get("correct") == "FAIL")]
     return 1 if bad else 0
 
