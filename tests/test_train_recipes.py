@@ -460,3 +460,45 @@ def test_example_config_resolves(monkeypatch, capsys):
     assert cli.run(["--preset", "tiny", "--config", "examples/configs/jsonl_tiny.yaml", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["bf16"] == "off" and cfg["task"]["name"] == "jsonl" and cfg["algo"]["dynamic_sampling"] is True
+
+
+def test_packed_update_matches_the_padded_one(tiny):
+    """algo.packed: the decoder runs once on the micro-batch's real tokens (position ids restarting per
+    sequence, transformers' block-diagonal mask under SDPA); hidden states, log-probs and the update are
+    those of the padded batch, and the update reports no padding."""
+    lm, tok = tiny
+    data = synthetic_data(tok)
+    batch = make_batch(data["prompt_ids"], data["prompt_mask"], data["completion_ids"], data["completion_mask"])
+    assert (batch["attention_mask"] == 0).any()  # there is padding to skip
+    padded, packed = Policy(lm), Policy(lm, packed=True)
+    m = batch["completion_mask"].bool()
+    h_pad, h_pack = padded(batch, mode="hidden"), packed(batch, mode="hidden")
+    torch.testing.assert_close(h_pack[m], h_pad[m], atol=2e-5, rtol=1e-4)
+    assert (h_pack[~m] == 0).all()
+    params, padding = [], []
+    for on in (False, True):
+        cfg = apply_overrides(TrainConfig(), ["algo.max_tokens_per_micro_batch=40", f"algo.packed={str(on).lower()}"])
+        model = Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(), packed=on)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+        d = dict(data)
+        d.update(_score_old(model, None, d, cfg, need_old=True, need_values=False, autocast=contextlib.nullcontext))
+        stats = update(model, opt, sched, d, cfg=cfg, dist=CPU, params=list(model.parameters()),
+                       autocast=contextlib.nullcontext)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        padding.append(stats["padding_frac"])
+    torch.testing.assert_close(params[1], params[0], atol=2e-5, rtol=1e-4)
+    assert padding[1] == 0.0 < padding[0]
+
+
+def test_packed_hidden_states_refuses_another_layout(tiny):
+    from pyrl.integrations.hf import packed_hidden_states
+    lm, _ = tiny
+    ids = torch.ones(2, 6, dtype=torch.long)
+    holes = torch.tensor([[1, 0, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])  # a hole inside the first prompt
+    with pytest.raises(ValueError, match="left-padded prompt"):
+        packed_hidden_states(lm.model, ids, holes, logits_to_keep=2)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        packed_hidden_states(lm.model, ids, torch.ones_like(ids), logits_to_keep=0)
+    with pytest.raises(ValueError, match="algo.packed"):
+        validate(apply_overrides(TrainConfig(), ["algo.packed=1"]))

@@ -43,8 +43,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["LMHead", "FusedLogprobs", "lm_head", "completion_hidden_states", "check_fused_head",
-           "add_fused_logprobs_forward"]
+__all__ = ["LMHead", "FusedLogprobs", "lm_head", "completion_hidden_states", "packed_hidden_states",
+           "check_fused_head", "add_fused_logprobs_forward"]
 
 # Config attributes of a tanh soft-cap applied to the logits after the head (a nonlinear map: the
 # fused path, which only sees the head's weight, cannot reproduce it).
@@ -227,7 +227,7 @@ def _same_dtype(hidden: torch.Tensor, head: LMHead):
 
 
 def completion_hidden_states(model, input_ids, attention_mask=None, *, logits_to_keep: int,
-                             vocab_parallel: bool = False, **model_kwargs):
+                             vocab_parallel: bool = False, packed: bool = False, **model_kwargs):
     """Run ``model``'s backbone; return ``(hidden [B, T_c, H], head: LMHead)``.
 
     ``hidden[:, t]`` is the last hidden state that predicts ``input_ids[:, L - T_c + t]``
@@ -236,16 +236,58 @@ def completion_hidden_states(model, input_ids, attention_mask=None, *, logits_to
     ``pyrl.fused_linear_logprobs(hidden, head.weight, input_ids[:, -T_c:], bias=head.bias,
     temperature=head.temperature(T))``. The LM head is never applied. ``hidden`` is cast to the
     head's dtype where they differ (e.g. an fp32 head). Extra keyword arguments go to the backbone
-    (``position_ids``, ``pixel_values``...).
+    (``position_ids``, ``pixel_values``...). ``packed=True``: the backbone runs padding-free on the
+    rows' real tokens (``packed_hidden_states``; needs the trainer's prompt/completion layout).
 
     Call it on the unwrapped model in single-process loops; under DDP/FSDP/DeepSpeed use
     ``add_fused_logprobs_forward`` so the head is used inside the wrapper's forward.
     """
     base = _unwrap(model)
     head = lm_head(base, vocab_parallel=vocab_parallel)  # refuse before running the backbone
-    hidden = _backbone_hidden(base, input_ids, attention_mask, logits_to_keep, model_kwargs)
+    if packed:
+        if attention_mask is None:
+            raise ValueError("packed=True needs the attention_mask (it says where the padding is)")
+        hidden = packed_hidden_states(_backbone(base), input_ids, attention_mask, logits_to_keep=logits_to_keep)
+    else:
+        hidden = _backbone_hidden(base, input_ids, attention_mask, logits_to_keep, model_kwargs)
     hidden, weight, bias = _same_dtype(hidden, head)
     return hidden, LMHead(weight, bias, head.logit_scale, head.vocab_parallel_group)
+
+
+def packed_hidden_states(backbone, input_ids, attention_mask, *, logits_to_keep: int) -> torch.Tensor:
+    """The completion hidden states of a padded batch, computed padding-free: ``[B, T_c, H]`` as
+    ``completion_hidden_states`` returns them (``T_c = logits_to_keep``), but the backbone runs once
+    on all the rows' real tokens concatenated into one row, with position ids restarting at 0 for
+    each sequence and no attention mask. transformers (>= 4.56) reads such position ids as packed
+    sequences: flash-attention takes its variable-length path, SDPA and eager attention a
+    block-diagonal mask over the packed row (docs/trainer.md, "Memory and throughput").
+
+    The batch must be laid out as pyrl's trainer builds it: the first ``L - T_c`` columns a
+    left-padded prompt of at least one token, the last ``T_c`` a right-padded completion. States of
+    padded completion positions are 0 (and get no gradient)."""
+    if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep <= 0:
+        raise ValueError(f"logits_to_keep must be an int > 0 (the number of completion tokens), got {logits_to_keep!r}")
+    B, L = input_ids.shape
+    T, P = logits_to_keep, input_ids.shape[1] - logits_to_keep
+    if P < 1:
+        raise ValueError(f"logits_to_keep={T} must be smaller than the sequence length {L}")
+    m = attention_mask.bool()
+    p_len, c_len = m[:, :P].sum(1), m[:, P:].sum(1)
+    cols = torch.arange(L, device=m.device)
+    layout = (cols >= P - p_len[:, None]) & (cols < P + c_len[:, None])
+    if not torch.equal(layout, m) or bool((p_len == 0).any()):
+        raise ValueError("packed_hidden_states: attention_mask must be a left-padded prompt of at least one token "
+                         "followed by a right-padded completion in every row")
+    position_ids = (m.long().cumsum(1) - 1)[m]
+    out = backbone(input_ids=input_ids[m][None], position_ids=position_ids[None], attention_mask=None,
+                   use_cache=False)
+    flat = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])[0]  # [sum of lengths, H]
+    start = torch.cumsum(p_len + c_len, 0) - (p_len + c_len)
+    t = torch.arange(T, device=m.device)
+    valid = t[None, :] < c_len[:, None]
+    # completion token t of row b is predicted by the state of that row's token p_len + t - 1
+    idx = torch.where(valid, start[:, None] + p_len[:, None] - 1 + t[None, :], 0)
+    return torch.where(valid[..., None], flat[idx], flat.new_zeros(()))
 
 
 @torch.no_grad()

@@ -99,6 +99,12 @@ class AlgoConfig:
     """A token budget per micro-batch instead (0: off): sequences sorted by length are packed while
     ``sequences x longest (prompt + completion)`` stays within it (a longer sequence goes alone),
     so little padding is computed. The loss is the same exact token mean."""
+    packed: bool = False
+    """A padding-free update: each micro-batch's sequences run as one packed row (position ids
+    restart per sequence, no attention mask), for the behaviour/reference log-probs too. With
+    flash-attention (CUDA) no padded position is computed; with SDPA/eager, transformers builds a
+    block-diagonal mask over the packed row, so the attention scores cost ``(sum of lengths)^2``
+    instead of ``B x longest^2`` while every other layer skips the padding (docs/trainer.md)."""
     mask_truncated: bool = False
     """Drop completions that hit ``max_new_tokens`` without EOS from the loss (DAPO); their rewards
     still count in their group's baseline."""
@@ -338,6 +344,10 @@ def validate(cfg: TrainConfig) -> None:
                 or not 0 <= band[0] <= band[1] <= 1):
             raise ValueError(f"config key 'algo.pass_rate_band' must be [low, high] with 0 <= low <= high <= 1, "
                              f"got {band!r}")
+    for key, v in (("algo.packed", a.packed), ("algo.mask_truncated", a.mask_truncated),
+                   ("algo.dynamic_sampling", a.dynamic_sampling), ("model.gradient_checkpointing", cfg.model.gradient_checkpointing)):
+        if not isinstance(v, bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {v!r}")
     if not _is_number(a.oversample) or a.oversample < 1:
         raise ValueError(f"config key 'algo.oversample' must be a number >= 1, got {a.oversample!r}")
     if not _is_number(a.pass_threshold):

@@ -159,20 +159,23 @@ def micro_batches(data: dict, idx: torch.Tensor, algo) -> list[torch.Tensor]:
     """The rows ``idx`` of ``data`` split into micro-batches: ``algo.micro_batch_size`` rows each, in
     order; or, with ``algo.max_tokens_per_micro_batch``, rows sorted by length (prompt + completion)
     and packed while ``rows x (longest prompt + longest completion)``, the padded size
-    ``make_batch`` computes, stays within the budget (a row longer than it goes alone)."""
+    ``make_batch`` computes, stays within the budget (a row longer than it goes alone). With
+    ``algo.packed`` the budget counts real tokens (the sum of the rows' lengths), which is what the
+    padding-free update computes."""
     budget = algo.max_tokens_per_micro_batch
     if not budget:
         return list(idx.split(algo.micro_batch_size))
     p_len, c_len = data["prompt_mask"][idx].sum(1), data["completion_mask"][idx].sum(1)
     order = torch.sort(p_len + c_len, descending=True, stable=True).indices
-    out, current, p_max, c_max = [], [], 0, 0
+    out, current, p_max, c_max, used = [], [], 0, 0, 0
     for j in order.tolist():
         p, c = max(p_max, int(p_len[j])), max(c_max, max(int(c_len[j]), 1))
-        if current and (len(current) + 1) * (p + c) > budget:
+        cost = used + int(p_len[j]) + max(int(c_len[j]), 1) if algo.packed else (len(current) + 1) * (p + c)
+        if current and cost > budget:
             out.append(current)
-            current, p, c = [], int(p_len[j]), max(int(c_len[j]), 1)
+            current, p, c, used = [], int(p_len[j]), max(int(c_len[j]), 1), 0
         current.append(j)
-        p_max, c_max = p, c
+        p_max, c_max, used = p, c, used + int(p_len[j]) + max(int(c_len[j]), 1)
     out.append(current)
     return [idx[torch.tensor(m, dtype=torch.long)] for m in out]
 
@@ -269,8 +272,9 @@ def _accumulate_minibatch(model, ref, data: dict, idx: torch.Tensor, cfg: TrainC
                 loss, metrics = model(batch, mode="loss", scale=scale, reference=reference)
             loss.backward()
         n = batch["completion_mask"].sum().double()
-        sums["positions"] += batch["attention_mask"].numel()
-        sums["real"] += batch["attention_mask"].sum().double()
+        real = batch["attention_mask"].sum().double()
+        sums["positions"] += real if policy.packed else batch["attention_mask"].numel()  # packed: no padding
+        sums["real"] += real
         sums["loss"] += loss.detach().double() / W
         sums["tokens"] += n
         for k, v in metrics.items():
@@ -676,9 +680,11 @@ def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Rewa
         _warm_up(cfg, os.path.join(out_dir, "initial"), lm, tokenizer, task, dist, resuming=ckpt is not None)
     ref = None
     if loss_cfg.effective_kl_type is not None:  # a KL penalty, or a kl_type for the kl_mean metric
-        ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False), loss_cfg, backend=cfg.backend)
+        ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False), loss_cfg, backend=cfg.backend,
+                     packed=cfg.algo.packed)
     policy = Policy(lm, loss_cfg, value_head=cfg.algo.advantage == "gae", separate_critic=cfg.algo.critic == "separate",
-                    vf_coef=cfg.algo.vf_coef, value_clip=cfg.algo.value_clip, backend=cfg.backend)
+                    vf_coef=cfg.algo.vf_coef, value_clip=cfg.algo.value_clip, backend=cfg.backend,
+                    packed=cfg.algo.packed)
     model = distributed.wrap(policy, dist, cfg.data_parallel)
     if ref is not None and distributed.is_fsdp(model):  # shard the reference model the same way
         if loss_cfg.effective_kl_type == "full":

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import pyrl
-from pyrl.integrations.hf import completion_hidden_states
+from pyrl.integrations.hf import completion_hidden_states, packed_hidden_states
 from pyrl.train.models import backbone
 
 __all__ = ["Policy", "LossScale", "clipped_value_loss", "make_batch"]
@@ -91,12 +91,15 @@ class Policy(nn.Module):
             decoder stack instead of the policy's own.
         vf_coef, value_clip: weight and clip range of the value loss.
         backend: the pyrl op backend.
+        packed: run the decoder padding-free, each micro-batch's sequences concatenated into one row
+            (``pyrl.integrations.hf.packed_hidden_states``; ``algo.packed``).
     """
 
     def __init__(self, lm, loss_config: pyrl.PolicyLossConfig = pyrl.PolicyLossConfig(), *, value_head=False,
-                 separate_critic=False, vf_coef=0.5, value_clip=0.2, backend="auto"):
+                 separate_critic=False, vf_coef=0.5, value_clip=0.2, backend="auto", packed=False):
         super().__init__()
         self.lm = lm
+        self.packed = packed
         self.loss_config = loss_config
         self.backend = backend
         self.vf_coef, self.value_clip = vf_coef, value_clip
@@ -111,14 +114,19 @@ class Policy(nn.Module):
 
     def _hidden(self, batch):
         """``(hidden [B, T, H], head)``: the state at column ``t`` predicts completion token ``t``."""
-        mask = batch["attention_mask"]
+        mask, T = batch["attention_mask"], batch["completion_ids"].shape[1]
+        if self.packed:
+            return completion_hidden_states(self.lm, batch["input_ids"], mask, logits_to_keep=T, packed=True)
         # Position ids from the mask, exactly as `generate` computes them for left-padded prompts.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return completion_hidden_states(self.lm, batch["input_ids"], mask, position_ids=position_ids,
-                                        logits_to_keep=batch["completion_ids"].shape[1])
+                                        logits_to_keep=T)
 
     def _values(self, h, batch):
-        if self.critic_backbone is not None:
+        if self.critic_backbone is not None and self.packed:
+            h = packed_hidden_states(self.critic_backbone, batch["input_ids"], batch["attention_mask"],
+                                     logits_to_keep=batch["completion_ids"].shape[1])
+        elif self.critic_backbone is not None:
             mask = batch["attention_mask"]
             out = self.critic_backbone(input_ids=batch["input_ids"], attention_mask=mask,
                                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
