@@ -357,6 +357,10 @@ def test_end_to_end_tiny_cli(tmp_path):
     assert "eval_accuracy" in records[1]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 3 and summary["eval_accuracy_before"] is not None
+    lo, hi = summary["eval_gain_ci95"]  # the gain's 95% interval, on eval_n prompts
+    assert lo <= summary["eval_gain"] <= hi and summary["eval_n"] > 0
+    lo, hi = records[1]["eval_ci95"]
+    assert lo <= records[1]["eval_accuracy"] <= hi
     if summary.get("plot"):
         assert os.path.exists(os.path.join(out, "curves.png"))
     assert checkpoint.latest(os.path.join(out, "checkpoints")).endswith("step-000003")

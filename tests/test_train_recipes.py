@@ -502,3 +502,17 @@ def test_packed_hidden_states_refuses_another_layout(tiny):
         packed_hidden_states(lm.model, ids, torch.ones_like(ids), logits_to_keep=0)
     with pytest.raises(ValueError, match="algo.packed"):
         validate(apply_overrides(TrainConfig(), ["algo.packed=1"]))
+
+
+def test_eval_intervals():
+    """Wilson's interval of a proportion and Newcombe's interval of a difference of two (95%)."""
+    from pyrl.train.metrics import gain_interval, wilson_interval
+    lo, hi = wilson_interval(0.5, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3  # the textbook value
+    lo, hi = wilson_interval(0.0, 20)
+    assert lo == 0.0 and 0.15 < hi < 0.17  # no symmetric-Wald collapse to [0, 0] at p = 0
+    lo, hi = gain_interval(0.3, 0.5, 200)
+    assert lo < 0.2 < hi and 0.10 < lo and hi < 0.30
+    lo, hi = gain_interval(0.3, 0.35, 200)
+    assert lo < 0 < hi  # a 5-point change on 200 prompts is within noise
+    assert all(x != x for x in wilson_interval(0.5, 0))  # nan for no prompts

@@ -38,7 +38,7 @@ import pyrl
 from pyrl.integrations.hf import lm_head
 from pyrl.train import checkpoint, distributed, faults
 from pyrl.train.config import TrainConfig, validate
-from pyrl.train.metrics import MetricsLogger, plot_curves, read_metrics
+from pyrl.train.metrics import MetricsLogger, gain_interval, plot_curves, read_metrics, wilson_interval
 from pyrl.train.models import load_model
 from pyrl.train.policy import LossScale, Policy, make_batch
 from pyrl.train.recipes import AdaptiveKL, Reward, group_keep_mask
@@ -125,10 +125,15 @@ def warmup_sft(lm, tokenizer, task: Task, cfg: TrainConfig, device) -> list[floa
 
 
 @torch.no_grad()
+def eval_count(cfg: TrainConfig, task: Task) -> int:
+    """How many held-out prompts the greedy eval scores."""
+    return min(cfg.task.eval_size, task.num_eval or cfg.task.eval_size)
+
+
 def evaluate(lm, tokenizer, task: Task, cfg: TrainConfig, dist) -> float:
-    """Greedy accuracy on ``task.eval_size`` held-out prompts (``task.eval_examples``; at most
+    """Greedy accuracy on ``eval_count`` held-out prompts (``task.eval_examples``; at most
     ``task.num_eval`` of them), split over ranks."""
-    n = min(cfg.task.eval_size, task.num_eval or cfg.task.eval_size)
+    n = eval_count(cfg, task)
     per_rank = math.ceil(n / dist.world_size)
     start = dist.rank * per_rank
     examples = task.eval_examples(start, max(0, min(per_rank, n - start)))
@@ -510,6 +515,7 @@ def record(run: Run, step: int, samples: Samples, data: dict, stats: dict, t0: f
         t = time.time()
         with distributed.gathered_for_generation(run.model):
             rec["eval_accuracy"] = evaluate(run.policy.lm, run.tokenizer, run.task, cfg, run.dist)
+        rec["eval_ci95"] = list(wilson_interval(rec["eval_accuracy"], eval_count(cfg, run.task)))
         rec["eval_s"] = time.time() - t
     run.log.log(step + 1, rec)
 
@@ -612,8 +618,15 @@ def _summarize(run: Run, t_start: float) -> dict:
                    "reward_gain": last - first, "eval_accuracy_before": run.initial_eval,
                    "eval_accuracy_after": evals[-1] if evals else None,
                    "wall_s_this_run": time.time() - t_start, "world_size": run.dist.world_size}
+        if evals and run.initial_eval is not None:
+            n = eval_count(run.cfg, run.task)
+            summary.update(eval_n=n, eval_ci95_before=list(wilson_interval(run.initial_eval, n)),
+                           eval_ci95_after=list(wilson_interval(evals[-1], n)),
+                           eval_gain=evals[-1] - run.initial_eval,
+                           eval_gain_ci95=list(gain_interval(run.initial_eval, evals[-1], n)))
         if run.cfg.plot:
-            summary["plot"] = plot_curves(run.out_dir, initial_eval=run.initial_eval)
+            summary["plot"] = plot_curves(run.out_dir, initial_eval=run.initial_eval,
+                                          eval_n=eval_count(run.cfg, run.task) if run.cfg.task.eval_size else None)
         with open(os.path.join(run.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         print("pyrl train: " + json.dumps(summary), file=sys.stderr)

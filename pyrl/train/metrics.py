@@ -12,10 +12,32 @@ import math
 import os
 import sys
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "REQUIRED_FIELDS"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "REQUIRED_FIELDS", "wilson_interval", "gain_interval"]
 
 REQUIRED_FIELDS = ("step", "reward_mean", "loss", "kl_mean", "entropy_mean", "clip_frac", "completion_len_mean",
                    "tokens_per_s")
+
+
+def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion ``p`` observed on ``n`` trials
+    (docs/trainer.md, "Greedy evaluation"); ``(nan, nan)`` for ``n = 0``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def gain_interval(before: float, after: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """A 95% interval of ``after - before``, two accuracies on ``n`` prompts each: Newcombe's hybrid
+    score interval from the two Wilson intervals. It treats the two evaluations as independent; on
+    the same prompts (positively correlated) the true interval is narrower, so this one is
+    conservative."""
+    l1, u1 = wilson_interval(before, n, z)
+    l2, u2 = wilson_interval(after, n, z)
+    d = after - before
+    return d - math.sqrt((after - l2) ** 2 + (u1 - before) ** 2), d + math.sqrt((u2 - after) ** 2 + (before - l1) ** 2)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -105,7 +127,7 @@ def _moving_average(xs: list, window: int) -> list:
     return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
 
 
-def plot_curves(out_dir: str, *, window: int = 0, initial_eval: float | None = None,
+def plot_curves(out_dir: str, *, window: int = 0, initial_eval: float | None = None, eval_n: int | None = None,
                 path: str | None = None) -> str | None:
     """``out_dir/curves.png`` (or ``path``): reward (batch mean, moving average, greedy eval accuracy
     when logged, ``initial_eval`` at step 0) and completion length per step. Returns the path, or
@@ -130,7 +152,12 @@ def plot_curves(out_dir: str, *, window: int = 0, initial_eval: float | None = N
     evals = [(r["step"], r["eval_accuracy"]) for r in records if r.get("eval_accuracy") is not None]
     if initial_eval is not None:
         evals.insert(0, (0, initial_eval))
-    if evals:
+    if evals and eval_n:
+        xs, ys = zip(*evals)
+        cis = [wilson_interval(y, eval_n) for y in ys]
+        ax1.errorbar(xs, ys, yerr=[[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]],
+                     fmt="o-", capsize=3, label=f"greedy eval accuracy ({eval_n} prompts, 95% CI)")
+    elif evals:
         ax1.plot(*zip(*evals), "o-", label="greedy eval accuracy")
     ax1.set_xlabel("step")
     ax1.set_ylabel("reward")

