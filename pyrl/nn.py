@@ -11,7 +11,7 @@ import torch
 
 from pyrl._backend import BACKENDS
 from pyrl._validate import NumberTypeError, check_bool, check_linear_args, check_number, check_positive, shape_str
-from pyrl.config import PolicyLossConfig
+from pyrl.config import EXACT_KL_KINDS, PolicyLossConfig
 from pyrl.losses.aliases import LIGER_LOSS_TYPES, liger_config_kwargs
 from pyrl.losses.vespo import vespo_log_weight, vespo_weight
 from pyrl.ops.fused_policy_loss import fused_linear_policy_loss
@@ -53,7 +53,7 @@ class FusedLinearLogProbs(torch.nn.Module):
 
 
 # The Liger/TRL loss_type names and what each is in pyrl: pyrl.losses.aliases (docs/formulas.md §12).
-_KL_TYPES = ("k1", "k2", "k3", "full")
+_KL_TYPES = ("k1", "k2", "k3", "full", "full_forward", "full_jsd")
 
 
 def _number(name: str, x, **kw) -> None:
@@ -85,8 +85,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     float tolerance (``tests/test_nn_liger_parity.py`` checks it against Liger itself). pyrl adds
     keyword-only arguments: ``entropy_coef`` (entropy bonus), ``top_entropy_quantile`` (train only on
     the top-``rho`` highest-entropy tokens, TRL's name for ``PolicyLossConfig.top_entropy_rho``),
-    ``kl_type`` (``"k1"``, ``"k2"``, ``"k3"`` (Liger's only estimator, the default) or ``"full"``, the
-    exact KL over the vocabulary, which needs ``ref_input``/``ref_weight``) and ``backend``.
+    ``kl_type`` (``"k1"``, ``"k2"``, ``"k3"`` (Liger's only estimator, the default), or ``"full"``,
+    ``"full_forward"``, ``"full_jsd"``, the exact divergences over the vocabulary, which need
+    ``ref_input``/``ref_weight``) and ``backend``.
 
     How each Liger ``loss_type`` maps onto :class:`pyrl.PolicyLossConfig` (the table is
     ``pyrl.losses.aliases.LIGER_LOSS_TYPES``, docs/formulas.md §12; ``N`` = valid tokens of the
@@ -303,7 +304,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
         ref_logp = ref_hidden = None
         if self._kl_on:
-            full = self.kl_type == "full"
+            full = self.kl_type in EXACT_KL_KINDS
             if ref_per_token_logps is not None and not full:
                 if ref_input is not None:
                     warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.",
@@ -315,7 +316,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                                      "ref_weight [V, H] (and ref_bias if it has one)")
                 ref_hidden = ref_input
             elif full:
-                raise ValueError("kl_type='full' (the exact KL over the vocabulary) needs ref_input [B, T, H] and "
+                raise ValueError(f"kl_type={self.kl_type!r} (the exact KL over the vocabulary) needs ref_input [B, T, H] and "
                                  "ref_weight [V, H]; ref_per_token_logps is not enough")
             else:
                 raise ValueError(f"beta={self.beta!r} with use_ref_model=True needs ref_per_token_logps [B, T] or "
