@@ -13,6 +13,9 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
 * ``passes`` (the policy loss): ``"one"`` (gradients formed in forward, three GEMMs per chunk; only
   for token-separable losses on a chunked body) or ``"two"`` (log-probs first, loss on the whole
   batch, logits recomputed in backward), docs/formulas.md §10;
+  the preference loss always takes ``"two"`` (a sequence's loss needs its whole sum), the
+  distillation loss ``"one"`` (its divergence is per token; always a chunk walk over both heads,
+  whose rows get ``1 / DISTILL_CHUNK_SHARE`` of ``chunk_bytes``);
 * ``gemm``: ``"acc"`` (GEMM operands in the accumulation dtype, fp32 or fp64) or ``"lowp"``
   (bf16/fp16 tensor-core GEMMs with fp32 output, CUDA);
 * ``chunk_rows`` / ``pad_rows``: tokens per chunk, and the multiple every chunk GEMM is padded to
