@@ -241,27 +241,21 @@ def _pyrl_grpo_loss(backend, chunk_bytes=None):
     return build
 
 
-def _pyrl_dpo_loss(backend):
+def _pyrl_pair_loss(op: str, backend: str):
+    """pyrl's dpo_loss / distill_loss: the same call shape, (hidden, weight, targets, reference side)."""
     def build(case: Case) -> Step:
         import pyrl
 
         def step():
-            loss, _ = pyrl.fused_linear_preference_loss(case.hidden, case.weight, case.targets, loss_type="sigmoid",
-                                                        beta=DPO_BETA, ref_hidden=case.ref_hidden,
-                                                        ref_weight=case.ref_weight, backend=backend)
-            return loss_outputs(case, loss)
-        return step
-    return build
-
-
-def _pyrl_distill_loss(backend):
-    def build(case: Case) -> Step:
-        import pyrl
-
-        def step():
-            loss, _ = pyrl.fused_linear_distillation_loss(case.hidden, case.weight, case.ref_hidden, case.ref_weight,
-                                                          case.targets, divergence="jsd", beta=JSD_BETA,
-                                                          backend=backend)
+            if op == "dpo_loss":
+                loss, _ = pyrl.fused_linear_preference_loss(case.hidden, case.weight, case.targets,
+                                                            loss_type="sigmoid", beta=DPO_BETA,
+                                                            ref_hidden=case.ref_hidden, ref_weight=case.ref_weight,
+                                                            backend=backend)
+            else:
+                loss, _ = pyrl.fused_linear_distillation_loss(case.hidden, case.weight, case.ref_hidden,
+                                                              case.ref_weight, case.targets, divergence="jsd",
+                                                              beta=JSD_BETA, backend=backend)
             return loss_outputs(case, loss)
         return step
     return build
@@ -363,10 +357,8 @@ for _backend in ("torch", "cpp", "triton"):
                   requires=_pyrl_backend(_backend)))
     register(Impl("grpo_loss", f"pyrl[{_backend}]", _pyrl_grpo_loss(_backend),
                   requires=_pyrl_backend(_backend, "fused_linear_policy_loss")))
-    register(Impl("dpo_loss", f"pyrl[{_backend}]", _pyrl_dpo_loss(_backend),
-                  requires=_pyrl_backend(_backend, "fused_linear_preference_loss")))
-    register(Impl("distill_loss", f"pyrl[{_backend}]", _pyrl_distill_loss(_backend),
-                  requires=_pyrl_backend(_backend, "fused_linear_distillation_loss")))
+    for _op, _fn in (("dpo_loss", "fused_linear_preference_loss"), ("distill_loss", "fused_linear_distillation_loss")):
+        register(Impl(_op, f"pyrl[{_backend}]", _pyrl_pair_loss(_op, _backend), requires=_pyrl_backend(_backend, _fn)))
 
 # CPU: 64 MiB chunks (twice the default: fewer passes over the weight, twice the chunk memory).
 register(Impl("grpo_loss", "pyrl[cpp]/chunk=64MiB", _pyrl_grpo_loss("cpp", 64 * 2**20),
