@@ -28,12 +28,14 @@ rounding with the number of rows), so log-probs and entropy are batch-invariant 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["RowParams", "RowStats", "TorchRows", "acc_dtype", "row_sum", "kl_rows_fwd", "kl_rows_bwd"]
+__all__ = ["RowParams", "RowStats", "TorchRows", "acc_dtype", "row_sum", "DIVERGENCES", "divergence_rows",
+           "sparse_forward_kl_rows"]
 
 SUM_BLOCK = 2048
 
@@ -148,21 +150,81 @@ class TorchRows:
         return dz.to(logits.dtype)
 
 
-def kl_rows_fwd(z_policy: torch.Tensor, z_ref: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Exact per-row ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` of two blocks of raw logits."""
-    lp = torch.log_softmax(z_policy / temperature, -1)
-    lq = torch.log_softmax(z_ref / temperature, -1)
-    return row_sum(lp.exp() * (lp - lq)).clamp(min=0.0)
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
-def kl_rows_bwd(z_policy: torch.Tensor, z_ref: torch.Tensor, kl: torch.Tensor, g: torch.Tensor,
-                temperature: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``d (g * KL) / d z_policy = g * p * (log p - log q - KL) / temperature``; the reference side
-    is a fixed target (no gradient). Written into ``out`` when given (it may be ``z_policy``)."""
-    lp = torch.log_softmax(z_policy / temperature, -1)
-    lq = torch.log_softmax(z_ref / temperature, -1)
-    dz = lp.exp() * (lp - lq - kl.unsqueeze(1)) * (g.unsqueeze(1) / temperature)
+def _xdiff(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``p * d`` with 0 wherever ``p == 0`` (a zero-probability entry adds nothing, even where ``d`` is
+    infinite: a -inf logit in both heads, or in the one whose probability weights the sum)."""
+    return torch.where(p > 0, p * d, 0.0)
+
+
+def divergence_rows(z_student: torch.Tensor, z_teacher: torch.Tensor, temperature: float, kind: str = "reverse_kl",
+                    beta: float = 0.5, g: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
+    """Per-row divergence of two blocks of raw logits ``[n, V]`` at ``temperature`` (docs/formulas.md §14),
+    with ``p = softmax(z_student / T)`` (the distribution trained) and ``q = softmax(z_teacher / T)``
+    (a fixed target, no gradient):
+
+        forward_kl   KL(q || p) = sum_v q (log q - log p)           d/dz_s = (p - q) / T
+        reverse_kl   KL(p || q) = sum_v p (log p - log q)           d/dz_s = p (log p - log q - KL) / T
+        jsd          beta KL(q || m) + (1 - beta) KL(p || m),  m = beta q + (1 - beta) p,
+                                                                    d/dz_s = (1 - beta) p (log p - log m - KL(p || m)) / T
+
+    Returns ``(value [n], dz)``: ``dz`` is ``g [n] * d value / d z_student`` (``None`` when ``g`` is
+    None), written into ``out`` when given (``out`` may be ``z_student`` itself). Every sum over the
+    vocabulary is a ``row_sum`` (batch-invariant); the value is clamped at 0.
+    """
+    acc = acc_dtype(z_student.dtype)
+    ls = torch.log_softmax(z_student.to(acc) / temperature, -1)
+    lt = torch.log_softmax(z_teacher.to(acc) / temperature, -1)
+    ps = ls.exp()
+    if kind == "reverse_kl":
+        d = ls - lt
+        value = row_sum(_xdiff(ps, d))
+        base = None if g is None else _xdiff(ps, d - value.unsqueeze(1))
+    elif kind == "forward_kl":
+        pt = lt.exp()
+        value = row_sum(_xdiff(pt, lt - ls))
+        base = None if g is None else ps - pt
+    elif kind == "jsd":
+        pt = lt.exp()
+        lm = torch.logaddexp(ls + math.log1p(-beta), lt + math.log(beta))
+        kl_s = row_sum(_xdiff(ps, ls - lm))
+        value = beta * row_sum(_xdiff(pt, lt - lm)) + (1 - beta) * kl_s
+        base = None if g is None else (1 - beta) * _xdiff(ps, ls - lm - kl_s.unsqueeze(1))
+    else:
+        raise ValueError(f"kind must be one of {DIVERGENCES}, got {kind!r}")
+    value = value.clamp(min=0.0)
+    if g is None:
+        return value, None
+    dz = base * (g.to(acc).unsqueeze(1) / temperature)
     if out is not None:
         out.copy_(dz)
-        return out
-    return dz
+        return value, out
+    return value, dz
+
+
+def sparse_forward_kl_rows(z_student: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                           temperature: float, g: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
+    """The forward KL to a teacher known only by its top-k (docs/formulas.md §14): with
+    ``q = softmax(teacher_logprobs)`` over the ``k`` ids of each row (the given log-probs renormalised
+    over the support; ``-inf`` marks an unused slot) and ``log p`` the student's full-vocabulary
+    log-probs at temperature ``T``,
+
+        value = sum_k q_k (log q_k - log p[ids_k]),      d/dz_s = (p - scatter(ids, q)) / T
+
+    ``ids`` ``[n, k]`` int64, ``teacher_logprobs`` ``[n, k]``. Returns ``(value [n], dz | None)`` as
+    ``divergence_rows`` does (``dz`` scaled by ``g``, written into ``out`` when given).
+    """
+    acc = acc_dtype(z_student.dtype)
+    ls = torch.log_softmax(z_student.to(acc) / temperature, -1)
+    lq = torch.log_softmax(teacher_logprobs.to(acc), -1)
+    q = lq.exp()
+    value = _xdiff(q, lq - ls.gather(1, ids)).sum(-1).clamp(min=0.0)
+    if g is None:
+        return value, None
+    dz = ls.exp_().scatter_add_(1, ids, -q) * (g.to(acc).unsqueeze(1) / temperature)
+    if out is not None:
+        out.copy_(dz)
+        return value, out
+    return value, dz

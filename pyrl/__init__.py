@@ -1,7 +1,8 @@
 """pyrl: fused kernels, losses and a lean trainer for RL post-training of language models.
 
 The public surface: ``fused_linear_logprobs``, ``logprobs_from_logits``, ``policy_loss``,
-``fused_linear_policy_loss``, ``PolicyLossConfig``, ``register_policy_loss``, ``explain``,
+``fused_linear_policy_loss``, ``fused_linear_preference_loss``, ``fused_linear_distillation_loss``,
+``PolicyLossConfig``, ``register_policy_loss``, ``explain``,
 ``pyrl.nn``, ``pyrl.advantages`` and ``backends()``. Formulas: docs/formulas.md.
 """
 from pyrl._backend import backends
@@ -10,6 +11,8 @@ from pyrl.losses import policy_loss_names, register_policy_loss, unregister_poli
 from pyrl.ops.logprobs import fused_linear_logprobs, logprobs_from_logits
 from pyrl.ops.fused_policy_loss import fused_linear_policy_loss
 from pyrl.ops.policy_loss import policy_loss
+from pyrl.ops.preference import fused_linear_preference_loss
+from pyrl.ops.distill import fused_linear_distillation_loss
 from pyrl.ops.explain import explain
 from pyrl import advantages, nn  # noqa: E402  (submodules users reach as pyrl.advantages / pyrl.nn)
 
@@ -20,8 +23,10 @@ __all__ = [
     "advantages",
     "backends",
     "explain",
+    "fused_linear_distillation_loss",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
+    "fused_linear_preference_loss",
     "logprobs_from_logits",
     "nn",
     "policy_loss",

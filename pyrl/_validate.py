@@ -148,6 +148,22 @@ def check_linear_args(hidden, weight, bias, temperature, ignore_index, names=("h
     return check_positive("temperature", temperature)
 
 
+def check_ref_model(ref_hidden, ref_weight, ref_bias, lead, V, ignore_index, names=("ref_hidden", "ref_weight", "ref_bias")):
+    """A reference (or teacher) model's hidden states ``[*lead, H_ref]`` and head ``[V, H_ref]``: its
+    own hidden size, the policy's vocabulary ``V``, with errors that name the ``names`` arguments."""
+    nh, nw, _ = names
+    if ref_weight is None:
+        raise ValueError(f"{nh} was given without {nw}: pass both")
+    check_linear_args(ref_hidden, ref_weight, ref_bias, 1.0, ignore_index, names=names)
+    want = "[" + ", ".join(str(d) for d in lead) + ", H_ref]"
+    if ref_hidden.dim() != len(lead) + 1 or tuple(ref_hidden.shape[:-1]) != tuple(lead):
+        raise ValueError(f"{nh} must have shape {want} (the leading dims of the policy's hidden), "
+                         f"got {shape_str(ref_hidden)}")
+    if ref_weight.shape[0] != V:
+        raise ValueError(f"{nw} must have shape [V, H_ref] with V = {V} (the policy's vocabulary), "
+                         f"got {shape_str(ref_weight)}")
+
+
 def check_positive_int(name: str, x) -> int:
     """An int >= 1 (never a bool, nor a float such as ``2.0``). Every failure reads
     ``"{name} must be a positive int, got ..."``: ``NumberTypeError`` for a non-int,

@@ -38,7 +38,10 @@ from pyrl.losses import POLICY_LOSSES
 __all__ = ["PolicyLossConfig"]
 
 RATIO_LEVELS = ("token", "sequence")
-KL_TYPES = (None, "k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+", "full")
+KL_TYPES = (None, "k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+", "full", "full_forward", "full_jsd")
+# The exact full-vocabulary divergences to the reference head and their row maths
+# (pyrl.kernels.reference.divergence_rows, docs/formulas.md §4 and §14).
+EXACT_KL_KINDS = {"full": "reverse_kl", "full_forward": "forward_kl", "full_jsd": "jsd"}
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 IS_LEVELS = (None, "token", "sequence")
 IS_MODES = ("truncate", "mask")
@@ -109,8 +112,10 @@ class PolicyLossConfig:
 
     kl_type: Optional[str] = None
     """KL-to-reference estimator (docs/formulas.md §4, Schulman's k1/k2/k3 notation): ``None``, ``"k1"``,
-    ``"k2"``, ``"k3"`` (low variance; TRL/Liger/verl ``low_var_kl``) or ``"full"`` (the exact KL over
-    the vocabulary, only computable by ``fused_linear_policy_loss`` from reference hidden states).
+    ``"k2"``, ``"k3"`` (low variance; TRL/Liger/verl ``low_var_kl``), or an exact divergence over the
+    whole vocabulary, only computable by ``fused_linear_policy_loss`` from reference hidden states:
+    ``"full"`` (reverse ``KL(p || p_ref)``), ``"full_forward"`` (forward ``KL(p_ref || p)``) or
+    ``"full_jsd"`` (the Jensen-Shannon divergence, mixing weight 1/2; docs/formulas.md §14).
     ``"abs"`` (``|d|``) and the straight-through ``"k1+"``, ``"k2+"``, ``"k3+"`` (the value of k1/k2/k3
     with the gradient of k2, verl's ``k3+``; ``"abs+"`` likewise) are verl's further ``kl_loss_type`` modes.
     ``None`` with ``beta > 0`` means ``"k3"``, the TRL/Liger estimator (``effective_kl_type``). A
@@ -305,3 +310,9 @@ class PolicyLossConfig:
         if self.kl_type is None and self.beta > 0:
             return "k3"
         return self.kl_type
+
+    @property
+    def exact_kl(self) -> Optional[str]:
+        """The divergence (``"reverse_kl"``, ``"forward_kl"`` or ``"jsd"``) of an exact ``kl_type``
+        (``"full"``, ``"full_forward"``, ``"full_jsd"``), else None (a per-token estimator or none)."""
+        return EXACT_KL_KINDS.get(self.kl_type)

@@ -11,13 +11,16 @@ import torch
 
 from pyrl._backend import BACKENDS
 from pyrl._validate import NumberTypeError, check_bool, check_linear_args, check_number, check_positive, shape_str
-from pyrl.config import PolicyLossConfig
+from pyrl.config import EXACT_KL_KINDS, PolicyLossConfig
 from pyrl.losses.aliases import LIGER_LOSS_TYPES, liger_config_kwargs
 from pyrl.losses.vespo import vespo_log_weight, vespo_weight
 from pyrl.ops.fused_policy_loss import fused_linear_policy_loss
+from pyrl.ops.distill import fused_linear_distillation_loss
 from pyrl.ops.logprobs import fused_linear_logprobs
+from pyrl.ops.preference import fused_linear_preference_loss
 
-__all__ = ["FusedLinearGRPOLoss", "FusedLinearLogProbs"]
+__all__ = ["FusedLinearGRPOLoss", "FusedLinearLogProbs", "FusedLinearDPOLoss", "FusedLinearORPOLoss",
+           "FusedLinearCPOLoss", "FusedLinearSimPOLoss", "FusedLinearKTOLoss", "FusedLinearJSDLoss"]
 
 
 class FusedLinearLogProbs(torch.nn.Module):
@@ -53,7 +56,7 @@ class FusedLinearLogProbs(torch.nn.Module):
 
 
 # The Liger/TRL loss_type names and what each is in pyrl: pyrl.losses.aliases (docs/formulas.md §12).
-_KL_TYPES = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+", "full")
+_KL_TYPES = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+", "full", "full_forward", "full_jsd")
 
 
 def _number(name: str, x, **kw) -> None:
@@ -86,8 +89,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     keyword-only arguments: ``entropy_coef`` (entropy bonus), ``top_entropy_quantile`` (train only on
     the top-``rho`` highest-entropy tokens, TRL's name for ``PolicyLossConfig.top_entropy_rho``),
     ``kl_type`` (``"k1"``, ``"k2"``, ``"k3"`` (Liger's only estimator, the default), ``"abs"``, the
-    straight-through ``"k1+"``/``"k2+"``/``"k3+"``/``"abs+"`` (docs/formulas.md §4.1) or ``"full"``, the
-    exact KL over the vocabulary, which needs ``ref_input``/``ref_weight``) and ``backend``.
+    straight-through ``"k1+"``/``"k2+"``/``"k3+"``/``"abs+"`` (docs/formulas.md §4.1), or ``"full"``,
+    ``"full_forward"``, ``"full_jsd"``, the exact divergences over the vocabulary, which need
+    ``ref_input``/``ref_weight``) and ``backend``.
 
     How each Liger ``loss_type`` maps onto :class:`pyrl.PolicyLossConfig` (the table is
     ``pyrl.losses.aliases.LIGER_LOSS_TYPES``, docs/formulas.md §12; ``N`` = valid tokens of the
@@ -313,7 +317,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
         ref_logp = ref_hidden = None
         if self._kl_on:
-            full = self.kl_type == "full"
+            full = self.kl_type in EXACT_KL_KINDS
             if ref_per_token_logps is not None and not full:
                 if ref_input is not None:
                     warnings.warn("Both ref_per_token_logps and ref_input are provided. Using ref_per_token_logps.",
@@ -325,7 +329,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                                      "ref_weight [V, H] (and ref_bias if it has one)")
                 ref_hidden = ref_input
             elif full:
-                raise ValueError("kl_type='full' (the exact KL over the vocabulary) needs ref_input [B, T, H] and "
+                raise ValueError(f"kl_type={self.kl_type!r} (the exact KL over the vocabulary) needs ref_input [B, T, H] and "
                                  "ref_weight [V, H]; ref_per_token_logps is not enough")
             else:
                 raise ValueError(f"beta={self.beta!r} with use_ref_model=True needs ref_per_token_logps [B, T] or "
@@ -407,3 +411,199 @@ def _dapo_normaliser(attention_mask, num_items_in_batch):
     else:
         return None
     return (count / world).clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Preference optimisation and distillation: drop-ins for liger_kernel.chunked_loss 0.8.5
+# --------------------------------------------------------------------------------------------
+# Liger's DPO module accepts these loss types (IPO is refused there: it needs completion lengths,
+# which pyrl.fused_linear_preference_loss has; use the op for it).
+LIGER_DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
+                        "apo_down", "discopop")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
+def _paired(module, loss_type, lin_weight, _input, target, bias, *, alpha, compute_nll_loss, extra=(), **kw):
+    """Liger's paired return ``(loss, (chosen_logps, rejected_logps, chosen_logits_mean,
+    rejected_logits_mean, nll_loss, chosen_rewards, rejected_rewards, *extra))``; the NLL term is
+    computed (and weighted by ``alpha``) only with ``compute_nll_loss``, else reported as 0."""
+    check_linear_args(_input, lin_weight, bias, 1.0, module.ignore_index, names=("_input", "lin_weight", "bias"))
+    loss, out = fused_linear_preference_loss(_input, lin_weight, target, bias=bias, loss_type=loss_type,
+                                             beta=module.beta, alpha=alpha if compute_nll_loss else 0.0,
+                                             ignore_index=module.ignore_index, backend=module.backend, **kw)
+    nll = out["nll_loss"] if compute_nll_loss else torch.zeros_like(out["nll_loss"])
+    keys = ("chosen_logps", "rejected_logps", "chosen_logits_mean", "rejected_logits_mean")
+    return loss, (*(out[k] for k in keys), nll, out["chosen_rewards"], out["rejected_rewards"],
+                  *(out[k] for k in extra))
+
+
+def _reference_model(use_ref_model, ref_input, ref_weight, ref_bias) -> dict:
+    if not use_ref_model:
+        return {}
+    if ref_input is None or ref_weight is None:
+        raise ValueError("use_ref_model=True needs ref_input [2B, T, H] and ref_weight [V, H] (the reference "
+                         "model's hidden states and head)")
+    return dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
+
+
+class FusedLinearDPOLoss(torch.nn.Module):
+    """A drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss`` (Liger-Kernel 0.8.5),
+    computed by :func:`pyrl.fused_linear_preference_loss` (docs/formulas.md §13).
+
+    The same constructor (arguments, order, defaults, checks), ``forward(lin_weight, _input, target,
+    bias=None, ref_input=None, ref_weight=None, ref_bias=None)`` with ``_input`` ``[2B, T, H]`` (the
+    chosen completions, then the rejected ones) and the same return ``(loss, (chosen_logps,
+    rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss, chosen_rewards,
+    rejected_rewards))``. ``compiled`` and ``chunk_size`` are accepted and ignored; ``backend`` is
+    pyrl's. With ``use_ref_model=True`` the reference's ``ref_input``/``ref_weight`` are required.
+    """
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
+                 compute_nll_loss: bool = False, compiled: bool = True, use_ref_model: bool = True,
+                 average_log_prob: bool = False, chunk_size: int = 1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, discopop_tau: float = 0.05, *, backend: str = "auto"):
+        super().__init__()
+        if loss_type not in LIGER_DPO_LOSS_TYPES:
+            raise ValueError(f"Unsupported loss_type: {loss_type}. Supported types are: {set(LIGER_DPO_LOSS_TYPES)}")
+        if loss_type == "exo_pair" and label_smoothing <= 0.0:
+            raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'. The EXO paper recommends 1e-3.")
+        if loss_type == "robust" and not (0.0 <= label_smoothing < 0.5):
+            raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust'. Got {label_smoothing}.")
+        _check_backend(backend)
+        self.ignore_index, self.beta, self.alpha = ignore_index, beta, alpha
+        self.compute_nll_loss, self.compiled, self.use_ref_model = compute_nll_loss, compiled, use_ref_model
+        self.average_log_prob, self.chunk_size, self.loss_type = average_log_prob, chunk_size, loss_type
+        self.label_smoothing, self.discopop_tau, self.backend = label_smoothing, discopop_tau, backend
+
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None):
+        return _paired(self, self.loss_type, lin_weight, _input, target, bias, alpha=self.alpha,
+                       compute_nll_loss=self.compute_nll_loss, average_log_prob=self.average_log_prob,
+                       label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
+                       **_reference_model(self.use_ref_model, ref_input, ref_weight, ref_bias))
+
+
+class FusedLinearORPOLoss(torch.nn.Module):
+    """A drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearORPOLoss`` (Liger-Kernel 0.8.5):
+    ``forward(lin_weight, _input, target, bias=None, nll_target=None)`` returns ``(loss,
+    (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
+    chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen))``; the log-probs are per-token
+    means, the NLL weight is 1 (docs/formulas.md §13). ``compiled``/``chunk_size`` are ignored."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
+                 compiled: bool = True, chunk_size: int = 1, *, backend: str = "auto"):
+        super().__init__()
+        _check_backend(backend)
+        self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, beta, compute_nll_loss
+        self.compiled, self.chunk_size, self.backend = compiled, chunk_size, backend
+
+    def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
+        return _paired(self, "orpo", lin_weight, _input, target, bias, alpha=1.0,
+                       compute_nll_loss=self.compute_nll_loss, extra=("log_odds_ratio", "log_odds_chosen"),
+                       nll_targets=nll_target if self.compute_nll_loss else None)
+
+
+class FusedLinearCPOLoss(torch.nn.Module):
+    """A drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearCPOLoss`` (Liger-Kernel 0.8.5):
+    ``forward(lin_weight, _input, target, bias=None)`` returns Liger's 7-tuple as
+    :class:`FusedLinearDPOLoss` does (docs/formulas.md §13). ``compiled``/``chunk_size`` are ignored."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
+                 label_smoothing: float = 0.0, compute_nll_loss: bool = True, compiled: bool = True,
+                 average_log_prob: bool = False, chunk_size: int = 1, *, backend: str = "auto"):
+        super().__init__()
+        _check_backend(backend)
+        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
+        self.compute_nll_loss, self.compiled, self.average_log_prob = compute_nll_loss, compiled, average_log_prob
+        self.chunk_size, self.backend = chunk_size, backend
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        return _paired(self, "cpo", lin_weight, _input, target, bias, alpha=self.alpha,
+                       compute_nll_loss=self.compute_nll_loss, label_smoothing=self.label_smoothing,
+                       average_log_prob=self.average_log_prob)
+
+
+class FusedLinearSimPOLoss(torch.nn.Module):
+    """A drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearSimPOLoss`` (Liger-Kernel 0.8.5):
+    ``forward(lin_weight, _input, target, bias=None)`` returns Liger's 7-tuple as
+    :class:`FusedLinearDPOLoss` does; the log-probs are per-token means (docs/formulas.md §13).
+    ``compiled``/``chunk_size`` are ignored."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
+                 label_smoothing: float = 0.0, compute_nll_loss: bool = True, compiled: bool = True,
+                 gamma: float = 0.5, chunk_size: int = 1, *, backend: str = "auto"):
+        super().__init__()
+        _check_backend(backend)
+        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
+        self.compute_nll_loss, self.compiled, self.gamma = compute_nll_loss, compiled, gamma
+        self.chunk_size, self.backend = chunk_size, backend
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        return _paired(self, "simpo", lin_weight, _input, target, bias, alpha=self.alpha,
+                       compute_nll_loss=self.compute_nll_loss, label_smoothing=self.label_smoothing, gamma=self.gamma)
+
+
+class FusedLinearKTOLoss(torch.nn.Module):
+    """A drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearKTOLoss`` (Liger-Kernel 0.8.5):
+    ``forward(_input, lin_weight, target, bias=None, preference_labels=None, ref_input=None,
+    ref_weight=None, ref_bias=None, kl=None)`` (the input first, as Liger) returns ``(loss,
+    (chosen_logps_sum, rejected_logps_sum, chosen_logits_sum, rejected_logits_sum,
+    chosen_rewards_sum, rejected_rewards_sum))`` (docs/formulas.md §13). ``compiled``/``chunk_size``
+    are ignored."""
+
+    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
+                 use_ref_model: bool = False, average_log_prob: bool = False, chunk_size: int = 1, *,
+                 backend: str = "auto"):
+        super().__init__()
+        _check_backend(backend)
+        self.ignore_index, self.beta, self.compiled, self.use_ref_model = ignore_index, beta, compiled, use_ref_model
+        self.average_log_prob, self.chunk_size, self.backend = average_log_prob, chunk_size, backend
+
+    def forward(self, _input, lin_weight, target, bias=None, preference_labels=None, ref_input=None, ref_weight=None,
+                ref_bias=None, kl=None):
+        check_linear_args(_input, lin_weight, bias, 1.0, self.ignore_index, names=("_input", "lin_weight", "bias"))
+        loss, out = fused_linear_preference_loss(
+            _input, lin_weight, target, bias=bias, loss_type="kto", beta=self.beta,
+            preference_labels=preference_labels, kl=kl, average_log_prob=self.average_log_prob,
+            ignore_index=self.ignore_index, backend=self.backend,
+            **_reference_model(self.use_ref_model, ref_input, ref_weight, ref_bias))
+        keys = ("chosen_logps_sum", "rejected_logps_sum", "chosen_logits_sum", "rejected_logits_sum",
+                "chosen_rewards_sum", "rejected_rewards_sum")
+        return loss, tuple(out[k] for k in keys)
+
+
+class FusedLinearJSDLoss(torch.nn.Module):
+    """A drop-in for ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (Liger-Kernel 0.8.5),
+    computed by :func:`pyrl.fused_linear_distillation_loss` (docs/formulas.md §14).
+
+    ``forward(student_input, student_weight, teacher_input, teacher_weight, true_labels,
+    student_bias=None, teacher_bias=None)`` returns the loss, or ``(loss, soft_loss, hard_loss)``
+    with ``return_soft_hard_loss=True``. ``beta`` is the generalised JSD's teacher weight: 0 gives
+    the forward ``KL(teacher || student)``, 1 the reverse ``KL(student || teacher)``, as Liger.
+    ``compiled``/``chunk_size`` are ignored. One difference: the teacher's vocabulary must be the
+    student's (Liger pads a smaller student's logits with zeros; pyrl raises a ``ValueError``).
+    """
+
+    def __init__(self, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5, beta: float = 0.5,
+                 ignore_index: int = -100, temperature: float = 1.0, compiled: bool = True, chunk_size: int = 1024,
+                 return_soft_hard_loss: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        check_positive("temperature", temperature)
+        _number("beta", beta, low=0.0, high=1.0)
+        _check_backend(backend)
+        self.weight_hard_loss, self.weight_soft_loss, self.beta = weight_hard_loss, weight_soft_loss, beta
+        self.ignore_index, self.temperature, self.compiled = ignore_index, temperature, compiled
+        self.chunk_size, self.return_soft_hard_loss, self.backend = chunk_size, return_soft_hard_loss, backend
+
+    def forward(self, student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias=None,
+                teacher_bias=None):
+        divergence = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(float(self.beta), "jsd")
+        loss, out = fused_linear_distillation_loss(
+            student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias=student_bias,
+            teacher_bias=teacher_bias, divergence=divergence, beta=self.beta if divergence == "jsd" else 0.5,
+            temperature=self.temperature, ignore_index=self.ignore_index, soft_weight=self.weight_soft_loss,
+            hard_weight=self.weight_hard_loss, backend=self.backend)
+        return (loss, out["soft_loss"], out["hard_loss"]) if self.return_soft_hard_loss else loss

@@ -14,7 +14,15 @@ Every implementation of an op runs forward *and* backward of the same scalar:
   implementation without entropy, e.g. Cut Cross-Entropy, drops the second term and is compared
   against a reference of the same scalar);
 * ``grpo_loss``: the PPO-clip loss of docs/formulas.md §3 aggregated by ``token-mean`` (Liger's
-  ``dapo``), with ``beta = 0`` and ``old_logp`` near the current policy so some tokens clip.
+  ``dapo``), with ``beta = 0`` and ``old_logp`` near the current policy so some tokens clip;
+* ``dpo_loss``: the DPO (sigmoid) loss of docs/formulas.md §13, ``beta = DPO_BETA``, over ``N / T``
+  sequences (chosen half, then rejected half), the reference's log-probs from its own hidden states
+  and head (Liger's ``use_ref_model=True``);
+* ``distill_loss``: the generalised JSD (``beta = JSD_BETA``) between the student head and a teacher
+  head, docs/formulas.md §14, mean over valid tokens, no hard-label term (Liger's
+  ``weight_hard_loss=0, weight_soft_loss=1``).
+
+In ``dpo_loss`` and ``distill_loss`` the tail of every other sequence is ``IGNORE_INDEX``.
 """
 from __future__ import annotations
 
@@ -23,22 +31,32 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["OPS", "Case", "make_case", "logprob_objective", "grpo_loss_from_logp", "flops",
-           "seq_len", "EPS_LOW", "EPS_HIGH"]
+           "seq_len", "EPS_LOW", "EPS_HIGH", "DPO_BETA", "JSD_BETA", "IGNORE_INDEX"]
 
 # name -> what it measures (the README and results.md quote these).
 OPS = {
     "linear_logprobs": "per-token log-prob + entropy from hidden states and the LM head, fwd+bwd",
     "logits_logprobs": "per-token log-prob + entropy from materialised logits, fwd+bwd",
     "grpo_loss": "GRPO/PPO-clip loss (token-mean, beta=0) from hidden states and the LM head, fwd+bwd",
+    "dpo_loss": "DPO (sigmoid, beta=0.1) loss over chosen/rejected pairs from hidden states, the reference "
+                "model's log-probs from its own hidden states and head, fwd+bwd",
+    "distill_loss": "generalised JSD (beta=0.5) between student and teacher heads from hidden states, "
+                    "mean over valid tokens, fwd+bwd",
 }
+DPO_BETA = 0.1
+JSD_BETA = 0.5
+IGNORE_INDEX = -100
 
 EPS_LOW = EPS_HIGH = 0.2
 PAD_FRACTION = 0.125  # grpo_loss: the tail of sequences 0, 2, 4, ... is padding (mask 0)
 
 
-def seq_len(n_tokens: int, device: torch.device) -> int:
-    """Tokens per sequence for the GRPO loss: N = B * T (T = 256 on CPU, 1024 on GPU)."""
+def seq_len(n_tokens: int, device: torch.device, op: str = "grpo_loss") -> int:
+    """Tokens per sequence of the sequence ops: N = B * T (T = 256 on CPU, 1024 on GPU); dpo_loss
+    needs an even number of sequences (pairs)."""
     t = 1024 if device.type == "cuda" else 256
+    if op == "dpo_loss":
+        return t if n_tokens % (2 * t) == 0 else max(1, n_tokens // 2)
     return t if n_tokens % t == 0 and n_tokens >= t else n_tokens
 
 
@@ -59,6 +77,8 @@ class Case:
     mask: torch.Tensor | None = None         # [B, T] fp32 in {0, 1}
     advantages: torch.Tensor | None = None   # [B] fp32
     old_logp: torch.Tensor | None = None     # [B, T] fp32
+    ref_hidden: torch.Tensor | None = None   # dpo: the reference's [B, T, H]; distill: the teacher's [N, H]
+    ref_weight: torch.Tensor | None = None   # [V, H], no gradient
     extras: dict = field(default_factory=dict)
 
     @property
@@ -67,7 +87,7 @@ class Case:
 
     def fingerprint(self) -> float:
         """A cheap checksum, so a child process can prove it rebuilt the parent's inputs."""
-        tensors = [self.logits, self.hidden, self.weight, self.targets]
+        tensors = [self.logits, self.hidden, self.weight, self.targets, self.ref_hidden, self.ref_weight]
         return sum(float(t.detach().double().sum()) for t in tensors if t is not None)
 
     def grad_inputs(self) -> list[torch.Tensor]:
@@ -109,6 +129,19 @@ def make_case(op: str, shape, dtype: torch.dtype, device, seed: int = 0, extras:
         case.advantages = randn(b)
         if "old_logp" in case.extras:
             case.old_logp = case.extras["old_logp"].to(device=device, dtype=torch.float32).view(b, t)
+    elif op in ("dpo_loss", "distill_loss"):
+        t = seq_len(n, device, op)
+        b = n // t
+        case.ref_hidden = (case.hidden.detach() + 0.3 * randn(n, h).to(dtype)).to(dtype)
+        case.ref_weight = (case.weight.detach() + randn(v, h).to(dtype) * (0.3 / h ** 0.5)).to(dtype)
+        targets = case.targets.view(b, t).clone()
+        targets[::2, t - int(t * PAD_FRACTION):] = IGNORE_INDEX
+        if op == "dpo_loss":
+            case.hidden = case.hidden.detach().view(b, t, h).requires_grad_()
+            case.ref_hidden = case.ref_hidden.view(b, t, h)
+            case.targets = targets
+        else:
+            case.targets = targets.view(n)
     return case
 
 
@@ -133,4 +166,6 @@ def grpo_loss_from_logp(logp, old_logp, advantages, mask, eps_low=EPS_LOW, eps_h
 def flops(op: str, shape) -> float | None:
     """Matmul FLOPs of fwd+bwd: logits, d_hidden and d_weight are 2*N*H*V each."""
     n, h, v = shape
+    if op in ("dpo_loss", "distill_loss"):
+        return 8.0 * n * h * v  # + the reference's (teacher's) logits
     return 6.0 * n * h * v if op in ("linear_logprobs", "grpo_loss") else None

@@ -13,16 +13,19 @@ memory traffic alone: the time no implementation can beat; no correctness check)
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from pyrl.bench.cases import EPS_HIGH, EPS_LOW, Case, grpo_loss_from_logp, logprob_objective
+from pyrl.bench.cases import (DPO_BETA, EPS_HIGH, EPS_LOW, IGNORE_INDEX, JSD_BETA, Case, grpo_loss_from_logp,
+                              logprob_objective)
 
 __all__ = ["Impl", "REGISTRY", "register", "implementations", "logprob_outputs", "loss_outputs",
-           "plain_linear_logprobs", "plain_logprobs_from_logits", "plain_grpo_loss"]
+           "plain_linear_logprobs", "plain_logprobs_from_logits", "plain_grpo_loss", "plain_dpo_loss",
+           "plain_distill_loss"]
 
 Step = Callable[[], dict]
 
@@ -118,6 +121,31 @@ def plain_grpo_loss(hidden, weight, targets, mask, advantages, old_logp):
     return grpo_loss_from_logp(logp, old_logp, advantages, mask)
 
 
+def _sequence_logps(hidden, weight, targets):
+    valid = targets != IGNORE_INDEX
+    logp, _ = plain_linear_logprobs(hidden, weight, torch.where(valid, targets, 0))
+    return torch.where(valid, logp, 0.0).sum(-1)
+
+
+def plain_dpo_loss(hidden, weight, targets, ref_hidden, ref_weight):
+    with torch.no_grad():
+        ref = _sequence_logps(ref_hidden, ref_weight, targets)
+    a = _sequence_logps(hidden, weight, targets) - ref
+    b = a.shape[0] // 2
+    return -F.logsigmoid(DPO_BETA * (a[:b] - a[b:])).mean()
+
+
+def plain_distill_loss(hidden, weight, targets, teacher_hidden, teacher_weight):
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    lp = torch.log_softmax((hidden @ weight.t()).to(acc), -1)
+    with torch.no_grad():
+        lq = torch.log_softmax((teacher_hidden @ teacher_weight.t()).to(acc), -1)
+    lm = torch.logaddexp(lp + math.log(1 - JSD_BETA), lq + math.log(JSD_BETA))
+    per = JSD_BETA * (lq.exp() * (lq - lm)).sum(-1) + (1 - JSD_BETA) * (lp.exp() * (lp - lm)).sum(-1)
+    valid = targets != IGNORE_INDEX
+    return torch.where(valid, per, 0.0).sum() / valid.sum().clamp(min=1)
+
+
 _COMPILED: dict = {}
 
 
@@ -136,6 +164,9 @@ def _register_plain(op: str, fn):
             if op == "grpo_loss":
                 return lambda: loss_outputs(case, f(case.hidden, case.weight, case.targets, case.mask,
                                                      case.advantages, case.old_logp))
+            if op in ("dpo_loss", "distill_loss"):
+                return lambda: loss_outputs(case, f(case.hidden, case.weight, case.targets, case.ref_hidden,
+                                                     case.ref_weight))
             if op == "logits_logprobs":
                 return lambda: logprob_outputs(case, *f(case.logits, case.targets))
             return lambda: logprob_outputs(case, *f(case.hidden, case.weight, case.targets))
@@ -210,6 +241,26 @@ def _pyrl_grpo_loss(backend, chunk_bytes=None):
     return build
 
 
+def _pyrl_pair_loss(op: str, backend: str):
+    """pyrl's dpo_loss / distill_loss: the same call shape, (hidden, weight, targets, reference side)."""
+    def build(case: Case) -> Step:
+        import pyrl
+
+        def step():
+            if op == "dpo_loss":
+                loss, _ = pyrl.fused_linear_preference_loss(case.hidden, case.weight, case.targets,
+                                                            loss_type="sigmoid", beta=DPO_BETA,
+                                                            ref_hidden=case.ref_hidden, ref_weight=case.ref_weight,
+                                                            backend=backend)
+            else:
+                loss, _ = pyrl.fused_linear_distillation_loss(case.hidden, case.weight, case.ref_hidden,
+                                                              case.ref_weight, case.targets, divergence="jsd",
+                                                              beta=JSD_BETA, backend=backend)
+            return loss_outputs(case, loss)
+        return step
+    return build
+
+
 # --------------------------------------------------------------------------------------------
 # Third parties
 # --------------------------------------------------------------------------------------------
@@ -242,6 +293,28 @@ def _liger_triton_grpo(case: Case) -> Step:
     return step
 
 
+def _liger_dpo(case: Case) -> Step:
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    loss_fn = LigerFusedLinearDPOLoss(beta=DPO_BETA, compiled=case.device.type == "cuda", use_ref_model=True)
+
+    def step():
+        loss, _ = loss_fn(case.weight, case.hidden, case.targets, None, case.ref_hidden, case.ref_weight)
+        return loss_outputs(case, loss)
+    return step
+
+
+def _liger_jsd(case: Case) -> Step:
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=JSD_BETA,
+                                      compiled=case.device.type == "cuda")
+
+    def step():
+        return loss_outputs(case, loss_fn(case.hidden, case.weight, case.ref_hidden, case.ref_weight, case.targets))
+    return step
+
+
 def _cut_cross_entropy(case: Case) -> Step:
     from cut_cross_entropy import linear_cross_entropy
 
@@ -269,9 +342,11 @@ def _not_runnable(case: Case) -> Step:
 # --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
-for _op in ("linear_logprobs", "grpo_loss"):
+for _op in ("linear_logprobs", "grpo_loss", "dpo_loss", "distill_loss"):
     register(Impl(_op, "gemm-floor", _gemm_floor, kind="floor",
-                  note="the three matmuls alone (logits, d_hidden, d_weight)"))
+                  note="the three matmuls alone (logits, d_hidden, d_weight)" +
+                  ("; the reference's/teacher's logits GEMM is not counted" if _op in ("dpo_loss", "distill_loss")
+                   else "")))
 register(Impl("logits_logprobs", "copy-floor", _copy_floor, kind="floor",
               note="one read and one write of the logits"))
 
@@ -282,6 +357,8 @@ for _backend in ("torch", "cpp", "triton"):
                   requires=_pyrl_backend(_backend)))
     register(Impl("grpo_loss", f"pyrl[{_backend}]", _pyrl_grpo_loss(_backend),
                   requires=_pyrl_backend(_backend, "fused_linear_policy_loss")))
+    for _op, _fn in (("dpo_loss", "fused_linear_preference_loss"), ("distill_loss", "fused_linear_distillation_loss")):
+        register(Impl(_op, f"pyrl[{_backend}]", _pyrl_pair_loss(_op, _backend), requires=_pyrl_backend(_backend, _fn)))
 
 # CPU: 64 MiB chunks (twice the default: fewer passes over the weight, twice the chunk memory).
 register(Impl("grpo_loss", "pyrl[cpp]/chunk=64MiB", _pyrl_grpo_loss("cpp", 64 * 2**20),
@@ -295,6 +372,8 @@ register(Impl("grpo_loss", "pyrl[triton]/chunk=1GiB", _pyrl_grpo_loss("triton", 
 _register_plain("linear_logprobs", plain_linear_logprobs)
 _register_plain("logits_logprobs", plain_logprobs_from_logits)
 _register_plain("grpo_loss", plain_grpo_loss)
+_register_plain("dpo_loss", plain_dpo_loss)
+_register_plain("distill_loss", plain_distill_loss)
 
 register(Impl("linear_logprobs", "liger", _not_runnable, kind="third-party",
               requires=lambda device: "Liger-Kernel has no log-prob + entropy op from hidden states "
@@ -314,3 +393,8 @@ register(Impl("grpo_loss", "liger.triton_grpo_loss", _liger_triton_grpo, kind="t
               note="Liger's Triton GRPO loss on full [B, T+1, V] logits",
               requires=_requires_all(_cuda_only("triton_grpo_loss"),
                                      lambda d: _missing("liger_kernel", "liger-kernel"))))
+_LIGER = _requires_all(lambda d: _missing("liger_kernel", "liger-kernel"), lambda d: _missing("triton", "triton"))
+register(Impl("dpo_loss", "liger", _liger_dpo, kind="third-party", requires=_LIGER,
+              note="LigerFusedLinearDPOLoss(loss_type='sigmoid', use_ref_model=True), chunk_size=1 (its default)"))
+register(Impl("distill_loss", "liger", _liger_jsd, kind="third-party", requires=_LIGER,
+              note="LigerFusedLinearJSDLoss(weight_hard_loss=0, weight_soft_loss=1), chunk_size=1024"))

@@ -195,8 +195,8 @@ def base_row(impl: Impl, shape, settings: Settings) -> dict:
     row = {"op": impl.op, "impl": impl.name, "kind": impl.kind, "N": n,
            "H": None if impl.op == "logits_logprobs" else h, "V": v,
            "dtype": settings.dtype, "device": settings.device, "status": "ok", "note": impl.note}
-    if impl.op == "grpo_loss":
-        t = seq_len(n, device)
+    if impl.op in ("grpo_loss", "dpo_loss"):
+        t = seq_len(n, device, impl.op)
         row.update(B=n // t, T=t)
     return row
 

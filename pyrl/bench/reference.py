@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from pyrl.bench.cases import Case, grpo_loss_from_logp, logprob_objective
+import math
+
+import torch.nn.functional as F
+
+from pyrl.bench.cases import DPO_BETA, IGNORE_INDEX, JSD_BETA, Case, grpo_loss_from_logp, logprob_objective
 
 __all__ = ["reference", "token_stats", "SAMPLED_ROWS"]
 
@@ -48,7 +52,55 @@ def _row_grad(z, y, lse, entropy, g_logp, g_entropy):
     return dz
 
 
+def _dpo_objective(case: Case):
+    """DPO's sigmoid loss on per-token float64 log-probs: sums over each completion, chosen half
+    first; the reference's log-probs from its own head (docs/formulas.md §13)."""
+    b, t = case.targets.shape
+    valid = case.targets != IGNORE_INDEX
+    h = case.ref_hidden.reshape(b * t, -1)
+    w = case.ref_weight.double()
+    ref = torch.empty(b * t, dtype=torch.float64, device=case.device)
+    y = torch.where(valid, case.targets, 0).reshape(-1)
+    for s, e in _blocks(b * t, case.v):
+        ref[s:e] = _row_stats(h[s:e].double() @ w.t(), y[s:e])[0]
+    ref_seq = torch.where(valid, ref.view(b, t), 0.0).sum(-1)
+
+    def objective(logp, ent):
+        seq = torch.where(valid, logp.view(b, t), 0.0).sum(-1) - ref_seq
+        return -F.logsigmoid(DPO_BETA * (seq[: b // 2] - seq[b // 2:])).mean()
+    return objective
+
+
+def _distill_reference(case: Case) -> dict[str, torch.Tensor]:
+    """The generalised JSD of docs/formulas.md §14 in float64, block by block, its gradient by
+    autograd on each block's logits (the loss is a sum over tokens: blocks are independent)."""
+    y = case.targets
+    n, v = y.shape[0], case.v
+    valid = y != IGNORE_INDEX
+    count = valid.sum().clamp(min=1).double()
+    h, w = case.hidden.detach(), case.weight.detach().double()
+    ht, wt = case.ref_hidden.detach(), case.ref_weight.detach().double()
+    loss = torch.zeros((), dtype=torch.float64, device=case.device)
+    d_hidden = torch.empty(n, case.h, dtype=torch.float64, device=case.device)
+    d_weight = torch.zeros(v, case.h, dtype=torch.float64, device=case.device)
+    for s, e in _blocks(n, v):
+        hb = h[s:e].double()
+        with torch.enable_grad():
+            z = (hb @ w.t()).requires_grad_()
+            lp, lq = z.log_softmax(-1), (ht[s:e].double() @ wt.t()).log_softmax(-1)
+            lm = torch.logaddexp(lp + math.log(1 - JSD_BETA), lq + math.log(JSD_BETA))
+            per = JSD_BETA * (lq.exp() * (lq - lm)).sum(-1) + (1 - JSD_BETA) * (lp.exp() * (lp - lm)).sum(-1)
+            part = torch.where(valid[s:e], per, 0.0).sum() / count
+            (dz,) = torch.autograd.grad(part, z)
+        loss += part.detach()
+        d_hidden[s:e] = dz @ w
+        d_weight.addmm_(dz.t(), hb)
+    return {"loss": loss.cpu(), "d_hidden": d_hidden.cpu(), "d_weight": d_weight.cpu()}
+
+
 def _objective(case: Case, outputs: tuple[str, ...]):
+    if case.op == "dpo_loss":
+        return _dpo_objective(case)
     if case.op == "grpo_loss":
         b, t = case.targets.shape
         return lambda logp, ent: grpo_loss_from_logp(logp.view(b, t), case.old_logp, case.advantages, case.mask)
@@ -58,8 +110,9 @@ def _objective(case: Case, outputs: tuple[str, ...]):
 
 @torch.no_grad()
 def token_stats(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pass 1: float64 ``logp``, ``entropy`` and ``lse`` per token, ``[N]`` on the case's device."""
-    y = case.targets.reshape(-1)
+    """Pass 1: float64 ``logp``, ``entropy`` and ``lse`` per token, ``[N]`` on the case's device
+    (an ignored target scores id 0; the objectives give it no weight)."""
+    y = case.targets.reshape(-1).clamp(min=0)
     n, v = y.shape[0], case.v
     logp, ent, lse = (torch.empty(n, dtype=torch.float64, device=case.device) for _ in range(3))
     if case.logits is not None:
@@ -83,7 +136,9 @@ def reference(case: Case, outputs: tuple[str, ...] = ("logp", "entropy"), stats=
     ``logp``, ``entropy``, ``d_logits`` (rows ``rows`` only) for logits_logprobs; ``loss``,
     ``d_hidden``, ``d_weight`` for grpo_loss. ``stats``: ``token_stats(case)`` if already computed.
     """
-    y = case.targets.reshape(-1)
+    if case.op == "distill_loss":
+        return _distill_reference(case)
+    y = case.targets.reshape(-1).clamp(min=0)
     n, v = y.shape[0], case.v
     logp, ent, lse = stats if stats is not None else token_stats(case)
     with torch.enable_grad():
@@ -92,7 +147,7 @@ def reference(case: Case, outputs: tuple[str, ...] = ("logp", "entropy"), stats=
         g_logp, g_ent = torch.autograd.grad(objective, [lp, en], allow_unused=True)
     g_logp = torch.zeros_like(logp) if g_logp is None else g_logp
     ref: dict[str, torch.Tensor] = {}
-    if case.op == "grpo_loss":
+    if case.op in ("grpo_loss", "dpo_loss"):
         ref["loss"] = objective.detach()
     else:
         ref["logp"] = logp

@@ -50,6 +50,14 @@ def _shape(text: str) -> tuple[int, int, int]:
     return n, h, v
 
 
+def _ops(text: str) -> list[str]:
+    names = [t for t in text.split(",") if t]
+    for name in names:
+        if name not in OPS:
+            raise argparse.ArgumentTypeError(f"--ops takes names from {', '.join(OPS)}, got {name!r}")
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pyrl bench", description="Benchmark pyrl against PyTorch, torch.compile, "
                                 "Liger-Kernel and Cut Cross-Entropy on the same inputs: time, peak memory, "
@@ -59,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: cuda when available")
     p.add_argument("--out", default="bench-results",
                    help="folder for results.json, results.md and the plots (default: bench-results)")
-    p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS), metavar="OP",
-                   help=f"ops to run, from {', '.join(OPS)} (default: all)")
+    p.add_argument("--ops", nargs="+", type=_ops, default=[list(OPS)], metavar="OP",
+                   help=f"ops to run (space- or comma-separated), from {', '.join(OPS)} (default: all)")
     p.add_argument("--shapes", nargs="+", type=_shape, metavar="N,H,V",
                    help="shapes, run smallest first (default: per device, see benchmarks/README.md)")
     p.add_argument("--impls", nargs="+", metavar="PATTERN", help="only implementations matching these fnmatch "
@@ -75,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, help="start no new measurement after this many seconds")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = p.parse_args(argv)
+    args.ops = list(dict.fromkeys(op for group in args.ops for op in group))  # "a,b c" -> [a, b, c]
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
     cuda = args.device == "cuda"
@@ -98,7 +107,8 @@ def prepare_reference(op: str, shape, settings: Settings, variants) -> dict:
     """The inputs' fingerprint, the extra inputs (old_logp) and the float64 reference per variant."""
     device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
     case = make_case(op, shape, dtype, device, settings.seed)
-    stats = token_stats(case)  # pass 1 does not depend on old_logp: shared by every variant
+    # pass 1 does not depend on old_logp: shared by every variant (distill_loss has its own reference)
+    stats = None if op == "distill_loss" else token_stats(case)
     extras = {}
     if op == "grpo_loss":
         noise = torch.randn(case.n, generator=torch.Generator().manual_seed(settings.seed + 1))

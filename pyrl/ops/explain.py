@@ -6,7 +6,9 @@ from typing import Callable, Union
 from pyrl.ops.fused_policy_loss import fused_linear_policy_loss, plan_fused_linear_policy_loss
 from pyrl.ops.logprobs import (fused_linear_logprobs, logprobs_from_logits, plan_fused_linear_logprobs,
                                plan_logprobs_from_logits)
+from pyrl.ops.distill import fused_linear_distillation_loss, plan_fused_linear_distillation_loss
 from pyrl.ops.plan import Plan
+from pyrl.ops.preference import fused_linear_preference_loss, plan_fused_linear_preference_loss
 
 __all__ = ["explain", "plan_of"]
 
@@ -22,9 +24,13 @@ _PLANNERS = {
     "logprobs_from_logits": lambda *a, **k: plan_logprobs_from_logits(*a, **k)[0],
     "fused_linear_logprobs": _linear,
     "fused_linear_policy_loss": lambda *a, **k: plan_fused_linear_policy_loss(*a, **k).plan,
+    "fused_linear_preference_loss": lambda *a, **k: plan_fused_linear_preference_loss(*a, **k).plan,
+    "fused_linear_distillation_loss": lambda *a, **k: plan_fused_linear_distillation_loss(*a, **k).plan,
 }
 _BY_FUNCTION = {logprobs_from_logits: "logprobs_from_logits", fused_linear_logprobs: "fused_linear_logprobs",
-                fused_linear_policy_loss: "fused_linear_policy_loss"}
+                fused_linear_policy_loss: "fused_linear_policy_loss",
+                fused_linear_preference_loss: "fused_linear_preference_loss",
+                fused_linear_distillation_loss: "fused_linear_distillation_loss"}
 
 
 def plan_of(op: Union[str, Callable], *args, **kwargs) -> Plan:

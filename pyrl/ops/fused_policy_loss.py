@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 import torch
 
-from pyrl._validate import check_chunk_bytes, check_linear_args, check_same_device, check_shape, check_targets, \
-    shape_str
+from pyrl._validate import check_chunk_bytes, check_linear_args, check_ref_model, check_same_device, check_shape, \
+    check_targets, shape_str
 from pyrl.config import PolicyLossConfig
-from pyrl.kernels.reference import RowParams, acc_dtype, kl_rows_bwd, kl_rows_fwd
+from pyrl.kernels.reference import RowParams, acc_dtype, divergence_rows
 from pyrl.ops.logprobs import LinearCall, fused_linear_logprobs, run_linear_logprobs
 from pyrl.ops.plan import GEMM_ROW_QUANTUM, Plan, make_plan
 from pyrl.ops.policy_loss import agg_weights, check_policy_args, not_token_separable, policy_loss_core
@@ -39,36 +39,38 @@ _METRICS = ("clip_frac", "kl_mean", "entropy_mean", "ratio_mean", "ratio_max")
 
 
 class _FullKL(torch.autograd.Function):
-    """Per-token exact ``KL(p || p_ref)`` (docs/formulas.md §4): a walk over both heads in lockstep;
-    the reference side gets no gradient (it is a fixed target)."""
+    """Per-token exact divergence to the reference head (docs/formulas.md §4, §14; ``kind`` as
+    ``pyrl.kernels.reference.divergence_rows``: ``"reverse_kl"`` for ``kl_type="full"``): a walk over
+    both heads in lockstep; the reference side gets no gradient (it is a fixed target)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, plan: Plan, temperature):
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, plan: Plan, temperature,
+                kind="reverse_kl"):
         n = hidden.shape[0]
         kl = hidden.new_zeros(n, dtype=acc_dtype(hidden.dtype))
 
         def step(s, e, z, z_ref):
-            kl[s:e] = kl_rows_fwd(z, z_ref, temperature)
+            kl[s:e] = divergence_rows(z, z_ref, temperature, kind)[0]
             return False
 
         walk(_kl_head(hidden, weight, bias), plan.kl_chunk_rows, step, ref=_kl_head(ref_hidden, ref_weight, ref_bias))
         kl = torch.where(valid, kl, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, kl)
-        ctx.plan, ctx.temperature = plan, temperature
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid)
+        ctx.plan, ctx.temperature, ctx.kind = plan, temperature, kind
         return kl
 
     @staticmethod
     def backward(ctx, g):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid, kl = ctx.saved_tensors
-        g = torch.where(valid, g.to(kl.dtype), 0.0)
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid = ctx.saved_tensors
+        g = torch.where(valid, g.to(acc_dtype(hidden.dtype)), 0.0)
 
         def step(s, e, z, z_ref):
-            kl_rows_bwd(z, z_ref, kl[s:e], g[s:e], ctx.temperature, out=z)
+            divergence_rows(z, z_ref, ctx.temperature, ctx.kind, g=g[s:e], out=z)
             return True
 
         head = _kl_head(hidden, weight, bias, need=ctx.needs_input_grad[:3])
         grads = walk(head, ctx.plan.kl_chunk_rows, step, ref=_kl_head(ref_hidden, ref_weight, ref_bias))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _kl_head(hidden, weight, bias, need=(False, False, False)):
@@ -182,22 +184,22 @@ def plan_fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, 
     check_shape("targets", targets, (B, T), "(the leading dims of hidden)")
     # The exact KL is computed whenever kl_type="full" (with beta == 0 for the kl_mean metric only,
     # as for the other estimators); it needs ref_hidden/ref_weight either way.
-    full_kl = config.effective_kl_type == "full"
+    full_kl = config.exact_kl is not None
     check_policy_args(B, T, "hidden", hidden, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=None,
                       rollout_logp=rollout_logp, config=config, has_entropy=True, full_kl=full_kl,
                       ref_model=ref_hidden is not None, policy_weight=policy_weight)
     if ref_hidden is not None:
-        _check_ref_model(ref_hidden, ref_weight, ref_bias, B, T, weight.shape[0], ignore_index)
+        check_ref_model(ref_hidden, ref_weight, ref_bias, (B, T), weight.shape[0], ignore_index)
     check_same_device(hidden=hidden, weight=weight, targets=targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
                       ref_bias=ref_bias)
     if chunk_bytes is not None:
         check_chunk_bytes(chunk_bytes)
     if vocab_parallel_group is not None and full_kl:
-        raise ValueError("kl_type='full' is not supported with vocab_parallel_group (the exact KL over a split "
+        raise ValueError(f"kl_type={config.kl_type!r} is not supported with vocab_parallel_group (the exact KL over a split "
                          "vocabulary is not implemented); use kl_type='k1'/'k2'/'k3' with ref_logp or ref_hidden")
     if full_kl:
         if ref_hidden is None or ref_weight is None:
-            raise ValueError("kl_type='full' needs ref_hidden [B, T, H] and ref_weight [V, H]")
+            raise ValueError(f"kl_type={config.kl_type!r} needs ref_hidden [B, T, H] and ref_weight [V, H]")
         check_shape("ref_hidden", ref_hidden, tuple(hidden.shape), "(the shape of hidden)")
         check_shape("ref_weight", ref_weight, tuple(weight.shape), "(the shape of weight)")
     valid = mask.bool()
@@ -254,7 +256,7 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
         chunk_bytes=chunk_bytes, vocab_parallel_group=vocab_parallel_group, entropy_quantile_fn=entropy_quantile_fn)
     plan, targets = call.plan, call.targets
     B, T, _ = hidden.shape
-    if config.effective_kl_type not in (None, "full") and ref_logp is None and ref_hidden is not None:
+    if config.effective_kl_type is not None and not call.full_kl and ref_logp is None and ref_hidden is not None:
         ref_logp = _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend,
                                  plan.chunk_bytes, vocab_parallel_group)
     if plan.passes == "one":
@@ -275,25 +277,10 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
     if call.full_kl:
         kl = _FullKL.apply(hidden.reshape(B * T, -1), weight, bias, ref_hidden.reshape(B * T, -1).detach(),
                            ref_weight.detach(), None if ref_bias is None else ref_bias.detach(),
-                           mask.bool().reshape(-1), plan, config.temperature).reshape(B, T)
+                           mask.bool().reshape(-1), plan, config.temperature, config.exact_kl).reshape(B, T)
     return policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
                             rollout_logp=rollout_logp, config=config, kl=kl, policy_weight=policy_weight,
                             entropy_quantile_fn=entropy_quantile_fn)
-
-
-def _check_ref_model(ref_hidden, ref_weight, ref_bias, B, T, V, ignore_index):
-    """The reference model's hidden states [B, T, H_ref] and head [V, H_ref] (its own hidden size,
-    the policy's vocabulary), with errors that name the ref_* arguments."""
-    if ref_weight is None:
-        raise ValueError("ref_hidden was given without ref_weight: pass both (or pass ref_logp)")
-    check_linear_args(ref_hidden, ref_weight, ref_bias, 1.0, ignore_index,
-                       names=("ref_hidden", "ref_weight", "ref_bias"))
-    if ref_hidden.dim() != 3 or tuple(ref_hidden.shape[:2]) != (B, T):
-        raise ValueError(f"ref_hidden must have shape [{B}, {T}, H_ref] (the [B, T] of hidden), "
-                         f"got {shape_str(ref_hidden)}")
-    if ref_weight.shape[0] != V:
-        raise ValueError(f"ref_weight must have shape [V, H_ref] with V = weight.shape[0] = {V} (the policy's "
-                         f"vocabulary), got {shape_str(ref_weight)}")
 
 
 def _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes, group):

@@ -13,6 +13,9 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
 * ``passes`` (the policy loss): ``"one"`` (gradients formed in forward, three GEMMs per chunk; only
   for token-separable losses on a chunked body) or ``"two"`` (log-probs first, loss on the whole
   batch, logits recomputed in backward), docs/formulas.md §10;
+  the preference loss always takes ``"two"`` (a sequence's loss needs its whole sum), the
+  distillation loss ``"one"`` (its divergence is per token; always a chunk walk over both heads,
+  whose rows get ``1 / DISTILL_CHUNK_SHARE`` of ``chunk_bytes``);
 * ``gemm``: ``"acc"`` (GEMM operands in the accumulation dtype, fp32 or fp64) or ``"lowp"``
   (bf16/fp16 tensor-core GEMMs with fp32 output, CUDA);
 * ``chunk_rows`` / ``pad_rows``: tokens per chunk, and the multiple every chunk GEMM is padded to
@@ -54,7 +57,11 @@ DEFAULT_CUDA_CHUNK_BYTES = 160 * 2**20
 # heights 1, 2, 4, 8 and 16. (The "lowp" GEMMs are all padded to the full chunk instead.)
 GEMM_ROW_QUANTUM = 16
 _LOWP = (torch.bfloat16, torch.float16)
-_OPS = ("logprobs_from_logits", "fused_linear_logprobs", "fused_linear_policy_loss")
+_OPS = ("logprobs_from_logits", "fused_linear_logprobs", "fused_linear_policy_loss", "fused_linear_preference_loss",
+        "fused_linear_distillation_loss")
+# A distillation chunk holds two heads' fp32 logits and ~4 more [rows, V] temporaries of the
+# divergence maths: its rows get this fraction of the chunk budget.
+DISTILL_CHUNK_SHARE = 6
 
 
 @dataclass(frozen=True)
@@ -148,9 +155,18 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
         return Plan(op, name, reasons=tuple(reasons))
 
     chunk_bytes = chunk_bytes_default(device) if chunk_bytes is None else chunk_bytes
+    asked_bytes = chunk_bytes
     low = dtype in _LOWP
     linear, gemm = "chunked", "acc"
-    if name == "triton":
+    if op == "fused_linear_distillation_loss":
+        # two heads in lockstep: only a chunk walk can hold both chunks' logits side by side
+        reasons.append(f"distillation: student and teacher heads walked in lockstep, 1/{DISTILL_CHUNK_SHARE} of "
+                       f"chunk_bytes per head chunk; d logits formed in forward (one pass)")
+        chunk_bytes //= DISTILL_CHUNK_SHARE
+    if name == "triton" and op == "fused_linear_distillation_loss":
+        gemm = "lowp" if low and device.type == "cuda" else "acc"
+        reasons.append("triton: GEMMs per token chunk around the Triton row kernel (hard-label term)")
+    elif name == "triton":
         mode = knobs.triton_linear or ("chunked" if low and device.type == "cuda" else "fused")
         if mode == "fused":
             linear = "kernel"
@@ -174,6 +190,12 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
                        f"-> {chunk_rows} rows of [{vocab}] fp32 logits per chunk")
 
     passes, kl_rows = "-", 0
+    if op == "fused_linear_preference_loss":
+        passes = "two"
+        reasons.append("two passes: per-sequence log-prob sums first, the pairwise loss on [B] sequences, "
+                       "logits recomputed in backward")
+    if op == "fused_linear_distillation_loss":
+        passes = "one"
     if op == "fused_linear_policy_loss":
         why_not = separable
         if why_not is None and linear == "kernel":
@@ -197,5 +219,5 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
         if full_kl:
             kl_rows = _acc_chunk_rows(n_rows, vocab, chunk_bytes // 2)
             reasons.append(f"exact KL: a second walk over both heads, {kl_rows} rows per chunk")
-    return Plan(op, name, linear, passes, gemm, chunk_rows, pad_rows, chunk_bytes, kl_rows, vocab_parallel,
+    return Plan(op, name, linear, passes, gemm, chunk_rows, pad_rows, asked_bytes, kl_rows, vocab_parallel,
                 tuple(reasons))

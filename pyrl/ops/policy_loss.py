@@ -140,7 +140,7 @@ def not_token_separable(config: PolicyLossConfig) -> Optional[str]:
         return "the top-entropy mask (a quantile over the batch)"
     if config.is_level == "sequence":
         return "a sequence-level mismatch weight"
-    if config.effective_kl_type == "full":
+    if config.exact_kl is not None:
         return "the exact KL (a walk over the reference head too)"
     return None
 
@@ -210,7 +210,7 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
     per_token = per_token * policy_mask
 
     kl_type = config.effective_kl_type
-    if kl is None and kl_type is not None and kl_type != "full" and ref_logp is not None:
+    if kl is None and kl_type is not None and config.exact_kl is None and ref_logp is not None:
         kl = kl_estimate(logp, ref_logp, kl_type)
     if kl is not None and config.use_bias_correction_kl:
         kl = kl * ratio
@@ -282,8 +282,8 @@ def check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp, 
     if n_items is not None and n_items.device != anchor.device and n_items.device.type != "cpu":
         raise ValueError(f"config.num_items_in_batch is on {n_items.device} but {anchor_name} is on {anchor.device}")
 
-    if config.effective_kl_type == "full" and not full_kl:
-        raise ValueError("kl_type='full' needs the reference model's full distribution, which policy_loss "
+    if config.exact_kl is not None and not full_kl:
+        raise ValueError(f"kl_type={config.kl_type!r} needs the reference model's full distribution, which policy_loss "
                          "cannot get from log-probs: use fused_linear_policy_loss with ref_hidden/ref_weight, "
                          "or kl_type 'k1', 'k2' or 'k3' with ref_logp")
     if config.beta > 0 and ref_logp is None and not (full_kl or ref_model):
@@ -326,7 +326,7 @@ def policy_loss(logp, advantages, mask, *, old_logp=None, ref_logp=None, entropy
         ``config.num_items_in_batch`` the loss is this batch's sum divided by the global token
         count (sum it over micro-batches and ranks).
 
-    ``kl_type="full"`` needs the reference model's whole distribution: use
+    ``kl_type="full"`` (and ``"full_forward"``, ``"full_jsd"``) needs the reference model's whole distribution: use
     ``fused_linear_policy_loss`` with ``ref_hidden``/``ref_weight``.
     """
     if not isinstance(config, PolicyLossConfig):

@@ -188,7 +188,8 @@ def micro_batches(data: dict, idx: torch.Tensor, algo) -> list[torch.Tensor]:
 @torch.no_grad()
 def _score_old(model, ref, data: dict, cfg: TrainConfig, *, need_old: bool, need_values: bool, autocast) -> dict:
     """The behaviour policy's log-probs (and values), and the reference's, in micro-batches."""
-    need_ref = ref is not None and distributed.unwrap(ref).loss_config.effective_kl_type not in (None, "full")
+    need_ref = (ref is not None and distributed.unwrap(ref).loss_config.effective_kl_type is not None
+                and distributed.unwrap(ref).loss_config.exact_kl is None)
     out = defaultdict(list)
     B, T = data["completion_ids"].shape
     parts = micro_batches(data, torch.arange(B), cfg.algo)
@@ -262,7 +263,7 @@ def _accumulate_minibatch(model, ref, data: dict, idx: torch.Tensor, cfg: TrainC
     token_mean = policy.loss_config.agg == "token-mean"
     # The exact KL needs the reference's hidden states whenever it is computed: as a penalty
     # (beta > 0) or for the kl_mean metric only (beta == 0).
-    full_kl = ref is not None and policy.loss_config.effective_kl_type == "full"
+    full_kl = ref is not None and policy.loss_config.exact_kl is not None
     n_tokens = distributed.all_reduce_sum(data["completion_mask"][idx].sum().to(torch.float32)).clamp(min=1)
     micro = micro_batches(data, idx, cfg.algo)
     for i, mi in enumerate(micro):
@@ -700,8 +701,8 @@ def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Rewa
                     packed=cfg.algo.packed)
     model = distributed.wrap(policy, dist, cfg.data_parallel)
     if ref is not None and distributed.is_fsdp(model):  # shard the reference model the same way
-        if loss_cfg.effective_kl_type == "full":
-            raise ValueError("kl_type='full' needs the reference LM head outside its forward, which FSDP2 "
+        if loss_cfg.exact_kl is not None:
+            raise ValueError(f"kl_type={loss_cfg.kl_type!r} needs the reference LM head outside its forward, which FSDP2 "
                              "keeps sharded: use kl_type 'k1'/'k2'/'k3', or data_parallel='ddp'")
         ref = distributed.wrap(ref, dist, "fsdp")
     named = [(n, p) for n, p in distributed.unwrap(model).named_parameters() if p.requires_grad]  # LoRA: adapters
