@@ -42,7 +42,7 @@ __all__ = ["compute", "names", "register", "aggregate_rewards", "unregister"]
 _ESTIMATORS: Registry[Callable] = Registry("advantage estimator")
 
 # Options whose dimensions are [B] (sequence) or [B, T] (token); compute() checks them by name.
-_SEQ_OPTIONS = ("greedy_rewards", "lengths", "correct", "scores")
+_SEQ_OPTIONS = ("greedy_rewards", "lengths", "correct", "scores", "metric")
 _TOKEN_OPTIONS = ("mask", "kl", "values", "token_rewards")
 
 
@@ -517,6 +517,62 @@ def w_reinforce(rewards, group_size, *, positive_weight: float = 0.1, threshold:
     lam = check_number("positive_weight", positive_weight, low=0)
     threshold = check_number("threshold", threshold)
     return torch.where(rewards > threshold, torch.full_like(rewards, lam), torch.full_like(rewards, -1.0))
+
+
+@register("positive_amplification")
+def positive_amplification(rewards, group_size, *, alpha: float = 3.0):
+    """R^3L's positive amplification (Shi et al. 2026, "R^3L: Reflect-then-Retry Reinforcement
+    Learning with Language-Guided Exploration, Pivotal Credit, and Positive Amplification";
+    docs/formulas.md §7.3): on hard prompts failures dominate a group and drown the few successes,
+    so the group-centred advantage of a better-than-average completion is scaled up::
+
+        c_i = R_i - mean_g R            (no std division: R^3L's OPMD-style baseline)
+        A_i = alpha * c_i   if c_i > 0   else   c_i
+
+    ``alpha`` ``>= 1`` (R^3L: 3). Constant groups and groups of one give 0."""
+    alpha = check_number("alpha", alpha, low=1)
+    c = _group_centered(rewards, group_size)
+    return torch.where(c > 0, alpha * c, c)
+
+
+@register("canon")
+def canon(rewards, group_size, *, metric, inter_weight: float = 0.5):
+    """CANON (Chen et al. 2025, "Conditional Advantage Estimation for Reinforcement Learning in Large
+    Reasoning Models"; docs/formulas.md §7.3): each group is split by a target ``metric`` ``[B]``
+    (response length, mean entropy, ...) into its lower and its higher half, without presuming which
+    direction is better::
+
+        inter_i = R_i - mean(R of the other half)     # which metric trend pays
+        intra_i = R_i - mean(R of its own half)       # the better response within the trend
+        A_i     = inter_weight * inter_i + (1 - inter_weight) * intra_i
+
+    The halves: the ``ceil(G / 2)`` completions of smallest metric (ties: the earlier one) and the
+    rest. With ``G`` even, ``inter_weight = 0.5`` is Dr.GRPO's ``R_i - mean_g R`` exactly;
+    ``inter_weight`` in ``[0, 1]`` (the paper anneals it between the two). Constant groups and
+    groups of one give 0."""
+    w = check_number("inter_weight", inter_weight, low=0, high=1)
+    G = group_size
+    if G == 1:
+        return torch.zeros_like(rewards)
+    g = rewards.view(-1, G)
+    order = torch.sort(metric.to(rewards.dtype).view(-1, G), dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=order.device).expand_as(order))
+    low = rank < (G + 1) // 2                                            # [B // G, G] bool
+    lowf = low.to(rewards.dtype)
+    n_low, n_high = (G + 1) // 2, G // 2
+    mean_low = (g * lowf).sum(1, keepdim=True) / n_low
+    mean_high = (g * (1 - lowf)).sum(1, keepdim=True) / n_high
+    own = torch.where(low, mean_low, mean_high)
+    other = torch.where(low, mean_high, mean_low)
+    adv = (w * (g - other) + (1 - w) * (g - own)).reshape(-1)
+    return _zero_where(_constant_groups(rewards, G), adv)
+
+
+@register("reward")
+def reward_as_advantage(rewards, group_size):
+    """The reward itself, ``A_i = R_i`` (no baseline; ``group_size`` is only checked): for the
+    losses that read the reward as a label, ``pacs`` (docs/formulas.md §3.12)."""
+    return rewards.clone()
 
 
 @register("drpo")

@@ -229,6 +229,9 @@ def test_catalogue_losses_by_name_from_the_trainer_config(loss):
     ("reinforce_pp", {"masked": "reset"}),
     ("grpo_passk", {"scale": "group"}),
     ("gpg", {"alpha": "nonzero_rewards"}),
+    ("positive_amplification", {"alpha": 3.0}),
+    ("canon", {"inter_weight": 1.0}),  # conditioned on the completion length by default
+    ("reward", {}),
 ])
 def test_catalogue_estimators_by_name_from_the_trainer_config(name, options):
     cfg = apply_overrides(TrainConfig(), [f"algo.advantage={name}", f"algo.advantage_options={json.dumps(options)}"])

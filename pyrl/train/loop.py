@@ -294,6 +294,8 @@ def _advantages(cfg: TrainConfig, rewards, mask, old_values):
         return pyrl.advantages.compute("gae", rewards, group_size=1, values=old_values, mask=mask, **opts)
     if name in ("opo", "drpo"):
         opts.setdefault("lengths", mask.sum(1))
+    if name == "canon":  # CANON conditioned on the response length unless told otherwise
+        opts.setdefault("metric", mask.sum(1))
     return pyrl.advantages.compute(name, rewards, group_size=cfg.rollout.group_size, mask=mask, **opts), None
 
 
