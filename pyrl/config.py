@@ -21,6 +21,8 @@ PPO/GRPO with the DAPO token-mean normaliser, as in verl and TRL (``loss_type="d
     80/20 high-entropy        top_entropy_rho=0.2
     Clip-Cov / KL-Cov         loss_type="clip_cov" | "kl_cov" (Cui et al. 2025)
     GMPO                      loss_type="geo_mean", eps_low=eps_high=0.4 (log-ratio bounds)
+    DisCO                     loss_type="disco", group_size=G (disco_tau=10: DisCO, None: DisCO-b)
+    PACS                      loss_type="pacs", group_size=G, pacs_beta (advantage = the reward)
     ========================  ============================================================
 """
 from __future__ import annotations
@@ -211,6 +213,28 @@ class PolicyLossConfig:
     ppo_kl_coef: Optional[float] = None
     """``kl_cov``: the coefficient of the ``|log r|`` penalty (``None``: verl's default 1.0; else
     ``>= 0``). Only for ``loss_type="kl_cov"``."""
+
+    group_size: Optional[int] = None
+    """``pacs`` / ``disco`` (docs/formulas.md §3.11, §3.12): the completions per prompt, contiguous
+    rows of the batch, that the loss compares. ``None``: the whole call is one group (the trainer
+    sets ``rollout.group_size``). An int ``>= 1``; only for ``loss_type="pacs"`` or ``"disco"``."""
+
+    pacs_beta: float = 1.0
+    """``pacs``: the scale of the reward proxy ``beta * sum_t log r`` (docs/formulas.md §3.12). ``> 0``."""
+
+    disco_score: str = "l_ratio"
+    """``disco``: the completion score, ``"l_ratio"`` (mean token ratio ``r``) or ``"log_l"`` (mean
+    token log-prob), docs/formulas.md §3.11."""
+
+    disco_tau: Optional[float] = None
+    """``disco``: ``None`` scores the negatives by their mean (DisCO-b); a number ``tau > 0`` by
+    ``tau * log mean exp(s / tau)`` (DisCO; the paper uses 10). Only for ``loss_type="disco"``."""
+
+    disco_delta: float = 1e-4
+    """``disco``: the trust region, ``KL(pi_old || pi_theta) <= disco_delta`` (DisCO: 1e-4). ``>= 0``."""
+
+    disco_beta: float = 1e3
+    """``disco``: the squared-hinge penalty ``disco_beta * max(KL - disco_delta, 0)^2`` (DisCO: 1e3). ``>= 0``."""
 
     def __post_init__(self) -> None:
         _choice("loss_type", self.loss_type, [s.name for s in POLICY_LOSSES.values()])  # registration order

@@ -214,13 +214,27 @@ def test_length_shapers_by_name():
     {"loss_type": "ppo", "beta": 0.01, "kl_type": "k3+"},
     {"loss_type": "ppo", "beta": 0.01, "kl_type": "abs"},
     {"loss_type": "reinforce", "mastered_token_prob": 0.99},
+    {"loss_type": "pacs", "pacs_beta": 1.0, "agg": "seq-mean-token-mean"},
+    {"loss_type": "disco", "disco_tau": 10.0, "agg": "seq-mean-token-mean"},
 ])
 def test_catalogue_losses_by_name_from_the_trainer_config(loss):
     cfg = apply_overrides(TrainConfig(), [f"algo.loss={json.dumps(loss)}"])
     validate(cfg)
-    assert pyrl.PolicyLossConfig(**cfg.algo.loss).loss_type == loss["loss_type"]
+    assert pyrl.PolicyLossConfig(**loop.loss_options(cfg)).loss_type == loss["loss_type"]
     with pytest.raises(ValueError, match="loss_type must be one of"):
         pyrl.PolicyLossConfig(**dict(loss, loss_type=loss["loss_type"] + "_typo"))
+
+
+def test_grouped_losses_get_the_group_size_and_whole_groups_per_micro_batch():
+    cfg = apply_overrides(TrainConfig(), ['algo.loss={"loss_type": "disco"}', "rollout.group_size=4",
+                                          "algo.micro_batch_size=8"])
+    validate(cfg)
+    assert loop.loss_options(cfg)["group_size"] == 4
+    for items, key in ((["algo.micro_batch_size=6"], "multiple of rollout.group_size=4"),
+                       (["algo.minibatches=2"], "algo.minibatches=1"),
+                       (['algo.loss={"loss_type": "pacs", "group_size": 2}'], "algo.loss.group_size")):
+        with pytest.raises(ValueError, match=key):
+            validate(apply_overrides(cfg, items))
 
 
 @pytest.mark.parametrize("name, options", [

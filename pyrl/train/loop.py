@@ -37,7 +37,7 @@ import torch
 import pyrl
 from pyrl.integrations.hf import lm_head
 from pyrl.train import checkpoint, distributed, faults
-from pyrl.train.config import TrainConfig, validate
+from pyrl.train.config import GROUPED_LOSSES, TrainConfig, validate
 from pyrl.train.metrics import MetricsLogger, plot_curves, read_metrics
 from pyrl.train.models import load_model
 from pyrl.train.policy import LossScale, Policy, make_batch
@@ -668,11 +668,20 @@ def _checkpoint_to_resume(ckpt_root: str, resume: bool, dist) -> Optional[str]:
     return ckpt
 
 
+def loss_options(cfg: TrainConfig) -> dict:
+    """``PolicyLossConfig`` keywords of the run: ``algo.loss``, the sampling temperature, and for the
+    losses that compare a prompt's completions (``pacs``, ``disco``) the rollout's group size."""
+    opts = {**cfg.algo.loss, "temperature": cfg.rollout.temperature}
+    if opts.get("loss_type") in GROUPED_LOSSES:
+        opts.setdefault("group_size", cfg.rollout.group_size)
+    return opts
+
+
 def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Reward, ckpt, fault_cfg) -> Run:
     """The model RL starts from (built or loaded, then once the supervised warm-up), the reference,
     the policy (+ critic) in its data-parallel wrapper, the optimizer and the LR schedule."""
     dev, autocast = dist.device, _autocast(cfg, dist.device)
-    loss_cfg = pyrl.PolicyLossConfig(**{**cfg.algo.loss, "temperature": cfg.rollout.temperature})
+    loss_cfg = pyrl.PolicyLossConfig(**loss_options(cfg))
     lm, tokenizer = load_model(cfg.model, device=dev, seed=cfg.seed)
     if cfg.warmup.steps > 0:
         _warm_up(cfg, os.path.join(out_dir, "initial"), lm, tokenizer, task, dist, resuming=ckpt is not None)
