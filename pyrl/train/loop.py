@@ -369,8 +369,9 @@ def _groups(rows: dict, groups: torch.Tensor, G: int) -> dict:
     return {k: v[idx.to(v.device)] for k, v in rows.items()}
 
 
-def _generate_round(run: Run, start: int, count: int) -> tuple[dict, float]:
-    """``count`` prompts from data index ``start``, G completions each, scored: ``(rows, score_s)``."""
+def _generate_round(run: Run, start: int, count: int, step: int) -> tuple[dict, float]:
+    """``count`` prompts from data index ``start``, G completions each, scored (the reward's scheduled
+    shapers see ``step``, 0-based, of ``max_steps``): ``(rows, score_s)``."""
     cfg, G = run.cfg, run.cfg.rollout.group_size
     examples = run.task.examples(start, count)
     prompts = [prompt_text(run.task, run.tokenizer, ex) for ex in examples for _ in range(G)]
@@ -386,14 +387,14 @@ def _generate_round(run: Run, start: int, count: int) -> tuple[dict, float]:
     t = time.time()
     rewards = run.reward(roll.texts, answers, prompts, lengths=roll.completion_mask.sum(1),
                          prompt_index=torch.tensor([run.task.example_id(i) for i in range(start, start + count)])
-                         .repeat_interleave(G), group_size=G)
+                         .repeat_interleave(G), group_size=G, step=step, total_steps=cfg.max_steps)
     rows = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "completion_ids": roll.completion_ids,
             "completion_mask": roll.completion_mask, "rollout_logp": roll.rollout_logp,
             "truncated": roll.truncated, "rewards": rewards.to(run.dist.device)}
     return rows, time.time() - t
 
 
-def rollout(run: Run) -> Samples:
+def rollout(run: Run, step: int) -> Samples:
     """This rank's ``prompts_per_step / world`` groups. With ``algo.dynamic_sampling`` or
     ``algo.pass_rate_band`` only groups passing ``group_keep_mask`` are kept, sampling rounds of
     ``oversample`` times as many prompts (all ranks together) until the batch is full or
@@ -415,7 +416,7 @@ def rollout(run: Run) -> Samples:
         rounds += 1
         if have >= want:
             continue
-        rows, dt = _generate_round(run, start, per_round)
+        rows, dt = _generate_round(run, start, per_round, step)
         score_s += dt
         r = rows["rewards"]
         keep = group_keep_mask(r, G, dynamic=a.dynamic_sampling, band=a.pass_rate_band, threshold=a.pass_threshold)
@@ -588,7 +589,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, fault_cfg: faults.Fault
         where["step"] = step + 1
         faults.maybe_crash(fault_cfg, step + 1, run.dist.rank)
         t0 = time.time()
-        samples = rollout(run)             # generation + reward scoring + group filters: rollout_s
+        samples = rollout(run, step)       # generation + reward scoring + group filters: rollout_s
         t1 = time.time()
         data = advantages(run, samples)    # behaviour/reference log-probs, advantages ...
         stats = optimize(run, data, step)  # ... and the optimizer steps: update_s
