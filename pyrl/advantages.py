@@ -625,7 +625,7 @@ def drpo(rewards, group_size, *, lengths, max_length=None, lam: float = 0.1, cor
 # ----------------------------------------------------------------------------------------------
 # multi-reward aggregation
 
-AGGREGATION_MODES = ("sum_then_normalize", "normalize_then_sum", "ensemble_min", "ensemble_mean_std", "gated")
+AGGREGATION_MODES = ("sum_then_normalize", "normalize_then_sum", "ensemble_min", "ensemble_mean_std", "gated", "par")
 
 def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_then_normalize",
                       group_size: int, eps: float = 1e-6, lam: float = 1.0, gate: float = 0.5) -> torch.Tensor:
@@ -642,6 +642,10 @@ def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_t
       Gated Rewards", G-RA): column 0 is the outcome reward, the others step/auxiliary rewards,
       which count only when the outcome reaches ``gate``: ``R = r_0 + [r_0 >= gate] sum_{k>0} w_k
       r_k`` (``weights[0]`` is ignored), then GRPO-normalised.
+    - ``"par"`` (Fu et al. 2025, "Reward Shaping to Mitigate Reward Hacking in RLHF"): column 0 is
+      the completion's reward, the other ``K - 1 >= 1`` columns the rewards of reference completions
+      of the same prompt; ``R = mean_{k>0} sigmoid(r_0 - r_k)`` (``pyrl.rewards.preference_as_reward``),
+      then GRPO-normalised. ``weights`` are not used.
     - ``"normalize_then_sum"`` (GDPO, Liu et al. 2026, "Group reward-Decoupled Normalization Policy
       Optimization"): each reward is normalised within its group on its own,
       ``z_k = (r_k - mean_g r_k) / (std_g r_k + eps)`` (0 for constant groups), then
@@ -681,6 +685,11 @@ def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_t
     if mode == "ensemble_mean_std":
         std = r.std(1) if K > 1 else torch.zeros(B, dtype=dtype, device=r.device)
         return grpo(r.mean(1) - lam * std, G, scale="group", eps=eps)
+    if mode == "par":
+        if K < 2:
+            raise ValueError(f"mode='par' needs the completion's reward and at least one reference reward "
+                             f"(rewards [B, K >= 2]), got K={K}")
+        return grpo(torch.sigmoid(r[:, :1] - r[:, 1:]).mean(1), G, scale="group", eps=eps)
     if mode == "gated":
         outcome = r[:, 0]
         return grpo(outcome + (outcome >= gate).to(dtype) * (r[:, 1:] @ w[1:]), G, scale="group", eps=eps)

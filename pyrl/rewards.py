@@ -38,7 +38,7 @@ __all__ = [
     "difficulty_aware_truncation", "decaying_budget", "wrong_answer_length_penalty",
     "cosine_length_reward", "HistoryAwareLengthReward", "mask_truncated_completions",
     "filter_zero_variance_groups", "zero_variance_group_rate", "DynamicSampler", "DynamicSample",
-    "pass_at_k", "unregister",
+    "pass_at_k", "unregister", "majority_vote", "preference_as_reward",
 ]
 
 _REWARDS: Registry[Callable] = Registry("reward")
@@ -243,6 +243,51 @@ def brier_calibration(completions: list[str], *, ground_truth: Sequence[str],
         c = 1.0 if pred is not None and _normalize(pred) == _normalize(gt) else 0.0
         out.append(c - (q - c) ** 2)
     return out
+
+
+@register("majority_vote")
+def majority_vote(completions: list[str], *, prompts: Sequence[str]) -> list[float]:
+    """Label-free pseudo-labels by majority vote (Co-Reward, Zhang et al. 2025, "Co-Reward:
+    Self-supervised Reinforcement Learning for Large Language Model Reasoning via Contrastive
+    Agreement"; docs/formulas.md §8.3): the completions of one prompt (equal ``prompts`` entries)
+    vote with their ``extract_answer``; each scores 1 when its answer is the group's most common
+    one (ties: the answer that appeared first), else 0. No answer scores 0 and casts no vote."""
+    keys = _check_answers("prompts", prompts, len(completions))
+    answers = [extract_answer(t) for t in completions]
+    votes: dict = {}
+    for key, a in zip(keys, answers):
+        if a is not None:
+            tally = votes.setdefault(key, {})
+            tally[_normalize(a)] = tally.get(_normalize(a), 0) + 1
+    winner = {key: max(tally, key=tally.get) for key, tally in votes.items()}  # max keeps the first of equals
+    return [1.0 if a is not None and _normalize(a) == winner.get(key) else 0.0 for key, a in zip(keys, answers)]
+
+
+def preference_as_reward(rewards: torch.Tensor, reference) -> torch.Tensor:
+    """Preference as reward, PAR (Fu et al. 2025, "Reward Shaping to Mitigate Reward Hacking in
+    RLHF"; docs/formulas.md §8.3): the reward model's score becomes the probability that the
+    completion is preferred to a reference one, bounded and steepest near the reference::
+
+        R' = mean_m sigmoid(R - R_ref_m)
+
+    ``rewards`` ``[B]``; ``reference`` ``[B]``, ``[B, M]`` (M reference completions per prompt) or a
+    number. Returns ``[B]``."""
+    _check_1d("rewards", rewards)
+    r = rewards.to(_float_out(rewards))
+    if isinstance(reference, torch.Tensor):
+        check_same_device(rewards=rewards, reference=reference)
+        check_tensor("reference", reference)
+        ref = reference.to(r.dtype)
+        if ref.dim() == 1:
+            ref = ref.unsqueeze(1)
+        if ref.dim() != 2 or ref.shape[0] != r.shape[0] or ref.shape[1] == 0:
+            raise ValueError(f"reference must have shape [{r.shape[0]}] or [{r.shape[0]}, M] with M >= 1, "
+                             f"got {shape_str(reference)}")
+        if not bool(torch.isfinite(ref).all()):
+            raise ValueError("reference must be finite, found NaN or inf")
+    else:
+        ref = torch.full((r.shape[0], 1), check_number("reference", reference), dtype=r.dtype, device=r.device)
+    return torch.sigmoid(r.unsqueeze(1) - ref).mean(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -608,6 +608,10 @@ def test_reward_ensembles_and_gated_accumulation():
     w = t64(7.0, 2.0, -1.0)  # weights[0] unused by the gate
     gated = advantages.aggregate_rewards(r, w, mode="gated", gate=0.5, group_size=4)
     close(gated, grpo64(r[:, 0] + (r[:, 0] >= 0.5).double() * (2.0 * r[:, 1] - r[:, 2])), 1e-12)
+    par = advantages.aggregate_rewards(r, mode="par", group_size=4)  # PAR: column 0 against references 1, 2
+    close(par, grpo64(0.5 * (torch.sigmoid(r[:, 0] - r[:, 1]) + torch.sigmoid(r[:, 0] - r[:, 2]))), 1e-12)
+    with pytest.raises(ValueError, match="mode='par' needs"):
+        advantages.aggregate_rewards(r[:, :1], mode="par", group_size=4)
     one = advantages.aggregate_rewards(r[:, :1], mode="ensemble_mean_std", group_size=4)
     close(one, grpo64(r[:, 0]), 1e-12)  # K = 1: std 0
     with pytest.raises(ValueError, match="mode must be one of"):

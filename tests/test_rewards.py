@@ -91,7 +91,7 @@ def test_exact_match_reward():
 
 
 def test_compute_bad_input():
-    with pytest.raises(ValueError, match="unknown reward 'bleu'; available: brier, exact_match, format, math_verify"):
+    with pytest.raises(ValueError, match="unknown reward 'bleu'; available: brier, exact_match, format, majority_vote, math_verify"):
         rewards.compute("bleu", ["a"])
     with pytest.raises(TypeError, match="unexpected option 'answers'.*ground_truth"):
         rewards.compute("exact_match", ["a"], answers=["a"])
@@ -390,3 +390,30 @@ def test_decaying_budget_and_wrong_answer_length_penalty():
     torch.testing.assert_close(got, torch.tensor([1.0, -0.25, -0.5, 0.25], dtype=torch.float64), rtol=0, atol=0)
     with pytest.raises(ValueError, match="lengths must have shape"):
         rw.wrong_answer_length_penalty(r, torch.tensor([1, 2]), 100)
+
+
+def test_majority_vote_scores_against_the_groups_most_common_answer():
+    """Co-Reward (docs/formulas.md §8.3): groups are the completions of one prompt."""
+    from pyrl import rewards as rw
+    texts = ["it is 12", "\\boxed{12}", "13", "no idea",   # prompt a: 12 wins 2 to 1
+             "5", "6",                                  # prompt b: a tie, the first answer (5) wins
+             "nothing", "still nothing"]                # prompt c: no votes
+    prompts = ["a"] * 4 + ["b"] * 2 + ["c"] * 2
+    got = rw.compute("majority_vote", texts, prompts=prompts).double()
+    want = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert rw.compute("majority_vote", ["1.0", "1", "2"], prompts=["p"] * 3).tolist() == [1.0, 1.0, 0.0]  # by value
+    with pytest.raises(ValueError, match="prompts must have 8 entries"):
+        rw.compute("majority_vote", texts, prompts=["a"])
+
+
+def test_preference_as_reward_is_a_sigmoid_of_the_margin():
+    from pyrl import rewards as rw
+    r = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    ref = torch.tensor([[0.0, 1.0], [0.0, -3.0], [0.5, 0.5]], dtype=torch.float64)
+    want = torch.stack([torch.sigmoid(r[i] - ref[i]).mean() for i in range(3)])
+    torch.testing.assert_close(rw.preference_as_reward(r, ref), want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(rw.preference_as_reward(r, ref[:, 0]), torch.sigmoid(r - ref[:, 0]), rtol=1e-15, atol=0)
+    torch.testing.assert_close(rw.preference_as_reward(r, 0.5), torch.sigmoid(r - 0.5), rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match=r"reference must have shape \[3\] or \[3, M\]"):
+        rw.preference_as_reward(r, torch.zeros(2))

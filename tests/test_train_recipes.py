@@ -279,6 +279,15 @@ def test_catalogue_length_shapers_by_name_and_the_step_they_see():
         _reward("exact_match", [{"name": "laser_d"}])
 
 
+def test_majority_vote_reward_and_par_shaper_by_name():
+    r = _reward("majority_vote")
+    assert r(["7", "7", "8", "9"], [""] * 4, ["p", "p", "p", "q"], lengths=torch.ones(4), prompt_index=torch.zeros(4),
+             group_size=2).tolist() == [1.0, 1.0, 0.0, 1.0]
+    par = _reward("exact_match", [{"name": "par", "reference": 0.5}])
+    got = _call(par, ["7", "8"], ["7", "7"])
+    torch.testing.assert_close(got, torch.sigmoid(torch.tensor([0.5, -0.5])))
+
+
 def test_brier_reward_by_name():
     r = _reward("brier")
     got = _call(r, ["7 <confidence>0.5</confidence>", "8 <confidence>0.5</confidence>"], ["7", "7"])

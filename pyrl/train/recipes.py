@@ -29,6 +29,7 @@ completion lengths ``L`` in tokens (formulas in docs/formulas.md §8):
     dler_difficulty  difficulty_aware_truncation(R, L, G, budget, ...)  difficulty-aware DLER
     budget_decay dler_truncation(R, L, decaying_budget(step, ...))      Train Long, Think Short (2025)
     apo          wrong_answer_length_penalty(R, L, max_len, coef)       APO: wrong answers only
+    par          preference_as_reward(R, reference)                      PAR (Fu et al. 2025; not a length)
 
 The trainer passes each shaper the step (``ShapeContext.step``, ``.progress``), so a budget can follow
 a schedule (``budget_decay``'s ``initial`` defaults to ``max_len``).
@@ -195,6 +196,11 @@ def _budget_decay(opts, max_new_tokens):
 def _apo(opts, max_new_tokens):
     opts = _with_max_len(opts, max_new_tokens)
     return lambda r, c: _rewards.wrong_answer_length_penalty(r, c.lengths, **opts).to(r.dtype)
+
+
+@SHAPERS.register("par")
+def _par(opts, max_new_tokens):
+    return lambda r, c: _rewards.preference_as_reward(r, **opts).to(r.dtype)
 
 
 class _HAPO:
