@@ -23,6 +23,7 @@ PPO/GRPO with the DAPO token-mean normaliser, as in verl and TRL (``loss_type="d
     GMPO                      loss_type="geo_mean", eps_low=eps_high=0.4 (log-ratio bounds)
     DisCO                     loss_type="disco", group_size=G (disco_tau=10: DisCO, None: DisCO-b)
     PACS                      loss_type="pacs", group_size=G, pacs_beta (advantage = the reward)
+    Lp-Reg                    lp_reg_min_p=kappa, lp_reg_coef, lp_reg_rho (fused op only)
     ========================  ============================================================
 """
 from __future__ import annotations
@@ -191,6 +192,19 @@ class PolicyLossConfig:
     are learnt already; pushing them further only collapses the entropy). ``None`` (off) or a
     number in ``(0, 1)`` (UloRL uses 0.99). KL and entropy terms keep every token. Token-separable."""
 
+    lp_reg_min_p: Optional[float] = None
+    """Lp-Reg (docs/formulas.md §4.2): regularise the lowest-probability negative tokens towards the
+    policy's min-p filtered proxy, ``p_proxy`` = ``p`` without the tokens below ``lp_reg_min_p``
+    times the top probability, renormalised. ``None`` (off) or a number in ``(0, 1)``. Needs the
+    full distribution: ``fused_linear_policy_loss`` only (one more walk over the head)."""
+
+    lp_reg_coef: float = 1.0
+    """Lp-Reg: the coefficient of ``KL(p_proxy || p)`` on the selected tokens. ``>= 0``."""
+
+    lp_reg_rho: float = 0.01
+    """Lp-Reg: the fraction of the negative-advantage tokens, those of lowest probability, that
+    are regularised (Lp-Reg: 1%). In ``(0, 1]``."""
+
     clip_cov_ratio: Optional[float] = None
     """``clip_cov`` (docs/formulas.md §3.8): the fraction of valid tokens whose gradient the
     covariance clip may remove. ``None`` means verl's default 2e-4; else a number in ``(0, 1]``.
@@ -250,6 +264,10 @@ class PolicyLossConfig:
         _number("top_entropy_rho", self.top_entropy_rho, low=0, high=1, low_open=True)
         _number("mastered_token_prob", self.mastered_token_prob, low=0, high=1, low_open=True, high_open=True,
                 allow_none=True)
+
+        _number("lp_reg_min_p", self.lp_reg_min_p, low=0, high=1, low_open=True, high_open=True, allow_none=True)
+        _number("lp_reg_coef", self.lp_reg_coef, low=0)
+        _number("lp_reg_rho", self.lp_reg_rho, low=0, high=1, low_open=True)
 
         _choice("agg", self.agg, AGG_MODES)
         mcl = self.max_completion_length
