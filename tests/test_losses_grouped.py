@@ -53,7 +53,10 @@ def disco_oracle(logp, old, mask, correct, group, *, score, tau, delta, beta):
         if not pos or not neg:
             js.append(torch.zeros((), dtype=torch.float64))
             continue
-        neg_term = sum(neg) / len(neg) if tau is None else tau * torch.log(sum(torch.exp(x / tau) for x in neg) / len(neg))
+        if tau is None:
+            neg_term = sum(neg) / len(neg)
+        else:
+            neg_term = tau * torch.log(sum(torch.exp(x / tau) for x in neg) / len(neg))
         js.append(sum(pos) / len(pos) - neg_term)
     kl = ((old - logp) * m).sum() / m.sum()
     return -torch.stack(js).mean() + beta * torch.clamp(kl - delta, min=0) ** 2
@@ -116,7 +119,8 @@ def test_disco_inside_the_trust_region_and_bad_groups():
     cfg = pyrl.PolicyLossConfig(loss_type="disco", group_size=2, agg="seq-mean-token-mean", disco_delta=10.0)
     loss, _ = pyrl.policy_loss(logp, adv, mask, old_logp=old, config=cfg)
     want = disco_oracle(logp, old, mask, adv, 2, score="l_ratio", tau=None, delta=10.0, beta=1e3)
-    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)  # no penalty; the empty row 5 leaves group 2 without a negative
+    # no penalty; the empty row 5 leaves group 2 without a negative
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="group_size=3 must divide the batch of 8"):
         pyrl.policy_loss(logp, adv, mask, old_logp=old,
                          config=pyrl.PolicyLossConfig(loss_type="disco", group_size=3))

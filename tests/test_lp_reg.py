@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyrl
-from _ref import assert_fused_matches_float64
+from _ref import assert_fused_matches_float64, fused_with_grads
 from conftest import CPU_BACKENDS, triton_on_cpu
 
 TRITON = triton_on_cpu()
@@ -62,17 +62,15 @@ def test_fused_lp_reg_matches_float64_on_every_backend(shape, backend, dtype):
                                                                                               dtype=torch.float64)
     want, sel = lp_reg_oracle(hd, wd, targets, mask, adv, old, cfg)
     want.backward()
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    got, metrics = pyrl.fused_linear_policy_loss(h, w, targets, mask, adv, old_logp=old.float(), config=cfg,
-                                                 backend=backend, chunk_bytes=2 * v * 4)
-    got.backward()
-    assert_fused_matches_float64(got, metrics, want, ((h.grad, hd.grad), (w.grad, wd.grad)), dtype)
+    got, metrics, dh, dw = fused_with_grads(hidden, weight, targets, mask, adv, old_logp=old.float(), config=cfg,
+                                            backend=backend, chunk_bytes=2 * v * 4)
+    assert_fused_matches_float64(got, metrics, want, ((dh, hd.grad), (dw, wd.grad)), dtype)
     if dtype == torch.float32:
         assert float(metrics["lp_reg_frac"]) == pytest.approx(float(sel.sum() / mask.sum().clamp(min=1)))
     if shape == "batch":
         assert sel.any(), "the case must regularise some token"
     if shape == "all-masked-row":
-        assert (h.grad[1] == 0).all()
+        assert (dh[1] == 0).all()
 
 
 def test_lp_reg_needs_the_full_distribution_and_plans_two_passes():

@@ -160,42 +160,30 @@ def _overlong(opts, max_new_tokens):
     return lambda r, c: r + _rewards.dapo_overlong_penalty(c.lengths, **opts).to(r.dtype)
 
 
-@SHAPERS.register("dler")
-def _dler(opts, max_new_tokens):
-    return lambda r, c: _rewards.dler_truncation(r, c.lengths, **opts).to(r.dtype)
+def _tensor_shaper(fn, *, per_group: bool = False, max_len: bool = False):
+    """The factory of a shaper that is one ``pyrl.rewards`` function ``fn(R, L[, G], **options)``;
+    ``max_len`` defaults to ``rollout.max_new_tokens`` where the function takes one."""
+    def factory(opts, max_new_tokens):
+        opts = _with_max_len(opts, max_new_tokens) if max_len else opts
+        if per_group:
+            return lambda r, c: fn(r, c.lengths, c.group_size, **opts).to(r.dtype)
+        return lambda r, c: fn(r, c.lengths, **opts).to(r.dtype)
+    return factory
 
 
-@SHAPERS.register("grpo_lambda")
-def _grpo_lambda(opts, max_new_tokens):
-    return lambda r, c: _rewards.grpo_lambda_length_penalty(r, c.lengths, c.group_size, **opts).to(r.dtype)
-
-
-@SHAPERS.register("cosine")
-def _cosine(opts, max_new_tokens):
-    opts = _with_max_len(opts, max_new_tokens)
-    return lambda r, c: _rewards.cosine_length_reward(r, c.lengths, **opts).to(r.dtype)
-
-
-@SHAPERS.register("laser_d")
-def _laser_d(opts, max_new_tokens):
-    return lambda r, c: _rewards.laser_d_length_reward(r, c.lengths, c.group_size, **opts).to(r.dtype)
-
-
-@SHAPERS.register("dler_difficulty")
-def _dler_difficulty(opts, max_new_tokens):
-    return lambda r, c: _rewards.difficulty_aware_truncation(r, c.lengths, c.group_size, **opts).to(r.dtype)
+for _name, _fn, _kw in (("dler", _rewards.dler_truncation, {}),
+                        ("grpo_lambda", _rewards.grpo_lambda_length_penalty, {"per_group": True}),
+                        ("cosine", _rewards.cosine_length_reward, {"max_len": True}),
+                        ("laser_d", _rewards.laser_d_length_reward, {"per_group": True}),
+                        ("dler_difficulty", _rewards.difficulty_aware_truncation, {"per_group": True}),
+                        ("apo", _rewards.wrong_answer_length_penalty, {"max_len": True})):
+    SHAPERS.register(_name, _tensor_shaper(_fn, **_kw))
 
 
 @SHAPERS.register("budget_decay")
 def _budget_decay(opts, max_new_tokens):
     opts = {"initial": max_new_tokens, **opts}  # a budget that starts at the generation limit
     return lambda r, c: _rewards.dler_truncation(r, c.lengths, _rewards.decaying_budget(c.step, **opts)).to(r.dtype)
-
-
-@SHAPERS.register("apo")
-def _apo(opts, max_new_tokens):
-    opts = _with_max_len(opts, max_new_tokens)
-    return lambda r, c: _rewards.wrong_answer_length_penalty(r, c.lengths, **opts).to(r.dtype)
 
 
 @SHAPERS.register("par")
