@@ -42,7 +42,7 @@ __all__ = ["compute", "names", "register", "aggregate_rewards", "unregister"]
 _ESTIMATORS: Registry[Callable] = Registry("advantage estimator")
 
 # Options whose dimensions are [B] (sequence) or [B, T] (token); compute() checks them by name.
-_SEQ_OPTIONS = ("greedy_rewards", "lengths", "correct", "scores")
+_SEQ_OPTIONS = ("greedy_rewards", "lengths", "correct", "scores", "metric")
 _TOKEN_OPTIONS = ("mask", "kl", "values", "token_rewards")
 
 
@@ -519,6 +519,62 @@ def w_reinforce(rewards, group_size, *, positive_weight: float = 0.1, threshold:
     return torch.where(rewards > threshold, torch.full_like(rewards, lam), torch.full_like(rewards, -1.0))
 
 
+@register("positive_amplification")
+def positive_amplification(rewards, group_size, *, alpha: float = 3.0):
+    """R^3L's positive amplification (Shi et al. 2026, "R^3L: Reflect-then-Retry Reinforcement
+    Learning with Language-Guided Exploration, Pivotal Credit, and Positive Amplification";
+    docs/formulas.md §7.3): on hard prompts failures dominate a group and drown the few successes,
+    so the group-centred advantage of a better-than-average completion is scaled up::
+
+        c_i = R_i - mean_g R            (no std division: R^3L's OPMD-style baseline)
+        A_i = alpha * c_i   if c_i > 0   else   c_i
+
+    ``alpha`` ``>= 1`` (R^3L: 3). Constant groups and groups of one give 0."""
+    alpha = check_number("alpha", alpha, low=1)
+    c = _group_centered(rewards, group_size)
+    return torch.where(c > 0, alpha * c, c)
+
+
+@register("canon")
+def canon(rewards, group_size, *, metric, inter_weight: float = 0.5):
+    """CANON (Chen et al. 2025, "Conditional Advantage Estimation for Reinforcement Learning in Large
+    Reasoning Models"; docs/formulas.md §7.3): each group is split by a target ``metric`` ``[B]``
+    (response length, mean entropy, ...) into its lower and its higher half, without presuming which
+    direction is better::
+
+        inter_i = R_i - mean(R of the other half)     # which metric trend pays
+        intra_i = R_i - mean(R of its own half)       # the better response within the trend
+        A_i     = inter_weight * inter_i + (1 - inter_weight) * intra_i
+
+    The halves: the ``ceil(G / 2)`` completions of smallest metric (ties: the earlier one) and the
+    rest. With ``G`` even, ``inter_weight = 0.5`` is Dr.GRPO's ``R_i - mean_g R`` exactly;
+    ``inter_weight`` in ``[0, 1]`` (the paper anneals it between the two). Constant groups and
+    groups of one give 0."""
+    w = check_number("inter_weight", inter_weight, low=0, high=1)
+    G = group_size
+    if G == 1:
+        return torch.zeros_like(rewards)
+    g = rewards.view(-1, G)
+    order = torch.sort(metric.to(rewards.dtype).view(-1, G), dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=order.device).expand_as(order))
+    low = rank < (G + 1) // 2                                            # [B // G, G] bool
+    lowf = low.to(rewards.dtype)
+    n_low, n_high = (G + 1) // 2, G // 2
+    mean_low = (g * lowf).sum(1, keepdim=True) / n_low
+    mean_high = (g * (1 - lowf)).sum(1, keepdim=True) / n_high
+    own = torch.where(low, mean_low, mean_high)
+    other = torch.where(low, mean_high, mean_low)
+    adv = (w * (g - other) + (1 - w) * (g - own)).reshape(-1)
+    return _zero_where(_constant_groups(rewards, G), adv)
+
+
+@register("reward")
+def reward_as_advantage(rewards, group_size):
+    """The reward itself, ``A_i = R_i`` (no baseline; ``group_size`` is only checked): for the
+    losses that read the reward as a label, ``pacs`` (docs/formulas.md §3.12)."""
+    return rewards.clone()
+
+
 @register("drpo")
 def drpo(rewards, group_size, *, lengths, max_length=None, lam: float = 0.1, correct=None,
          scores=None, tau: float = 10.0):
@@ -569,7 +625,7 @@ def drpo(rewards, group_size, *, lengths, max_length=None, lam: float = 0.1, cor
 # ----------------------------------------------------------------------------------------------
 # multi-reward aggregation
 
-AGGREGATION_MODES = ("sum_then_normalize", "normalize_then_sum", "ensemble_min", "ensemble_mean_std", "gated")
+AGGREGATION_MODES = ("sum_then_normalize", "normalize_then_sum", "ensemble_min", "ensemble_mean_std", "gated", "par")
 
 def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_then_normalize",
                       group_size: int, eps: float = 1e-6, lam: float = 1.0, gate: float = 0.5) -> torch.Tensor:
@@ -586,6 +642,10 @@ def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_t
       Gated Rewards", G-RA): column 0 is the outcome reward, the others step/auxiliary rewards,
       which count only when the outcome reaches ``gate``: ``R = r_0 + [r_0 >= gate] sum_{k>0} w_k
       r_k`` (``weights[0]`` is ignored), then GRPO-normalised.
+    - ``"par"`` (Fu et al. 2025, "Reward Shaping to Mitigate Reward Hacking in RLHF"): column 0 is
+      the completion's reward, the other ``K - 1 >= 1`` columns the rewards of reference completions
+      of the same prompt; ``R = mean_{k>0} sigmoid(r_0 - r_k)`` (``pyrl.rewards.preference_as_reward``),
+      then GRPO-normalised. ``weights`` are not used.
     - ``"normalize_then_sum"`` (GDPO, Liu et al. 2026, "Group reward-Decoupled Normalization Policy
       Optimization"): each reward is normalised within its group on its own,
       ``z_k = (r_k - mean_g r_k) / (std_g r_k + eps)`` (0 for constant groups), then
@@ -625,6 +685,11 @@ def aggregate_rewards(rewards: torch.Tensor, weights=None, *, mode: str = "sum_t
     if mode == "ensemble_mean_std":
         std = r.std(1) if K > 1 else torch.zeros(B, dtype=dtype, device=r.device)
         return grpo(r.mean(1) - lam * std, G, scale="group", eps=eps)
+    if mode == "par":
+        if K < 2:
+            raise ValueError(f"mode='par' needs the completion's reward and at least one reference reward "
+                             f"(rewards [B, K >= 2]), got K={K}")
+        return grpo(torch.sigmoid(r[:, :1] - r[:, 1:]).mean(1), G, scale="group", eps=eps)
     if mode == "gated":
         outcome = r[:, 0]
         return grpo(outcome + (outcome >= gate).to(dtype) * (r[:, 1:] @ w[1:]), G, scale="group", eps=eps)

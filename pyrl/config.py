@@ -21,6 +21,9 @@ PPO/GRPO with the DAPO token-mean normaliser, as in verl and TRL (``loss_type="d
     80/20 high-entropy        top_entropy_rho=0.2
     Clip-Cov / KL-Cov         loss_type="clip_cov" | "kl_cov" (Cui et al. 2025)
     GMPO                      loss_type="geo_mean", eps_low=eps_high=0.4 (log-ratio bounds)
+    DisCO                     loss_type="disco", group_size=G (disco_tau=10: DisCO, None: DisCO-b)
+    PACS                      loss_type="pacs", group_size=G, pacs_beta (advantage = the reward)
+    Lp-Reg                    lp_reg_min_p=kappa, lp_reg_coef, lp_reg_rho (fused op only)
     ========================  ============================================================
 """
 from __future__ import annotations
@@ -194,6 +197,19 @@ class PolicyLossConfig:
     are learnt already; pushing them further only collapses the entropy). ``None`` (off) or a
     number in ``(0, 1)`` (UloRL uses 0.99). KL and entropy terms keep every token. Token-separable."""
 
+    lp_reg_min_p: Optional[float] = None
+    """Lp-Reg (docs/formulas.md §4.2): regularise the lowest-probability negative tokens towards the
+    policy's min-p filtered proxy, ``p_proxy`` = ``p`` without the tokens below ``lp_reg_min_p``
+    times the top probability, renormalised. ``None`` (off) or a number in ``(0, 1)``. Needs the
+    full distribution: ``fused_linear_policy_loss`` only (one more walk over the head)."""
+
+    lp_reg_coef: float = 1.0
+    """Lp-Reg: the coefficient of ``KL(p_proxy || p)`` on the selected tokens. ``>= 0``."""
+
+    lp_reg_rho: float = 0.01
+    """Lp-Reg: the fraction of the negative-advantage tokens, those of lowest probability, that
+    are regularised (Lp-Reg: 1%). In ``(0, 1]``."""
+
     clip_cov_ratio: Optional[float] = None
     """``clip_cov`` (docs/formulas.md §3.8): the fraction of valid tokens whose gradient the
     covariance clip may remove. ``None`` means verl's default 2e-4; else a number in ``(0, 1]``.
@@ -217,6 +233,28 @@ class PolicyLossConfig:
     """``kl_cov``: the coefficient of the ``|log r|`` penalty (``None``: verl's default 1.0; else
     ``>= 0``). Only for ``loss_type="kl_cov"``."""
 
+    group_size: Optional[int] = None
+    """``pacs`` / ``disco`` (docs/formulas.md §3.11, §3.12): the completions per prompt, contiguous
+    rows of the batch, that the loss compares. ``None``: the whole call is one group (the trainer
+    sets ``rollout.group_size``). An int ``>= 1``; only for ``loss_type="pacs"`` or ``"disco"``."""
+
+    pacs_beta: float = 1.0
+    """``pacs``: the scale of the reward proxy ``beta * sum_t log r`` (docs/formulas.md §3.12). ``> 0``."""
+
+    disco_score: str = "l_ratio"
+    """``disco``: the completion score, ``"l_ratio"`` (mean token ratio ``r``) or ``"log_l"`` (mean
+    token log-prob), docs/formulas.md §3.11."""
+
+    disco_tau: Optional[float] = None
+    """``disco``: ``None`` scores the negatives by their mean (DisCO-b); a number ``tau > 0`` by
+    ``tau * log mean exp(s / tau)`` (DisCO; the paper uses 10). Only for ``loss_type="disco"``."""
+
+    disco_delta: float = 1e-4
+    """``disco``: the trust region, ``KL(pi_old || pi_theta) <= disco_delta`` (DisCO: 1e-4). ``>= 0``."""
+
+    disco_beta: float = 1e3
+    """``disco``: the squared-hinge penalty ``disco_beta * max(KL - disco_delta, 0)^2`` (DisCO: 1e3). ``>= 0``."""
+
     def __post_init__(self) -> None:
         _choice("loss_type", self.loss_type, [s.name for s in POLICY_LOSSES.values()])  # registration order
         self._check_loss_params()
@@ -231,6 +269,10 @@ class PolicyLossConfig:
         _number("top_entropy_rho", self.top_entropy_rho, low=0, high=1, low_open=True)
         _number("mastered_token_prob", self.mastered_token_prob, low=0, high=1, low_open=True, high_open=True,
                 allow_none=True)
+
+        _number("lp_reg_min_p", self.lp_reg_min_p, low=0, high=1, low_open=True, high_open=True, allow_none=True)
+        _number("lp_reg_coef", self.lp_reg_coef, low=0)
+        _number("lp_reg_rho", self.lp_reg_rho, low=0, high=1, low_open=True)
 
         _choice("agg", self.agg, AGG_MODES)
         mcl = self.max_completion_length

@@ -11,7 +11,9 @@ Length shaping, dynamic sampling and pass@k are plain tensor functions (tensor i
 vectorised over the batch and device-agnostic:
 
 - ``dapo_overlong_penalty``, ``dler_truncation``, ``grpo_lambda_length_penalty``,
-  ``cosine_length_reward``, ``HistoryAwareLengthReward`` (HAPO), ``mask_truncated_completions``;
+  ``cosine_length_reward``, ``HistoryAwareLengthReward`` (HAPO), ``mask_truncated_completions``,
+  ``laser_d_length_reward``, ``difficulty_aware_truncation``, ``decaying_budget``,
+  ``wrong_answer_length_penalty`` (APO);
 - ``filter_zero_variance_groups``, ``zero_variance_group_rate``, ``DynamicSampler`` (DAPO);
 - ``pass_at_k`` (Chen et al. 2021).
 """
@@ -32,10 +34,11 @@ from .registry import Registry
 
 __all__ = [
     "compute", "get", "names", "register", "extract_answer",
-    "dapo_overlong_penalty", "dler_truncation", "grpo_lambda_length_penalty",
+    "dapo_overlong_penalty", "dler_truncation", "grpo_lambda_length_penalty", "laser_d_length_reward",
+    "difficulty_aware_truncation", "decaying_budget", "wrong_answer_length_penalty",
     "cosine_length_reward", "HistoryAwareLengthReward", "mask_truncated_completions",
     "filter_zero_variance_groups", "zero_variance_group_rate", "DynamicSampler", "DynamicSample",
-    "pass_at_k", "unregister",
+    "pass_at_k", "unregister", "majority_vote", "preference_as_reward",
 ]
 
 _REWARDS: Registry[Callable] = Registry("reward")
@@ -242,6 +245,51 @@ def brier_calibration(completions: list[str], *, ground_truth: Sequence[str],
     return out
 
 
+@register("majority_vote")
+def majority_vote(completions: list[str], *, prompts: Sequence[str]) -> list[float]:
+    """Label-free pseudo-labels by majority vote (Co-Reward, Zhang et al. 2025, "Co-Reward:
+    Self-supervised Reinforcement Learning for Large Language Model Reasoning via Contrastive
+    Agreement"; docs/formulas.md §8.3): the completions of one prompt (equal ``prompts`` entries)
+    vote with their ``extract_answer``; each scores 1 when its answer is the group's most common
+    one (ties: the answer that appeared first), else 0. No answer scores 0 and casts no vote."""
+    keys = _check_answers("prompts", prompts, len(completions))
+    answers = [extract_answer(t) for t in completions]
+    votes: dict = {}
+    for key, a in zip(keys, answers):
+        if a is not None:
+            tally = votes.setdefault(key, {})
+            tally[_normalize(a)] = tally.get(_normalize(a), 0) + 1
+    winner = {key: max(tally, key=tally.get) for key, tally in votes.items()}  # max keeps the first of equals
+    return [1.0 if a is not None and _normalize(a) == winner.get(key) else 0.0 for key, a in zip(keys, answers)]
+
+
+def preference_as_reward(rewards: torch.Tensor, reference) -> torch.Tensor:
+    """Preference as reward, PAR (Fu et al. 2025, "Reward Shaping to Mitigate Reward Hacking in
+    RLHF"; docs/formulas.md §8.3): the reward model's score becomes the probability that the
+    completion is preferred to a reference one, bounded and steepest near the reference::
+
+        R' = mean_m sigmoid(R - R_ref_m)
+
+    ``rewards`` ``[B]``; ``reference`` ``[B]``, ``[B, M]`` (M reference completions per prompt) or a
+    number. Returns ``[B]``."""
+    _check_1d("rewards", rewards)
+    r = rewards.to(_float_out(rewards))
+    if isinstance(reference, torch.Tensor):
+        check_same_device(rewards=rewards, reference=reference)
+        check_tensor("reference", reference)
+        ref = reference.to(r.dtype)
+        if ref.dim() == 1:
+            ref = ref.unsqueeze(1)
+        if ref.dim() != 2 or ref.shape[0] != r.shape[0] or ref.shape[1] == 0:
+            raise ValueError(f"reference must have shape [{r.shape[0]}] or [{r.shape[0]}, M] with M >= 1, "
+                             f"got {shape_str(reference)}")
+        if not bool(torch.isfinite(ref).all()):
+            raise ValueError("reference must be finite, found NaN or inf")
+    else:
+        ref = torch.full((r.shape[0], 1), check_number("reference", reference), dtype=r.dtype, device=r.device)
+    return torch.sigmoid(r.unsqueeze(1) - ref).mean(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # length shaping (tensor in, tensor out)
 
@@ -363,6 +411,87 @@ def cosine_length_reward(correct: torch.Tensor, lengths: torch.Tensor, max_len: 
     if exceed is not None:
         out = torch.where(L >= T, torch.full_like(out, check_number("exceed", exceed)), out)
     return out
+
+
+def _correct_and_group_accuracy(rewards, lengths, group_size):
+    """``(R float, L float, correct [B] bool, p [B])``: ``correct = R > 0.5`` and ``p`` the
+    fraction of correct completions in the completion's group."""
+    check_same_device(rewards=rewards, lengths=lengths)
+    _check_1d("rewards", rewards)
+    _check_lengths(lengths, rewards.shape[0])
+    G = check_group_size(group_size, rewards.shape[0])
+    r = rewards.to(_float_out(rewards))
+    c = r > 0.5
+    p = c.to(r.dtype).view(-1, G).mean(1).repeat_interleave(G)
+    return r, lengths.to(r.dtype), c, p
+
+
+def laser_d_length_reward(rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, *, budgets,
+                          alpha: float = 0.5, easy: float = 2 / 3, hard: float = 1 / 3) -> torch.Tensor:
+    """LASER-D (Liu et al. 2025, "Learn to Reason Efficiently with Adaptive Length-based Reward
+    Shaping"; docs/formulas.md §8.2): a correct completion within the length budget of its prompt's
+    difficulty earns a bonus::
+
+        p_g = accuracy of the group      easy: p_g >= easy,  hard: p_g <= hard,  else medium
+        R'  = R + alpha * [R > 0.5] * [L <= budgets[d]]          budgets = (easy, medium, hard)
+
+    ``rewards``, ``lengths`` ``[B]`` -> ``[B]``. The budgets are the caller's (LASER-D re-estimates
+    them during training; set them between steps)."""
+    r, L, c, p = _correct_and_group_accuracy(rewards, lengths, group_size)
+    if not isinstance(budgets, (list, tuple)) or len(budgets) != 3:
+        raise ValueError(f"budgets must be three lengths (easy, medium, hard), got {budgets!r}")
+    b_easy, b_mid, b_hard = (check_positive(f"budgets[{i}]", b) for i, b in enumerate(budgets))
+    alpha = check_number("alpha", alpha)
+    hard = check_number("hard", hard, low=0, high=1)
+    easy = check_number("easy", easy, low=hard, high=1, expect=f"in [hard={hard:g}, 1]")
+    budget = torch.where(p >= easy, b_easy, torch.where(p <= hard, b_hard, b_mid)).to(r.dtype)
+    return r + alpha * (c & (L <= budget)).to(r.dtype)
+
+
+def difficulty_aware_truncation(rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, *, budget: int,
+                                shrink: float = 0.5) -> torch.Tensor:
+    """Difficulty-aware DLER (Liu et al. 2025, "DLER: Doing Length pEnalty Right"; docs/formulas.md
+    §8.2): DLER's truncation with a budget that tightens on the prompts the model already solves::
+
+        budget_g = budget * (1 - shrink * p_g)        p_g = accuracy of the group, shrink in [0, 1)
+        R'       = 0 if L > budget_g else R
+    """
+    r, L, _, p = _correct_and_group_accuracy(rewards, lengths, group_size)
+    budget = check_positive("budget", budget)
+    shrink = check_number("shrink", shrink, low=0, high=1, high_open=True)
+    return torch.where(L > budget * (1 - shrink * p), torch.zeros_like(r), r)
+
+
+def decaying_budget(step: int, *, initial: int, decay: float = 0.5, every: int = 100, minimum: int = 1) -> int:
+    """The token budget of training step ``step`` (0-based) in "Train Long, Think Short" (Hammoud et
+    al. 2025, "Train Long, Think Short: Curriculum Learning for Efficient Reasoning"; docs/formulas.md
+    §8.2): generous at first, shrinking geometrically::
+
+        B(step) = max(minimum, floor(initial * decay ** (step // every)))
+    """
+    step = check_number("step", step, low=0, integer=True)
+    initial = check_number("initial", initial, low=1, integer=True)
+    decay = check_number("decay", decay, low=0, high=1, low_open=True)
+    every = check_number("every", every, low=1, integer=True)
+    minimum = check_number("minimum", minimum, low=1, high=initial, integer=True)
+    return max(minimum, math.floor(initial * decay ** (step // every)))
+
+
+def wrong_answer_length_penalty(rewards: torch.Tensor, lengths: torch.Tensor, max_len: int, *,
+                                coef: float = 1.0) -> torch.Tensor:
+    """APO's length penalty on wrong answers only (docs/formulas.md §8.2): correct completions keep
+    their reward, so brevity is never traded against correctness; wrong ones pay for their length::
+
+        R' = R - coef * min(L / max_len, 1) * [R <= 0.5]
+    """
+    check_same_device(rewards=rewards, lengths=lengths)
+    _check_1d("rewards", rewards)
+    _check_lengths(lengths, rewards.shape[0])
+    max_len = check_positive("max_len", max_len)
+    coef = check_number("coef", coef, low=0)
+    r = rewards.to(_float_out(rewards))
+    frac = (lengths.to(r.dtype) / max_len).clamp(max=1.0)
+    return r - coef * frac * (r <= 0.5).to(r.dtype)
 
 
 class HistoryAwareLengthReward:

@@ -32,3 +32,13 @@ def assert_fused_matches_float64(loss, metrics, want, grads, dtype):
         assert got.dtype == dtype and torch.isfinite(got).all()
         scale = ref.abs().max().clamp(min=1e-3)
         torch.testing.assert_close(got.double() / scale, ref / scale, atol=4 * tol, rtol=0)
+
+
+def fused_with_grads(hidden, weight, targets, mask, advantages, **kw):
+    """``fused_linear_policy_loss`` on leaf copies of ``hidden`` and ``weight``, backpropagated:
+    ``(loss, metrics, d_hidden, d_weight)``."""
+    import pyrl
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = pyrl.fused_linear_policy_loss(h, w, targets, mask, advantages, **kw)
+    loss.backward()
+    return loss, metrics, h.grad, w.grad

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from pyrl import advantages
 
 DEV = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-GROUP_ESTIMATORS = ["grpo", "rloo", "grpo_passk", "gpg", "reinforce_pp_baseline"]
+GROUP_ESTIMATORS = ["grpo", "rloo", "grpo_passk", "gpg", "reinforce_pp_baseline", "positive_amplification", "canon"]
 
 
 def t64(*xs):
@@ -314,6 +314,7 @@ def _required_options(name, r, mask):
         "remax": dict(greedy_rewards=torch.zeros(B, device=d)),
         "opo": dict(lengths=torch.arange(1, B + 1, device=d)),
         "drpo": dict(lengths=torch.arange(1, B + 1, device=d)),
+        "canon": dict(metric=torch.arange(B, 0, -1, device=d)),
         "reinforce_pp": dict(mask=torch.ones(B, T, device=d) if mask is None else mask),
         "gae": dict(values=torch.zeros(B, T, device=d, dtype=r.dtype)),
     }.get(name, {})
@@ -607,7 +608,62 @@ def test_reward_ensembles_and_gated_accumulation():
     w = t64(7.0, 2.0, -1.0)  # weights[0] unused by the gate
     gated = advantages.aggregate_rewards(r, w, mode="gated", gate=0.5, group_size=4)
     close(gated, grpo64(r[:, 0] + (r[:, 0] >= 0.5).double() * (2.0 * r[:, 1] - r[:, 2])), 1e-12)
+    par = advantages.aggregate_rewards(r, mode="par", group_size=4)  # PAR: column 0 against references 1, 2
+    close(par, grpo64(0.5 * (torch.sigmoid(r[:, 0] - r[:, 1]) + torch.sigmoid(r[:, 0] - r[:, 2]))), 1e-12)
+    with pytest.raises(ValueError, match="mode='par' needs"):
+        advantages.aggregate_rewards(r[:, :1], mode="par", group_size=4)
     one = advantages.aggregate_rewards(r[:, :1], mode="ensemble_mean_std", group_size=4)
     close(one, grpo64(r[:, 0]), 1e-12)  # K = 1: std 0
     with pytest.raises(ValueError, match="mode must be one of"):
         advantages.aggregate_rewards(r, mode="max", group_size=4)
+
+
+def test_positive_amplification_scales_better_than_average_completions():
+    """R^3L (docs/formulas.md §7.3), float64 by hand."""
+    r = t64(1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 1.0, 1.0, 5.0, 5.0)
+    got = advantages.compute("positive_amplification", r, group_size=2)
+    close(got, [1.5, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 1e-15)
+    got = advantages.compute("positive_amplification", r[:4], group_size=4, alpha=2.0)
+    close(got, [2 * 0.75, -0.25, -0.25, -0.25], 1e-15)
+    close(advantages.compute("positive_amplification", r, group_size=1), [0.0] * 10, 0)
+    with pytest.raises(ValueError, match="alpha"):
+        advantages.compute("positive_amplification", r, group_size=2, alpha=0.5)
+
+
+def test_canon_compares_across_and_within_metric_halves():
+    """CANON (docs/formulas.md §7.3): a float64 loop over the groups against the vectorised one."""
+    g = torch.Generator().manual_seed(3)
+    for G in (2, 3, 4, 5):
+        r = torch.randint(0, 2, (4 * G,), generator=g).double()
+        metric = torch.randint(0, 4, (4 * G,), generator=g)  # ties on purpose
+        for w in (0.0, 0.3, 1.0):
+            got = advantages.compute("canon", r, group_size=G, metric=metric, inter_weight=w)
+            want = torch.zeros_like(r)
+            for q in range(4):
+                rows = list(range(q * G, (q + 1) * G))
+                ranked = sorted(rows, key=lambda i: (int(metric[i]), i))
+                low = set(ranked[:(G + 1) // 2])
+                for i in rows:
+                    own = [j for j in rows if (j in low) == (i in low)]
+                    other = [j for j in rows if (j in low) != (i in low)]
+                    mean = lambda js: sum(float(r[j]) for j in js) / len(js)  # noqa: E731
+                    want[i] = w * (r[i] - mean(other)) + (1 - w) * (r[i] - mean(own))
+                if len(set(r[rows].tolist())) == 1:
+                    want[rows] = 0.0
+            close(got, want, 1e-12)
+    r = t64(1.0, 0.0, 1.0, 1.0)
+    drgrpo = advantages.compute("grpo", r, group_size=4, scale="none")
+    close(advantages.compute("canon", r, group_size=4, metric=t64(3, 1, 2, 0)), drgrpo, 1e-15)  # G even, w = 0.5
+    with pytest.raises(TypeError, match="needs option.*metric"):
+        advantages.compute("canon", r, group_size=4)
+    with pytest.raises(ValueError, match="metric must have shape"):
+        advantages.compute("canon", r, group_size=4, metric=t64(1, 2))
+    with pytest.raises(ValueError, match="inter_weight"):
+        advantages.compute("canon", r, group_size=4, metric=t64(3, 1, 2, 0), inter_weight=2.0)
+
+
+def test_reward_estimator_is_the_identity():
+    r = t64(0.0, 1.0, 0.25)
+    close(advantages.compute("reward", r, group_size=1), r, 0)
+    a = advantages.compute("reward", r, group_size=1, mask=torch.tensor([[1, 0], [1, 1], [0, 0]]))
+    close(a, [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]], 0)

@@ -15,7 +15,10 @@ def test_defaults_match_api():
                     tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=False,
                     # loss-owned fields added with clip_cov/kl_cov: None means verl's default
                     clip_cov_ratio=None, clip_cov_lb=None, clip_cov_ub=None, kl_cov_ratio=None, ppo_kl_coef=None,
-                    mastered_token_prob=None)
+                    mastered_token_prob=None, lp_reg_min_p=None, lp_reg_coef=1.0, lp_reg_rho=0.01,
+                    # pacs / disco (docs/formulas.md §3.11, §3.12)
+                    group_size=None, pacs_beta=1.0, disco_score="l_ratio", disco_tau=None, disco_delta=1e-4,
+                    disco_beta=1e3)
     assert {f.name: getattr(c, f.name) for f in dataclasses.fields(c)} == expected
 
 

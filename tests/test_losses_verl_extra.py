@@ -269,6 +269,9 @@ CASES = {
     "geo_mean": dict(loss_type="geo_mean", eps_low=0.4, eps_high=0.4, agg="seq-mean-token-mean"),
     "k3+": dict(loss_type="ppo", beta=0.2, kl_type="k3+"),
     "abs": dict(loss_type="ppo", beta=0.2, kl_type="abs"),
+    # the group objectives of tests/test_losses_grouped.py, one group per call (docs/formulas.md §3.11, §3.12)
+    "pacs": dict(loss_type="pacs", pacs_beta=0.5, agg="seq-mean-token-mean"),
+    "disco": dict(loss_type="disco", disco_tau=10.0, disco_delta=0.0, disco_beta=5.0, agg="seq-mean-token-mean"),
 }
 SHAPES = {"one-token": (1, 1, 37), "vocab-129": (2, 5, 129), "all-masked-row": (3, 4, 37)}
 
@@ -276,7 +279,7 @@ SHAPES = {"one-token": (1, 1, 37), "vocab-129": (2, 5, 129), "all-masked-row": (
 def test_explain_says_two_passes_for_the_batch_global_losses():
     hidden, weight = torch.randn(2, 3, H), torch.randn(37, H)
     ids, mask, adv = torch.randint(0, 37, (2, 3)), torch.ones(2, 3), torch.randn(2)
-    for name in ("clip_cov", "kl_cov", "geo_mean"):
+    for name in ("clip_cov", "kl_cov", "geo_mean", "pacs", "disco"):
         for backend in ("torch", "cpp"):
             text = pyrl.explain("fused_linear_policy_loss", hidden, weight, ids, mask, adv, backend=backend,
                                 config=pyrl.PolicyLossConfig(loss_type=name))

@@ -91,7 +91,7 @@ def test_exact_match_reward():
 
 
 def test_compute_bad_input():
-    with pytest.raises(ValueError, match="unknown reward 'bleu'; available: brier, exact_match, format, math_verify"):
+    with pytest.raises(ValueError, match="unknown reward 'bleu'; available: brier, exact_match, format, majority_vote, math_verify"):
         rewards.compute("bleu", ["a"])
     with pytest.raises(TypeError, match="unexpected option 'answers'.*ground_truth"):
         rewards.compute("exact_match", ["a"], answers=["a"])
@@ -349,3 +349,71 @@ def test_brier_calibration_reward():
         rw.compute("brier", texts, ground_truth=["12"] * 5, pattern="<c>")
     with pytest.raises(ValueError, match="ground_truth must have 5 entries"):
         rw.compute("brier", texts, ground_truth=["12"])
+
+
+def test_laser_d_bonus_within_the_budget_of_the_difficulty():
+    """LASER-D (docs/formulas.md §8.2), float64 by hand: group accuracies 1 (easy), 1/2 (medium), 0 (hard)."""
+    from pyrl import rewards as rw
+    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    L = torch.tensor([5, 9, 5, 5, 5, 50])
+    got = rw.laser_d_length_reward(r, L, 2, budgets=(6, 8, 40), alpha=0.5)
+    torch.testing.assert_close(got, torch.tensor([1.5, 1.0, 1.5, 0.0, 0.0, 0.0], dtype=torch.float64), rtol=0, atol=0)
+    got = rw.laser_d_length_reward(r[:4], L[:4], 4, budgets=(6, 8, 40), easy=0.75)  # accuracy 3/4: easy
+    torch.testing.assert_close(got, torch.tensor([1.5, 1.0, 1.5, 0.0], dtype=torch.float64), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="budgets must be three lengths"):
+        rw.laser_d_length_reward(r, L, 2, budgets=(6, 8))
+    with pytest.raises(ValueError, match="easy must be in"):
+        rw.laser_d_length_reward(r, L, 2, budgets=(6, 8, 9), easy=0.2, hard=0.5)
+
+
+def test_difficulty_aware_truncation_tightens_on_solved_prompts():
+    from pyrl import rewards as rw
+    r = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    L = torch.tensor([6, 4, 6, 6])
+    # group 0 solved (p = 1): budget 10 * (1 - 0.5) = 5; group 1 p = 1/2: budget 7.5
+    got = rw.difficulty_aware_truncation(r, L, 2, budget=10, shrink=0.5)
+    torch.testing.assert_close(got, torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64), rtol=0, atol=0)
+    same = rw.difficulty_aware_truncation(r, L, 2, budget=10, shrink=0.0)
+    torch.testing.assert_close(same, rw.dler_truncation(r, L, 10), rtol=0, atol=0)  # shrink 0 is DLER
+    with pytest.raises(ValueError, match="shrink"):
+        rw.difficulty_aware_truncation(r, L, 2, budget=10, shrink=1.0)
+
+
+def test_decaying_budget_and_wrong_answer_length_penalty():
+    from pyrl import rewards as rw
+    assert [rw.decaying_budget(s, initial=1000, decay=0.5, every=10, minimum=200) for s in (0, 9, 10, 25, 99)] == \
+        [1000, 1000, 500, 250, 200]
+    with pytest.raises(ValueError, match="minimum"):
+        rw.decaying_budget(0, initial=10, minimum=20)
+    r = torch.tensor([1.0, 0.0, 0.0, 0.25], dtype=torch.float64)
+    got = rw.wrong_answer_length_penalty(r, torch.tensor([80, 50, 200, 0]), 100, coef=0.5)
+    torch.testing.assert_close(got, torch.tensor([1.0, -0.25, -0.5, 0.25], dtype=torch.float64), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        rw.wrong_answer_length_penalty(r, torch.tensor([1, 2]), 100)
+
+
+def test_majority_vote_scores_against_the_groups_most_common_answer():
+    """Co-Reward (docs/formulas.md §8.3): groups are the completions of one prompt."""
+    from pyrl import rewards as rw
+    texts = ["it is 12", "\\boxed{12}", "13", "no idea",   # prompt a: 12 wins 2 to 1
+             "5", "6",                                  # prompt b: a tie, the first answer (5) wins
+             "nothing", "still nothing"]                # prompt c: no votes
+    prompts = ["a"] * 4 + ["b"] * 2 + ["c"] * 2
+    got = rw.compute("majority_vote", texts, prompts=prompts).double()
+    want = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert rw.compute("majority_vote", ["1.0", "1", "2"], prompts=["p"] * 3).tolist() == [1.0, 1.0, 0.0]  # by value
+    with pytest.raises(ValueError, match="prompts must have 8 entries"):
+        rw.compute("majority_vote", texts, prompts=["a"])
+
+
+def test_preference_as_reward_is_a_sigmoid_of_the_margin():
+    from pyrl import rewards as rw
+    r = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    ref = torch.tensor([[0.0, 1.0], [0.0, -3.0], [0.5, 0.5]], dtype=torch.float64)
+    want = torch.stack([torch.sigmoid(r[i] - ref[i]).mean() for i in range(3)])
+    torch.testing.assert_close(rw.preference_as_reward(r, ref), want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(rw.preference_as_reward(r, ref[:, 0]), torch.sigmoid(r - ref[:, 0]), rtol=1e-15, atol=0)
+    torch.testing.assert_close(rw.preference_as_reward(r, 0.5), torch.sigmoid(r - 0.5), rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match=r"reference must have shape \[3\] or \[3, M\]"):
+        rw.preference_as_reward(r, torch.zeros(2))

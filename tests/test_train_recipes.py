@@ -214,13 +214,27 @@ def test_length_shapers_by_name():
     {"loss_type": "ppo", "beta": 0.01, "kl_type": "k3+"},
     {"loss_type": "ppo", "beta": 0.01, "kl_type": "abs"},
     {"loss_type": "reinforce", "mastered_token_prob": 0.99},
+    {"loss_type": "pacs", "pacs_beta": 1.0, "agg": "seq-mean-token-mean"},
+    {"loss_type": "disco", "disco_tau": 10.0, "agg": "seq-mean-token-mean"},
 ])
 def test_catalogue_losses_by_name_from_the_trainer_config(loss):
     cfg = apply_overrides(TrainConfig(), [f"algo.loss={json.dumps(loss)}"])
     validate(cfg)
-    assert pyrl.PolicyLossConfig(**cfg.algo.loss).loss_type == loss["loss_type"]
+    assert pyrl.PolicyLossConfig(**loop.loss_options(cfg)).loss_type == loss["loss_type"]
     with pytest.raises(ValueError, match="loss_type must be one of"):
         pyrl.PolicyLossConfig(**dict(loss, loss_type=loss["loss_type"] + "_typo"))
+
+
+def test_grouped_losses_get_the_group_size_and_whole_groups_per_micro_batch():
+    cfg = apply_overrides(TrainConfig(), ['algo.loss={"loss_type": "disco"}', "rollout.group_size=4",
+                                          "algo.micro_batch_size=8"])
+    validate(cfg)
+    assert loop.loss_options(cfg)["group_size"] == 4
+    for items, key in ((["algo.micro_batch_size=6"], "multiple of rollout.group_size=4"),
+                       (["algo.minibatches=2"], "algo.minibatches=1"),
+                       (['algo.loss={"loss_type": "pacs", "group_size": 2}'], "algo.loss.group_size")):
+        with pytest.raises(ValueError, match=key):
+            validate(apply_overrides(cfg, items))
 
 
 @pytest.mark.parametrize("name, options", [
@@ -229,6 +243,9 @@ def test_catalogue_losses_by_name_from_the_trainer_config(loss):
     ("reinforce_pp", {"masked": "reset"}),
     ("grpo_passk", {"scale": "group"}),
     ("gpg", {"alpha": "nonzero_rewards"}),
+    ("positive_amplification", {"alpha": 3.0}),
+    ("canon", {"inter_weight": 1.0}),  # conditioned on the completion length by default
+    ("reward", {}),
 ])
 def test_catalogue_estimators_by_name_from_the_trainer_config(name, options):
     cfg = apply_overrides(TrainConfig(), [f"algo.advantage={name}", f"algo.advantage_options={json.dumps(options)}"])
@@ -238,6 +255,37 @@ def test_catalogue_estimators_by_name_from_the_trainer_config(name, options):
     mask = torch.ones(2 * G, 4)
     adv, _ = loop._advantages(cfg, rewards, mask, None)
     assert adv.shape == (2 * G, 4) and torch.isfinite(adv).all()
+
+
+def test_catalogue_length_shapers_by_name_and_the_step_they_see():
+    texts, answers = ["7", "7", "7", "8"], ["7"] * 4
+    lengths = [2, 7, 9, 2]
+    n = len(texts)
+
+    def call(reward, step):
+        return reward(texts, answers, ["p"] * n, lengths=torch.tensor(lengths), prompt_index=torch.arange(n) // 2,
+                      group_size=2, step=step, total_steps=100).tolist()
+
+    laser = _reward("exact_match", [{"name": "laser_d", "budgets": [4, 8, 16], "alpha": 0.5}])
+    assert call(laser, 0) == [1.5, 1.0, 1.0, 0.0]  # group 0 easy (budget 4), group 1 medium (budget 8)
+    dler = _reward("exact_match", [{"name": "dler_difficulty", "budget": 8, "shrink": 0.5}])
+    assert call(dler, 0) == [1.0, 0.0, 0.0, 0.0]  # group 0 solved: budget 4
+    decay = _reward("exact_match", [{"name": "budget_decay", "initial": 16, "decay": 0.5, "every": 10}])
+    assert call(decay, 0) == [1.0, 1.0, 1.0, 0.0] and call(decay, 10) == [1.0, 1.0, 0.0, 0.0]
+    assert call(decay, 20) == [1.0, 0.0, 0.0, 0.0]  # budget 4 at step 20
+    apo = _reward("exact_match", [{"name": "apo", "max_len": 4, "coef": 1.0}])
+    assert call(apo, 0) == [1.0, 1.0, 1.0, -0.5]
+    with pytest.raises(ValueError, match=r"\(laser_d\).*budgets"):
+        _reward("exact_match", [{"name": "laser_d"}])
+
+
+def test_majority_vote_reward_and_par_shaper_by_name():
+    r = _reward("majority_vote")
+    assert r(["7", "7", "8", "9"], [""] * 4, ["p", "p", "p", "q"], lengths=torch.ones(4), prompt_index=torch.zeros(4),
+             group_size=2).tolist() == [1.0, 1.0, 0.0, 1.0]
+    par = _reward("exact_match", [{"name": "par", "reference": 0.5}])
+    got = _call(par, ["7", "8"], ["7", "7"])
+    torch.testing.assert_close(got, torch.sigmoid(torch.tensor([0.5, -0.5])))
 
 
 def test_brier_reward_by_name():
@@ -281,7 +329,7 @@ def _fake_run(algo_items, rounds_rewards, monkeypatch, G=2, prompts=2):
                                           *algo_items])
     calls = []
 
-    def fake_round(run, start, count):
+    def fake_round(run, start, count, step):
         r = torch.tensor(rounds_rewards[len(calls)], dtype=torch.float32)
         calls.append(start)
         B = count * G
@@ -300,7 +348,7 @@ def _fake_run(algo_items, rounds_rewards, monkeypatch, G=2, prompts=2):
 def test_dynamic_sampling_refills_the_batch_with_groups_that_carry_signal(monkeypatch):
     run, calls = _fake_run(["algo.dynamic_sampling=true", "algo.max_sample_rounds=3"],
                            [[1, 1, 0, 1], [0, 0, 1, 0], [1, 0, 1, 0]], monkeypatch)
-    s = loop.rollout(run)
+    s = loop.rollout(run, 0)
     assert calls == [0, 2] and run.data_position == 4 and s.rounds == 2  # stopped once full
     assert s.rows["rewards"].tolist() == [0, 1, 1, 0]  # round 1's second group, round 2's second
     assert s.rows["prompt_ids"][:, 0].tolist() == [102, 103, 202, 203]
@@ -312,7 +360,7 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_carry_signal(monkey
 def test_dynamic_sampling_is_bounded_and_tops_up(monkeypatch):
     run, calls = _fake_run(["algo.dynamic_sampling=true", "algo.max_sample_rounds=2"],
                            [[1, 1, 0, 1], [0, 0, 0, 0]], monkeypatch)
-    s = loop.rollout(run)
+    s = loop.rollout(run, 0)
     assert len(calls) == 2 and s.rows["rewards"].shape == (4,)
     counts = dict(zip(loop._COUNTS, s.counts.tolist()))
     assert counts["kept_groups"] == 1 and counts["topped_up_groups"] == 1
@@ -322,7 +370,7 @@ def test_dynamic_sampling_is_bounded_and_tops_up(monkeypatch):
 def test_oversampling_fills_the_batch_in_one_round(monkeypatch):
     run, calls = _fake_run(["algo.dynamic_sampling=true", "algo.oversample=2"],
                            [[1, 1, 0, 1, 1, 0, 0, 1], [0, 1, 0, 1, 0, 1, 0, 1]], monkeypatch)
-    s = loop.rollout(run)
+    s = loop.rollout(run, 0)
     assert calls == [0] and run.data_position == 4  # 4 prompts sampled for a batch of 2
     assert s.rows["prompt_ids"][:, 0].tolist() == [102, 103, 104, 105]  # the first two kept groups
     assert dict(zip(loop._COUNTS, s.counts.tolist()))["kept_groups"] == 3
@@ -331,7 +379,7 @@ def test_oversampling_fills_the_batch_in_one_round(monkeypatch):
 def test_pass_rate_band_filter(monkeypatch):
     run, calls = _fake_run(["algo.pass_rate_band=[0.4, 0.6]", "algo.max_sample_rounds=4"],
                            [[1, 1, 0, 1], [0, 0, 1, 1], [1, 0, 1, 1]], monkeypatch)
-    s = loop.rollout(run)
+    s = loop.rollout(run, 0)
     assert len(calls) == 3 and s.rows["rewards"].tolist() == [0, 1, 1, 0]
 
 

@@ -104,4 +104,4 @@ def policy_loss_names() -> list:
     return POLICY_LOSSES.names()
 
 
-from pyrl.losses import surrogates, covariance, gmpo  # noqa: E402,F401  (registers the built-in losses)
+from pyrl.losses import surrogates, covariance, gmpo, grouped  # noqa: E402,F401  (registers the built-in losses)

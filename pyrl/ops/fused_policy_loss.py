@@ -20,20 +20,21 @@ KL over the vocabulary to a reference head) runs one more walk over both heads. 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
 from pyrl._validate import check_chunk_bytes, check_linear_args, check_ref_model, check_same_device, check_shape, \
     check_targets, shape_str
 from pyrl.config import PolicyLossConfig
-from pyrl.kernels.reference import RowParams, acc_dtype, divergence_rows
+from pyrl.kernels.reference import RowParams, acc_dtype, divergence_rows, row_sum
 from pyrl.ops.logprobs import LinearCall, fused_linear_logprobs, run_linear_logprobs
 from pyrl.ops.plan import GEMM_ROW_QUANTUM, Plan, make_plan
 from pyrl.ops.policy_loss import agg_weights, check_policy_args, not_token_separable, policy_loss_core
 from pyrl.ops.walk import Head, rows_body, walk
 
-__all__ = ["fused_linear_policy_loss", "plan_fused_linear_policy_loss"]
+__all__ = ["fused_linear_policy_loss", "plan_fused_linear_policy_loss", "proxy_kl_rows_fwd", "proxy_kl_rows_bwd"]
 
 _METRICS = ("clip_frac", "kl_mean", "entropy_mean", "ratio_mean", "ratio_max")
 
@@ -71,6 +72,76 @@ class _FullKL(torch.autograd.Function):
         head = _kl_head(hidden, weight, bias, need=ctx.needs_input_grad[:3])
         grads = walk(head, ctx.plan.kl_chunk_rows, step, ref=_kl_head(ref_hidden, ref_weight, ref_bias))
         return (*grads, None, None, None, None, None, None, None)
+
+
+# Lp-Reg's row maths, on the reference rows' conventions (pyrl.kernels.reference): plain PyTorch on one
+# chunk of logits, in the chunk's dtype, reductions over the vocabulary by row_sum.
+def _proxy(z_policy: torch.Tensor, min_p: float, temperature: float):
+    """``(p, keep, log Z)``: the policy's probabilities, the tokens the min-p filter keeps
+    (``p_v >= min_p * max_u p_u``) and the log of their mass."""
+    lp = torch.log_softmax(z_policy / temperature, -1)
+    keep = lp >= lp.amax(-1, keepdim=True) + math.log(min_p)
+    p = lp.exp()
+    return p, keep, row_sum(torch.where(keep, p, 0.0)).log()
+
+
+def proxy_kl_rows_fwd(z_policy: torch.Tensor, targets: torch.Tensor, min_p: float, temperature: float):
+    """Lp-Reg's ``KL(p_proxy || p)`` per row (docs/formulas.md §4.2), ``p_proxy`` the policy with the
+    tokens below ``min_p`` times its top probability removed and renormalised (a constant target):
+    ``sum_kept p_proxy (log p - log Z - log p) = -log Z``. Also whether each row's target survives
+    the filter (``False`` for a negative target id, i.e. padding)."""
+    _, keep, log_z = _proxy(z_policy, min_p, temperature)
+    kept_y = keep.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1) & (targets >= 0)
+    return (-log_z).clamp(min=0.0), kept_y
+
+
+def proxy_kl_rows_bwd(z_policy: torch.Tensor, g: torch.Tensor, min_p: float, temperature: float,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``d (g * KL(p_proxy || p)) / d z = g * (p - p_proxy) / temperature`` (``p_proxy`` constant).
+    Written into ``out`` when given (it may be ``z_policy``)."""
+    p, keep, log_z = _proxy(z_policy, min_p, temperature)
+    proxy = torch.where(keep, p * (-log_z).exp().unsqueeze(1), 0.0)
+    dz = (p - proxy) * (g.unsqueeze(1) / temperature)
+    if out is not None:
+        out.copy_(dz)
+        return out
+    return dz
+
+
+class _ProxyKL(torch.autograd.Function):
+    """Lp-Reg's per-token ``KL(p_proxy || p)`` and whether the target survives the proxy's filter
+    (docs/formulas.md §4.2): a walk over the policy head alone, the reference rows of
+    ``pyrl.kernels.reference`` on each chunk; ``p_proxy`` is a constant target."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, valid, plan: Plan, min_p, temperature):
+        n = hidden.shape[0]
+        kl = hidden.new_zeros(n, dtype=acc_dtype(hidden.dtype))
+        kept = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+
+        def step(s, e, z, _):
+            kl[s:e], kept[s:e] = proxy_kl_rows_fwd(z, targets[s:e], min_p, temperature)
+            return False
+
+        walk(_kl_head(hidden, weight, bias), plan.kl_chunk_rows, step, active=valid)
+        kl = torch.where(valid, kl, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, valid)
+        ctx.plan, ctx.min_p, ctx.temperature = plan, min_p, temperature
+        ctx.mark_non_differentiable(kept)
+        return kl, kept & valid
+
+    @staticmethod
+    def backward(ctx, g, _):
+        hidden, weight, bias, valid = ctx.saved_tensors
+        g = torch.where(valid, g.to(acc_dtype(hidden.dtype)), 0.0)
+
+        def step(s, e, z, _):
+            proxy_kl_rows_bwd(z, g[s:e], ctx.min_p, ctx.temperature, out=z)
+            return True
+
+        head = _kl_head(hidden, weight, bias, need=ctx.needs_input_grad[:3])
+        grads = walk(head, ctx.plan.kl_chunk_rows, step, active=g != 0)
+        return (*grads, None, None, None, None, None)
 
 
 def _kl_head(hidden, weight, bias, need=(False, False, False)):
@@ -187,13 +258,16 @@ def plan_fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, 
     full_kl = config.exact_kl is not None
     check_policy_args(B, T, "hidden", hidden, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=None,
                       rollout_logp=rollout_logp, config=config, has_entropy=True, full_kl=full_kl,
-                      ref_model=ref_hidden is not None, policy_weight=policy_weight)
+                      ref_model=ref_hidden is not None, policy_weight=policy_weight, full_distribution=True)
     if ref_hidden is not None:
         check_ref_model(ref_hidden, ref_weight, ref_bias, (B, T), weight.shape[0], ignore_index)
     check_same_device(hidden=hidden, weight=weight, targets=targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
                       ref_bias=ref_bias)
     if chunk_bytes is not None:
         check_chunk_bytes(chunk_bytes)
+    if vocab_parallel_group is not None and config.lp_reg_min_p is not None:
+        raise ValueError("lp_reg_min_p (Lp-Reg) is not supported with vocab_parallel_group (its proxy filters the "
+                         "whole vocabulary, which no rank holds)")
     if vocab_parallel_group is not None and full_kl:
         raise ValueError(f"kl_type={config.kl_type!r} is not supported with vocab_parallel_group (the exact KL over a split "
                          "vocabulary is not implemented); use kl_type='k1'/'k2'/'k3' with ref_logp or ref_hidden")
@@ -208,7 +282,7 @@ def plan_fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, 
     plan = make_plan("fused_linear_policy_loss", device=hidden.device, dtype=hidden.dtype, n_rows=B * T,
                      vocab=weight.shape[0], backend=backend, chunk_bytes=chunk_bytes,
                      separable=not_token_separable(config), full_kl=full_kl,
-                     vocab_parallel=vocab_parallel_group is not None)
+                     vocab_parallel=vocab_parallel_group is not None, proxy_kl=config.lp_reg_min_p is not None)
     if vocab_parallel_group is None:
         targets = check_targets("targets", targets, (B, T), weight.shape[0], ignore_index)
     return _PolicyCall(plan, targets, full_kl)
@@ -278,9 +352,14 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
         kl = _FullKL.apply(hidden.reshape(B * T, -1), weight, bias, ref_hidden.reshape(B * T, -1).detach(),
                            ref_weight.detach(), None if ref_bias is None else ref_bias.detach(),
                            mask.bool().reshape(-1), plan, config.temperature, config.exact_kl).reshape(B, T)
+    proxy = None
+    if config.lp_reg_min_p is not None:
+        kl_p, kept = _ProxyKL.apply(hidden.reshape(B * T, -1), weight, bias, targets.reshape(-1),
+                                    mask.bool().reshape(-1), plan, config.lp_reg_min_p, config.temperature)
+        proxy = (kl_p.reshape(B, T), kept.reshape(B, T))
     return policy_loss_core(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy,
                             rollout_logp=rollout_logp, config=config, kl=kl, policy_weight=policy_weight,
-                            entropy_quantile_fn=entropy_quantile_fn)
+                            entropy_quantile_fn=entropy_quantile_fn, proxy_kl=proxy)
 
 
 def _ref_logprobs(ref_hidden, ref_weight, ref_bias, targets, config, ignore_index, backend, chunk_bytes, group):

@@ -132,7 +132,7 @@ def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
 
 def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int = 0, vocab: int = 0,
               backend: str = "auto", chunk_bytes: Optional[int] = None, separable: Optional[str] = None,
-              full_kl: bool = False, vocab_parallel: bool = False) -> Plan:
+              full_kl: bool = False, vocab_parallel: bool = False, proxy_kl: bool = False) -> Plan:
     """The plan of one call. ``separable``: for the policy loss, ``None`` when the loss is
     token-separable, else the reason it is not (which rules out the one-pass plan)."""
     if op not in _OPS:
@@ -216,8 +216,11 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
         else:
             passes = "two"
             reasons.append(f"two passes: {why_not}")
-        if full_kl:
+        if full_kl or proxy_kl:
             kl_rows = _acc_chunk_rows(n_rows, vocab, chunk_bytes // 2)
+        if full_kl:
             reasons.append(f"exact KL: a second walk over both heads, {kl_rows} rows per chunk")
+        if proxy_kl:
+            reasons.append(f"Lp-Reg: a walk over the policy head for KL(proxy || p), {kl_rows} rows per chunk")
     return Plan(op, name, linear, passes, gemm, chunk_rows, pad_rows, asked_bytes, kl_rows, vocab_parallel,
                 tuple(reasons))

@@ -142,11 +142,25 @@ def not_token_separable(config: PolicyLossConfig) -> Optional[str]:
         return "a sequence-level mismatch weight"
     if config.exact_kl is not None:
         return "the exact KL (a walk over the reference head too)"
+    if config.lp_reg_min_p is not None:
+        return "Lp-Reg (a walk over the vocabulary, tokens selected over the batch)"
     return None
 
 
+def _lp_reg_selection(logp, advantages, valid, kept_y, rho):
+    """Lp-Reg's tokens (docs/formulas.md §4.2): of the valid negative-advantage tokens, the
+    ``max(1, floor(rho * n))`` of lowest log-prob (ties: the earlier token, row-major), then those
+    whose target the proxy keeps. No device sync."""
+    candidate = valid & (advantages < 0)
+    flat = torch.where(candidate, logp.detach(), float("inf")).reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    k = (candidate.sum() * rho).floor().clamp(min=1)
+    return candidate & (rank.view_as(candidate) < k) & kept_y
+
+
 def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp, config,
-                      kl=None, entropy_quantile_fn=None, policy_weight=None, agg_weight=None):
+                      kl=None, entropy_quantile_fn=None, policy_weight=None, agg_weight=None, proxy_kl=None):
     """The loss on validated inputs (shapes [B, T]; advantages [B] or [B, T]).
 
     ``kl``: an optional precomputed per-token KL [B, T] (the exact ``"full"`` KL of the fused op),
@@ -155,7 +169,8 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
     returns the 0-dim ``q`` quantile of ``entropy[valid]``; a distributed caller passes one that
     gathers across ranks (docs/formulas.md §5); the default is local.
     ``agg_weight``: [B, T] weights replacing the aggregation (see ``agg_weights``), when this call
-    sees only a chunk of the batch.
+    sees only a chunk of the batch. ``proxy_kl``: ``(kl, kept_y)`` [B, T] of Lp-Reg (the fused op's
+    walk, docs/formulas.md §4.2), needed when ``config.lp_reg_min_p`` is set.
     Returns ``(loss, metrics)`` as ``policy_loss`` does.
     """
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -218,6 +233,11 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
         per_token = per_token + config.beta * kl * m
     if entropy is not None and config.entropy_coef != 0:
         per_token = per_token - config.entropy_coef * entropy * m
+    if config.lp_reg_min_p is not None:
+        proxy, kept_y = proxy_kl
+        selected = _lp_reg_selection(logp, advantages, valid, kept_y, config.lp_reg_rho)
+        per_token = per_token + config.lp_reg_coef * torch.where(selected, proxy.to(dtype), zero)
+        extra_metrics["lp_reg_frac"] = _masked_mean(selected.to(dtype), m, count)
 
     loss = aggregate(per_token, m, config) if agg_weight is None else (per_token * agg_weight).sum()
 
@@ -252,11 +272,13 @@ def _check_per_token(name: str, t, shape) -> None:
 
 
 def check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp, ref_logp, entropy, rollout_logp,
-                       config, has_entropy, full_kl=False, ref_model=False, policy_weight=None) -> None:
+                       config, has_entropy, full_kl=False, ref_model=False, policy_weight=None,
+                       full_distribution=False) -> None:
     """Validate the per-token arguments of a policy loss over a [B, T] batch (shared by the fused op).
 
     ``anchor`` is the tensor the others must share a device with; ``full_kl``/``ref_model`` say the
-    caller can compute the exact KL / the reference log-probs itself.
+    caller can compute the exact KL / the reference log-probs itself, ``full_distribution`` that it
+    sees the policy's whole next-token distribution (Lp-Reg).
     """
     check_float("advantages", advantages)
     if tuple(advantages.shape) not in ((B,), (B, T)):
@@ -282,6 +304,9 @@ def check_policy_args(B, T, anchor_name, anchor, advantages, mask, *, old_logp, 
     if n_items is not None and n_items.device != anchor.device and n_items.device.type != "cpu":
         raise ValueError(f"config.num_items_in_batch is on {n_items.device} but {anchor_name} is on {anchor.device}")
 
+    if config.lp_reg_min_p is not None and not full_distribution:
+        raise ValueError("lp_reg_min_p (Lp-Reg) regularises towards a filtered copy of the whole next-token "
+                         "distribution, which policy_loss cannot get from log-probs: use fused_linear_policy_loss")
     if config.exact_kl is not None and not full_kl:
         raise ValueError(f"kl_type={config.kl_type!r} needs the reference model's full distribution, which policy_loss "
                          "cannot get from log-probs: use fused_linear_policy_loss with ref_hidden/ref_weight, "

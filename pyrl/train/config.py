@@ -326,6 +326,9 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
 
+GROUPED_LOSSES = ("pacs", "disco")  # losses that compare a prompt's completions (docs/formulas.md §3.11, §3.12)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Refuse values of the recipe and memory keys that would fail later, naming the key (reward and
     length-shaper names are checked where they are built, ``pyrl.train.recipes``)."""
@@ -365,6 +368,17 @@ def validate(cfg: TrainConfig) -> None:
     if a.ref_reset_every and not (beta or a.loss.get("kl_type")):
         raise ValueError("config key 'algo.ref_reset_every' resets the reference model, and there is none: set "
                          "algo.loss.beta > 0 or an algo.loss.kl_type")
+    if a.loss.get("loss_type") in GROUPED_LOSSES:
+        # the loss compares the completions of a prompt: every micro-batch must hold whole groups
+        G = a.loss.get("group_size", cfg.rollout.group_size)
+        if G != cfg.rollout.group_size:
+            raise ValueError(f"config key 'algo.loss.group_size' must be rollout.group_size={cfg.rollout.group_size} "
+                             f"(the completions of a prompt), got {G!r}")
+        if a.minibatches != 1 or a.max_tokens_per_micro_batch or a.micro_batch_size % G:
+            raise ValueError(f"algo.loss.loss_type={a.loss['loss_type']!r} compares the completions of a prompt: "
+                             f"it needs algo.minibatches=1, no algo.max_tokens_per_micro_batch and "
+                             f"algo.micro_batch_size a multiple of rollout.group_size={G}, got "
+                             f"{a.minibatches}, {a.max_tokens_per_micro_batch}, {a.micro_batch_size}")
     if not isinstance(cfg.model.lora, dict):
         raise ValueError(f"config key 'model.lora' must be a mapping of peft.LoraConfig arguments, got "
                          f"{cfg.model.lora!r}")

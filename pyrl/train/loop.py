@@ -37,7 +37,7 @@ import torch
 import pyrl
 from pyrl.integrations.hf import lm_head
 from pyrl.train import checkpoint, distributed, faults
-from pyrl.train.config import TrainConfig, validate
+from pyrl.train.config import GROUPED_LOSSES, TrainConfig, validate
 from pyrl.train.metrics import MetricsLogger, gain_interval, plot_curves, read_metrics, wilson_interval
 from pyrl.train.models import load_model
 from pyrl.train.policy import LossScale, Policy, make_batch
@@ -304,6 +304,8 @@ def _advantages(cfg: TrainConfig, rewards, mask, old_values):
         return pyrl.advantages.compute("gae", rewards, group_size=1, values=old_values, mask=mask, **opts)
     if name in ("opo", "drpo"):
         opts.setdefault("lengths", mask.sum(1))
+    if name == "canon":  # CANON conditioned on the response length unless told otherwise
+        opts.setdefault("metric", mask.sum(1))
     return pyrl.advantages.compute(name, rewards, group_size=cfg.rollout.group_size, mask=mask, **opts), None
 
 
@@ -377,8 +379,9 @@ def _groups(rows: dict, groups: torch.Tensor, G: int) -> dict:
     return {k: v[idx.to(v.device)] for k, v in rows.items()}
 
 
-def _generate_round(run: Run, start: int, count: int) -> tuple[dict, float]:
-    """``count`` prompts from data index ``start``, G completions each, scored: ``(rows, score_s)``."""
+def _generate_round(run: Run, start: int, count: int, step: int) -> tuple[dict, float]:
+    """``count`` prompts from data index ``start``, G completions each, scored (the reward's scheduled
+    shapers see ``step``, 0-based, of ``max_steps``): ``(rows, score_s)``."""
     cfg, G = run.cfg, run.cfg.rollout.group_size
     examples = run.task.examples(start, count)
     prompts = [prompt_text(run.task, run.tokenizer, ex) for ex in examples for _ in range(G)]
@@ -394,14 +397,14 @@ def _generate_round(run: Run, start: int, count: int) -> tuple[dict, float]:
     t = time.time()
     rewards = run.reward(roll.texts, answers, prompts, lengths=roll.completion_mask.sum(1),
                          prompt_index=torch.tensor([run.task.example_id(i) for i in range(start, start + count)])
-                         .repeat_interleave(G), group_size=G)
+                         .repeat_interleave(G), group_size=G, step=step, total_steps=cfg.max_steps)
     rows = {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask, "completion_ids": roll.completion_ids,
             "completion_mask": roll.completion_mask, "rollout_logp": roll.rollout_logp,
             "truncated": roll.truncated, "rewards": rewards.to(run.dist.device)}
     return rows, time.time() - t
 
 
-def rollout(run: Run) -> Samples:
+def rollout(run: Run, step: int) -> Samples:
     """This rank's ``prompts_per_step / world`` groups. With ``algo.dynamic_sampling`` or
     ``algo.pass_rate_band`` only groups passing ``group_keep_mask`` are kept, sampling rounds of
     ``oversample`` times as many prompts (all ranks together) until the batch is full or
@@ -423,7 +426,7 @@ def rollout(run: Run) -> Samples:
         rounds += 1
         if have >= want:
             continue
-        rows, dt = _generate_round(run, start, per_round)
+        rows, dt = _generate_round(run, start, per_round, step)
         score_s += dt
         r = rows["rewards"]
         keep = group_keep_mask(r, G, dynamic=a.dynamic_sampling, band=a.pass_rate_band, threshold=a.pass_threshold)
@@ -597,7 +600,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, fault_cfg: faults.Fault
         where["step"] = step + 1
         faults.maybe_crash(fault_cfg, step + 1, run.dist.rank)
         t0 = time.time()
-        samples = rollout(run)             # generation + reward scoring + group filters: rollout_s
+        samples = rollout(run, step)       # generation + reward scoring + group filters: rollout_s
         t1 = time.time()
         data = advantages(run, samples)    # behaviour/reference log-probs, advantages ...
         stats = optimize(run, data, step)  # ... and the optimizer steps: update_s
@@ -684,11 +687,20 @@ def _checkpoint_to_resume(ckpt_root: str, resume: bool, dist) -> Optional[str]:
     return ckpt
 
 
+def loss_options(cfg: TrainConfig) -> dict:
+    """``PolicyLossConfig`` keywords of the run: ``algo.loss``, the sampling temperature, and for the
+    losses that compare a prompt's completions (``pacs``, ``disco``) the rollout's group size."""
+    opts = {**cfg.algo.loss, "temperature": cfg.rollout.temperature}
+    if opts.get("loss_type") in GROUPED_LOSSES:
+        opts.setdefault("group_size", cfg.rollout.group_size)
+    return opts
+
+
 def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Reward, ckpt, fault_cfg) -> Run:
     """The model RL starts from (built or loaded, then once the supervised warm-up), the reference,
     the policy (+ critic) in its data-parallel wrapper, the optimizer and the LR schedule."""
     dev, autocast = dist.device, _autocast(cfg, dist.device)
-    loss_cfg = pyrl.PolicyLossConfig(**{**cfg.algo.loss, "temperature": cfg.rollout.temperature})
+    loss_cfg = pyrl.PolicyLossConfig(**loss_options(cfg))
     lm, tokenizer = load_model(cfg.model, device=dev, seed=cfg.seed)
     if cfg.warmup.steps > 0:
         _warm_up(cfg, os.path.join(out_dir, "initial"), lm, tokenizer, task, dist, resuming=ckpt is not None)

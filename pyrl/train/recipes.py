@@ -25,6 +25,14 @@ completion lengths ``L`` in tokens (formulas in docs/formulas.md §8):
     grpo_lambda  grpo_lambda_length_penalty(R, L, G, ...)               GRPO-lambda (Dai et al. 2025)
     cosine       cosine_length_reward(R, L, max_len, ...)               Yeo et al. 2025
     hapo         R + HistoryAwareLengthReward(...)(prompt_index, L, R)  HAPO (Huang et al. 2025)
+    laser_d      laser_d_length_reward(R, L, G, budgets=[e, m, h], ...)   LASER-D (Liu et al. 2025)
+    dler_difficulty  difficulty_aware_truncation(R, L, G, budget, ...)  difficulty-aware DLER
+    budget_decay dler_truncation(R, L, decaying_budget(step, ...))      Train Long, Think Short (2025)
+    apo          wrong_answer_length_penalty(R, L, max_len, coef)       APO: wrong answers only
+    par          preference_as_reward(R, reference)                      PAR (Fu et al. 2025; not a length)
+
+The trainer passes each shaper the step (``ShapeContext.step``, ``.progress``), so a budget can follow
+a schedule (``budget_decay``'s ``initial`` defaults to ``max_len``).
 
 ``max_len`` defaults to ``rollout.max_new_tokens``; the shapers that need correctness read it as
 ``R > 0.5``.
@@ -128,9 +136,18 @@ SHAPERS: Registry[Callable] = Registry("length shaper")
 
 @dataclass
 class ShapeContext:
+    """What a shaper sees besides the reward: the batch, and where training is (``step``, 0-based,
+    of ``total_steps``: ``progress = step / total_steps``) for the shapers that follow a schedule."""
     lengths: torch.Tensor        # [B] completion tokens
     prompt_index: torch.Tensor   # [B] data index of each completion's prompt
     group_size: int
+    step: int = 0
+    total_steps: Optional[int] = None
+
+    @property
+    def progress(self) -> float:
+        """``step / total_steps`` in ``[0, 1]`` (0 when the length of the run is unknown)."""
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
 
 
 def _with_max_len(opts: dict, max_new_tokens: int) -> dict:
@@ -143,20 +160,35 @@ def _overlong(opts, max_new_tokens):
     return lambda r, c: r + _rewards.dapo_overlong_penalty(c.lengths, **opts).to(r.dtype)
 
 
-@SHAPERS.register("dler")
-def _dler(opts, max_new_tokens):
-    return lambda r, c: _rewards.dler_truncation(r, c.lengths, **opts).to(r.dtype)
+def _tensor_shaper(fn, *, per_group: bool = False, max_len: bool = False):
+    """The factory of a shaper that is one ``pyrl.rewards`` function ``fn(R, L[, G], **options)``;
+    ``max_len`` defaults to ``rollout.max_new_tokens`` where the function takes one."""
+    def factory(opts, max_new_tokens):
+        opts = _with_max_len(opts, max_new_tokens) if max_len else opts
+        if per_group:
+            return lambda r, c: fn(r, c.lengths, c.group_size, **opts).to(r.dtype)
+        return lambda r, c: fn(r, c.lengths, **opts).to(r.dtype)
+    return factory
 
 
-@SHAPERS.register("grpo_lambda")
-def _grpo_lambda(opts, max_new_tokens):
-    return lambda r, c: _rewards.grpo_lambda_length_penalty(r, c.lengths, c.group_size, **opts).to(r.dtype)
+for _name, _fn, _kw in (("dler", _rewards.dler_truncation, {}),
+                        ("grpo_lambda", _rewards.grpo_lambda_length_penalty, {"per_group": True}),
+                        ("cosine", _rewards.cosine_length_reward, {"max_len": True}),
+                        ("laser_d", _rewards.laser_d_length_reward, {"per_group": True}),
+                        ("dler_difficulty", _rewards.difficulty_aware_truncation, {"per_group": True}),
+                        ("apo", _rewards.wrong_answer_length_penalty, {"max_len": True})):
+    SHAPERS.register(_name, _tensor_shaper(_fn, **_kw))
 
 
-@SHAPERS.register("cosine")
-def _cosine(opts, max_new_tokens):
-    opts = _with_max_len(opts, max_new_tokens)
-    return lambda r, c: _rewards.cosine_length_reward(r, c.lengths, **opts).to(r.dtype)
+@SHAPERS.register("budget_decay")
+def _budget_decay(opts, max_new_tokens):
+    opts = {"initial": max_new_tokens, **opts}  # a budget that starts at the generation limit
+    return lambda r, c: _rewards.dler_truncation(r, c.lengths, _rewards.decaying_budget(c.step, **opts)).to(r.dtype)
+
+
+@SHAPERS.register("par")
+def _par(opts, max_new_tokens):
+    return lambda r, c: _rewards.preference_as_reward(r, **opts).to(r.dtype)
 
 
 class _HAPO:
@@ -212,9 +244,11 @@ class Reward:
             shapers.append(shape)
         return cls(terms, shapers)
 
-    def __call__(self, completions, ground_truth, prompts, *, lengths, prompt_index, group_size) -> torch.Tensor:
+    def __call__(self, completions, ground_truth, prompts, *, lengths, prompt_index, group_size, step: int = 0,
+                 total_steps: Optional[int] = None) -> torch.Tensor:
+        """``step`` (0-based) of ``total_steps``: where training is, for the scheduled shapers."""
         r = sum(t(completions, ground_truth, prompts) for t in self.terms)
-        ctx = ShapeContext(lengths.to(r.device), prompt_index.to(r.device), group_size)
+        ctx = ShapeContext(lengths.to(r.device), prompt_index.to(r.device), group_size, step, total_steps)
         for shape in self.shapers:
             r = shape(r, ctx)
         return r.float()
