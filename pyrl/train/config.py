@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 __all__ = ["ModelConfig", "TaskConfig", "RolloutConfig", "AlgoConfig", "OptimConfig", "WarmupConfig",
-           "TrainConfig", "load_config", "apply_overrides", "merge", "config_from_dict", "validate"]
+           "PreferenceConfig", "TrainConfig", "MODES", "PREFERENCE_LOSS_KEYS",
+           "teacher_model_config", "load_config", "apply_overrides", "merge", "config_from_dict", "validate"]
 
 
 @dataclass
@@ -139,6 +140,21 @@ class AlgoConfig:
     gae_lambda: float = 0.95
     scale_rewards: float = 1.0
     """Rewards are multiplied by this before the advantage estimator."""
+    teacher: Any = None
+    """On-policy distillation (docs/trainer.md "Distillation from a teacher"): the teacher model, a
+    ``model.name`` (a checkpoint or model directory, a run's ``checkpoints/`` folder (its newest
+    checkpoint), a hub id, ``"tiny"``) or a mapping of ``model`` keys. Its divergence to the policy
+    on the sampled completions is added to the loss; it needs the policy's vocabulary."""
+    teacher_coef: float = 1.0
+    """Weight of the teacher term: ``loss = policy_coef * policy loss + teacher_coef * D``, ``D`` the
+    token mean of the divergence over the minibatch's completion tokens."""
+    teacher_divergence: str = "reverse_kl"
+    """``"reverse_kl"`` ``KL(policy || teacher)`` (on-policy distillation), ``"forward_kl"``
+    ``KL(teacher || policy)``, or ``"jsd"`` (mixing weight ``teacher_beta``)."""
+    teacher_beta: float = 0.5
+    """With ``teacher_divergence="jsd"``: the teacher's weight in the mixture, in (0, 1)."""
+    policy_coef: float = 1.0
+    """Weight of the policy-gradient loss; 0 with a teacher: distillation alone is the loss."""
 
 
 @dataclass
@@ -166,6 +182,31 @@ class WarmupConfig:
     lr: float = 3e-3
 
 
+PREFERENCE_LOSS_KEYS = ("loss_type", "beta", "average_log_prob", "alpha", "label_smoothing", "gamma", "discopop_tau",
+                        "desirable_weight", "undesirable_weight")
+
+
+@dataclass
+class PreferenceConfig:
+    """Offline preference optimisation (``mode: preference``; docs/trainer.md "Preference
+    optimisation"): DPO and its family, SimPO, CPO, ORPO, KTO on a file of preference rows."""
+    loss: dict = field(default_factory=lambda: {"loss_type": "sigmoid", "beta": 0.1})
+    """Keyword arguments of ``pyrl.fused_linear_preference_loss``: ``loss_type`` (``sigmoid`` = DPO,
+    ``ipo``, ``hinge``, ``robust``, ..., ``simpo``, ``cpo``, ``orpo``, ``kto``), ``beta``,
+    ``alpha`` (RPO's NLL on chosen), ``label_smoothing``, ``gamma``, ``average_log_prob``,
+    ``discopop_tau``, ``desirable_weight``, ``undesirable_weight``."""
+    batch_size: int = 32
+    """Rows per optimizer step over all ranks: pairs, or KTO's completions."""
+    micro_batch_size: int = 16
+    """Rows per forward/backward (a pair is two sequences); gradients accumulate over the batch."""
+    kto_kl: bool = True
+    """KTO's reference point from mismatched completions (each prompt with the next row's
+    completion, no grad); false: 0."""
+
+
+MODES = ("rl", "preference")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -174,8 +215,12 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    mode: str = "rl"
+    """``"rl"`` (rollout -> reward -> policy update) or ``"preference"`` (offline preference
+    optimisation on the rows of a preference task, section ``preference``)."""
     max_steps: int = 100
-    """RL steps (one rollout batch each)."""
+    """Steps: RL steps (one rollout batch each), or preference optimizer steps."""
     seed: int = 0
     device: str = "auto"
     """``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``."""
@@ -240,7 +285,8 @@ def merge(cfg, updates: dict, *, where: str = ""):
     return dataclasses.replace(cfg, **changes)
 
 
-_CHOICES = {"bf16": ("auto", "on", "off")}
+_CHOICES = {"bf16": ("auto", "on", "off"), "mode": MODES}
+_ANY_TYPE = ("algo.teacher", "task.reward")  # a name or a mapping / list: checked where they are built
 
 
 def _coerce(path: str, current, value):
@@ -251,7 +297,7 @@ def _coerce(path: str, current, value):
         if value not in _CHOICES[path]:
             raise ValueError(f"config key {path!r} must be one of {', '.join(_CHOICES[path])}, got {value!r}")
         return value
-    if value is None or current is None:
+    if value is None or current is None or path in _ANY_TYPE:
         return value
     if isinstance(current, bool):
         if not isinstance(value, bool):
@@ -384,3 +430,72 @@ def validate(cfg: TrainConfig) -> None:
                          f"{cfg.model.lora!r}")
     if not isinstance(cfg.task.length_shaping, list):
         raise ValueError(f"config key 'task.length_shaping' must be a list, got {cfg.task.length_shaping!r}")
+    if cfg.mode not in MODES:
+        raise ValueError(f"config key 'mode' must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    _validate_teacher(cfg)
+    if cfg.mode == "preference":
+        _validate_preference(cfg)
+
+
+def _validate_teacher(cfg: TrainConfig) -> None:
+    a = cfg.algo
+    for key in ("teacher_coef", "policy_coef"):
+        v = getattr(a, key)
+        if not _is_number(v) or v < 0:
+            raise ValueError(f"config key 'algo.{key}' must be a number >= 0, got {v!r}")
+    if a.teacher is None:
+        return
+    if cfg.mode != "rl":
+        raise ValueError("config key 'algo.teacher' distils on the sampled completions of mode 'rl', "
+                         f"not mode {cfg.mode!r}")
+    teacher_model_config(a.teacher)
+    if a.teacher_divergence not in ("forward_kl", "reverse_kl", "jsd"):
+        raise ValueError("config key 'algo.teacher_divergence' must be forward_kl, reverse_kl or jsd, got "
+                         f"{a.teacher_divergence!r}")
+    if a.teacher_divergence == "jsd" and (not _is_number(a.teacher_beta) or not 0 < a.teacher_beta < 1):
+        raise ValueError(f"config key 'algo.teacher_beta' must be in (0, 1), got {a.teacher_beta!r}")
+
+
+def teacher_model_config(spec) -> ModelConfig:
+    """The ``ModelConfig`` of ``algo.teacher`` (a ``model.name``, or a mapping of ``model`` keys).
+    A local path that does not exist is refused here, before any model loads."""
+    if isinstance(spec, str):
+        mc = ModelConfig(name=spec)
+    elif isinstance(spec, dict):
+        mc = merge(ModelConfig(), spec, where="algo.teacher")
+    else:
+        raise ValueError(f"config key 'algo.teacher' must be a model name or path, or a mapping of model keys, "
+                         f"got {spec!r}")
+    looks_local = mc.name.startswith((".", os.sep, "~")) or mc.name.count("/") > 1
+    if looks_local and not os.path.exists(mc.name):
+        raise ValueError(f"config key 'algo.teacher': no such model directory {mc.name!r} (a tiny-distill teacher "
+                         "is written by: pyrl train --preset tiny --out runs/tiny)")
+    return mc
+
+
+def _validate_preference(cfg: TrainConfig) -> None:
+    p = cfg.preference
+    for key, v in (("preference.batch_size", p.batch_size), ("preference.micro_batch_size", p.micro_batch_size)):
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"config key {key!r} must be an integer >= 1, got {v!r}")
+    if not isinstance(p.loss, dict):
+        raise ValueError(f"config key 'preference.loss' must be a mapping of fused_linear_preference_loss "
+                         f"arguments, got {p.loss!r}")
+    for key in p.loss:
+        if key not in PREFERENCE_LOSS_KEYS:
+            raise ValueError(f"unknown config key 'preference.loss.{key}'; it takes: {', '.join(PREFERENCE_LOSS_KEYS)}")
+    import torch
+
+    import pyrl
+
+    # One call on a 1-token pair checks every value with the op's own messages, before any model loads.
+    kto = p.loss.get("loss_type") == "kto"
+    try:
+        pyrl.fused_linear_preference_loss(torch.zeros(2, 1, 2), torch.zeros(3, 2), torch.zeros(2, 1, dtype=torch.long),
+                                          preference_labels=torch.tensor([True, False]) if kto else None,
+                                          backend="torch", **p.loss)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config key 'preference.loss': {e}") from None
+    if cfg.warmup.steps and kto:
+        raise ValueError("config key 'warmup.steps' fine-tunes on chosen completions, which KTO rows do not "
+                         "have: set warmup.steps=0 with preference.loss.loss_type=kto")

@@ -37,15 +37,18 @@ import torch
 import pyrl
 from pyrl.integrations.hf import lm_head
 from pyrl.train import checkpoint, distributed, faults
-from pyrl.train.config import GROUPED_LOSSES, TrainConfig, validate
-from pyrl.train.metrics import MetricsLogger, gain_interval, plot_curves, read_metrics, wilson_interval
+from pyrl.losses.preference import REFERENCE_FREE_LOSS_TYPES
+from pyrl.train.config import GROUPED_LOSSES, TrainConfig, teacher_model_config, validate
+from pyrl.train.metrics import (MetricsLogger, gain_interval, plot_curves, plot_preference_curves, read_metrics,
+                                wilson_interval)
 from pyrl.train.models import load_model
-from pyrl.train.policy import LossScale, Policy, make_batch
+from pyrl.train.policy import LossScale, Policy, TeacherTerm, make_batch
 from pyrl.train.recipes import AdaptiveKL, Reward, group_keep_mask
 from pyrl.train.rollout import VLLMEngine, generate
 from pyrl.train.tasks import Task, make_task, prompt_text
 
-__all__ = ["train", "update", "micro_batches", "lr_lambda", "warmup_sft", "evaluate", "fifths"]
+__all__ = ["train", "update", "optimizer_step", "micro_batches", "lr_lambda", "warmup_sft", "evaluate", "fifths",
+           "encode_completions", "model_batch", "select_rows"]
 
 _WARMUP_OFFSET = 2 * 10**9  # the warm-up's prompts come from their own index range: the RL data position is untouched
 
@@ -89,7 +92,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if on else contextlib.nullcontext
 
 
-def _encode_completions(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_completions(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``[B, T]`` ids of ``text + EOS`` and their mask (the warm-up's targets)."""
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     T = max(len(r) for r in rows)
@@ -111,7 +114,7 @@ def warmup_sft(lm, tokenizer, task: Task, cfg: TrainConfig, device) -> list[floa
         examples = task.examples(_WARMUP_OFFSET + s * w.batch_size, w.batch_size)
         prompts = tokenizer([prompt_text(task, tokenizer, ex) for ex in examples], return_tensors="pt",
                             padding=True, add_special_tokens=False).to(device)
-        ids, mask = _encode_completions(tokenizer, [ex.solution for ex in examples], device)
+        ids, mask = encode_completions(tokenizer, [ex.solution for ex in examples], device)
         batch = make_batch(prompts["input_ids"], prompts["attention_mask"], ids, mask)
         with autocast():
             logp = policy(batch, mode="logprobs")["logp"]
@@ -149,11 +152,14 @@ def evaluate(lm, tokenizer, task: Task, cfg: TrainConfig, dist) -> float:
 
 
 
-def _rows(data: dict, idx: torch.Tensor) -> dict:
+def select_rows(data: dict, idx: torch.Tensor) -> dict:
+    """The rows ``idx`` of every ``[B, ...]`` tensor of ``data``."""
     return {k: v[idx] for k, v in data.items()}
 
 
-def _model_batch(rows: dict) -> dict:
+def model_batch(rows: dict) -> dict:
+    """``make_batch`` of rows holding ``prompt_ids``/``prompt_mask``/``completion_ids``/
+    ``completion_mask`` (the other tensors ride along)."""
     extra = {k: v for k, v in rows.items()
              if k not in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
     return make_batch(rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["completion_mask"],
@@ -188,13 +194,13 @@ def micro_batches(data: dict, idx: torch.Tensor, algo) -> list[torch.Tensor]:
 @torch.no_grad()
 def _score_old(model, ref, data: dict, cfg: TrainConfig, *, need_old: bool, need_values: bool, autocast) -> dict:
     """The behaviour policy's log-probs (and values), and the reference's, in micro-batches."""
-    need_ref = (ref is not None and distributed.unwrap(ref).loss_config.effective_kl_type is not None
-                and distributed.unwrap(ref).loss_config.exact_kl is None)
+    ref_cfg = distributed.unwrap(ref).loss_config if ref is not None else None
+    need_ref = ref_cfg is not None and ref_cfg.effective_kl_type is not None and ref_cfg.exact_kl is None
     out = defaultdict(list)
     B, T = data["completion_ids"].shape
     parts = micro_batches(data, torch.arange(B), cfg.algo)
     for mi in parts:
-        batch = _model_batch(_rows(data, mi))
+        batch = model_batch(select_rows(data, mi))
         t = batch["completion_ids"].shape[1]
         pad = lambda x: torch.nn.functional.pad(x.float(), (0, T - t))  # noqa: E731
         if need_old or need_values:
@@ -212,7 +218,7 @@ def _score_old(model, ref, data: dict, cfg: TrainConfig, *, need_old: bool, need
 
 
 def update(model, optimizer, scheduler, data: dict, *, cfg: TrainConfig, dist, params, autocast, ref=None,
-           seed: int = 0) -> dict:
+           teacher=None, seed: int = 0) -> dict:
     """PPO-style update on one rollout batch: ``ppo_epochs`` passes, ``minibatches`` optimizer steps
     per pass, each accumulated over micro-batches (``micro_batches``).
 
@@ -220,8 +226,9 @@ def update(model, optimizer, scheduler, data: dict, *, cfg: TrainConfig, dist, p
     every rank is the loss of the whole minibatch: with ``agg="token-mean"`` the fused op divides by
     the global token count (``num_items_in_batch``), and the factor ``world_size`` undoes the
     gradient averaging of DDP/FSDP; other ``agg`` modes are means over sequences, weighted by their
-    share. However the rows are split, the update is the same. Returns token-weighted means of the
-    loss metrics over the whole update."""
+    share. However the rows are split, the update is the same. ``teacher``: the distillation
+    teacher (a frozen ``Policy``), whose hidden states join each micro-batch. Returns
+    token-weighted means of the loss metrics over the whole update."""
     algo = cfg.algo
     B = data["completion_ids"].shape[0]
     if B % algo.minibatches:
@@ -234,12 +241,8 @@ def update(model, optimizer, scheduler, data: dict, *, cfg: TrainConfig, dist, p
     for _ in range(algo.ppo_epochs):
         order = torch.randperm(B, generator=gen) if algo.minibatches > 1 else torch.arange(B)
         for m in range(algo.minibatches):
-            _accumulate_minibatch(model, ref, data, order[m * mb:(m + 1) * mb], cfg, dist, autocast, sums)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            grad_norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            _accumulate_minibatch(model, ref, data, order[m * mb:(m + 1) * mb], cfg, dist, autocast, sums, teacher)
+            grad_norms.append(optimizer_step(params, optimizer, scheduler, cfg.optim.grad_clip))
     ratio_max = sums.pop("ratio_max")
     keys = sorted(sums)
     totals = distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))
@@ -255,8 +258,18 @@ def update(model, optimizer, scheduler, data: dict, *, cfg: TrainConfig, dist, p
     return out
 
 
+def optimizer_step(params, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
+    """Clip the gradients' global norm (``grad_clip``; 0: no clipping), step the optimizer and the LR
+    schedule, clear the gradients. Returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def _accumulate_minibatch(model, ref, data: dict, idx: torch.Tensor, cfg: TrainConfig, dist, autocast,
-                          sums: dict) -> None:
+                          sums: dict, teacher=None) -> None:
     """Forward and backward of the minibatch ``idx`` over its micro-batches (gradients synchronised
     on the last one), adding the loss metrics (token-weighted) into ``sums``."""
     policy, W = distributed.unwrap(model), dist.world_size
@@ -267,15 +280,19 @@ def _accumulate_minibatch(model, ref, data: dict, idx: torch.Tensor, cfg: TrainC
     n_tokens = distributed.all_reduce_sum(data["completion_mask"][idx].sum().to(torch.float32)).clamp(min=1)
     micro = micro_batches(data, idx, cfg.algo)
     for i, mi in enumerate(micro):
-        batch = _model_batch(_rows(data, mi))
+        batch = model_batch(select_rows(data, mi))
         scale = LossScale(n_tokens, float(W) if token_mean else float(W) * len(mi) / (len(idx) * W), W)
         reference = None
         if full_kl:
             with torch.no_grad(), autocast():
                 reference = (ref(batch, mode="hidden"), lm_head(distributed.unwrap(ref).lm).weight)
+        from_teacher = None
+        if teacher is not None:
+            with torch.no_grad(), autocast():
+                from_teacher = (teacher(batch, mode="hidden"), lm_head(teacher.lm))
         with distributed.grad_sync(model, i == len(micro) - 1):
             with autocast():
-                loss, metrics = model(batch, mode="loss", scale=scale, reference=reference)
+                loss, metrics = model(batch, mode="loss", scale=scale, reference=reference, teacher=from_teacher)
             loss.backward()
         n = batch["completion_mask"].sum().double()
         real = batch["attention_mask"].sum().double()
@@ -321,7 +338,7 @@ class Run:
     out_dir: str
     fault_cfg: Any
     task: Task
-    reward: Reward
+    reward: Optional[Reward]          # None in mode "preference"
     tokenizer: Any
     policy: Policy                    # the unwrapped policy (its loss_config holds the current beta)
     model: Any                        # the policy as DDP / FSDP2 wrapped it (itself when alone)
@@ -332,10 +349,12 @@ class Run:
     autocast: Any
     engine: Optional[Any] = None
     kl: Optional[AdaptiveKL] = None
+    teacher: Optional[Policy] = None  # algo.teacher, frozen
     log: Optional[MetricsLogger] = None
     start_step: int = 0
     data_position: int = 0
-    initial_eval: Optional[float] = None
+    initial_eval: Any = None          # greedy accuracy (RL) or the held-out preference metrics, before training
+    teacher_eval: Optional[float] = None
 
     @property
     def ckpt_root(self) -> str:
@@ -474,7 +493,7 @@ def optimize(run: Run, data: dict, step: int) -> dict:
     (``algo.kl_target``) and the reference reset (``algo.ref_reset_every``, ProRL)."""
     cfg = run.cfg
     stats = update(run.model, run.optimizer, run.scheduler, data, cfg=cfg, dist=run.dist, params=run.params,
-                   autocast=run.autocast, ref=run.ref, seed=cfg.seed * 1_000_003 + step)
+                   autocast=run.autocast, ref=run.ref, teacher=run.teacher, seed=cfg.seed * 1_000_003 + step)
     if run.kl is not None:
         stats["kl_coef"] = run.kl.beta  # the coefficient this step used
         beta = run.kl.update(stats["kl_mean"], cfg.rollout.prompts_per_step * cfg.rollout.group_size)
@@ -531,7 +550,8 @@ def save(run: Run, step: int) -> None:
     last = step + 1 == cfg.max_steps
     stop = not last and distributed.any_rank(faults.stop_requested())  # all ranks agree
     if cfg.save_every and (stop or last or (step + 1) % cfg.save_every == 0):
-        extra = {"initial_eval": run.initial_eval, "reward_state": run.reward.state_dict()}
+        extra = {"initial_eval": run.initial_eval,
+                 "reward_state": run.reward.state_dict() if run.reward is not None else {}}
         if run.kl is not None:
             extra["kl_coef"] = run.kl.beta
         checkpoint.save(run.ckpt_root, step + 1, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
@@ -596,41 +616,62 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, fault_cfg: faults.Fault
         run.log.close()
         raise faults.Stopped(f"stopped by SIGTERM before step {run.start_step + 1}; --resume continues from the "
                              "newest checkpoint")
+    if cfg.mode == "preference":
+        from pyrl.train import preference
+
+        one_step = preference.step
+    else:
+        one_step = rl_step
     for step in range(run.start_step, cfg.max_steps):
         where["step"] = step + 1
         faults.maybe_crash(fault_cfg, step + 1, run.dist.rank)
-        t0 = time.time()
-        samples = rollout(run, step)       # generation + reward scoring + group filters: rollout_s
-        t1 = time.time()
-        data = advantages(run, samples)    # behaviour/reference log-probs, advantages ...
-        stats = optimize(run, data, step)  # ... and the optimizer steps: update_s
-        record(run, step, samples, data, stats, t0, t1, time.time())
+        one_step(run, step)
         save(run, step)
     where["step"] = None
     run.log.close()
     return _summarize(run, t_start)
 
 
+def rl_step(run: Run, step: int) -> None:
+    """One RL step: the stages rollout -> advantages -> optimize -> record."""
+    t0 = time.time()
+    samples = rollout(run, step)       # generation + reward scoring + group filters: rollout_s
+    t1 = time.time()
+    data = advantages(run, samples)    # behaviour/reference log-probs, advantages ...
+    stats = optimize(run, data, step)  # ... and the optimizer steps: update_s
+    record(run, step, samples, data, stats, t0, t1, time.time())
+
+
 def _summarize(run: Run, t_start: float) -> dict:
     summary = {}
     if run.dist.is_main:
         records = read_metrics(os.path.join(run.out_dir, "metrics.jsonl"))
-        rewards_curve = [r["reward_mean"] for r in records]
-        first, last = fifths(rewards_curve) if rewards_curve else (float("nan"), float("nan"))
-        evals = [r["eval_accuracy"] for r in records if r.get("eval_accuracy") is not None]
-        summary = {"steps": len(records), "reward_first_fifth": first, "reward_last_fifth": last,
-                   "reward_gain": last - first, "eval_accuracy_before": run.initial_eval,
-                   "eval_accuracy_after": evals[-1] if evals else None,
-                   "wall_s_this_run": time.time() - t_start, "world_size": run.dist.world_size}
-        if evals and run.initial_eval is not None:
-            n = eval_count(run.cfg, run.task)
-            summary.update(eval_n=n, eval_ci95_before=list(wilson_interval(run.initial_eval, n)),
-                           eval_ci95_after=list(wilson_interval(evals[-1], n)),
-                           eval_gain=evals[-1] - run.initial_eval,
-                           eval_gain_ci95=list(gain_interval(run.initial_eval, evals[-1], n)))
+        if run.cfg.mode == "preference":
+            from pyrl.train import preference
+
+            summary = preference.summarize(records, run.initial_eval)
+            plot = lambda: plot_preference_curves(run.out_dir, initial=run.initial_eval)  # noqa: E731
+        else:
+            rewards_curve = [r["reward_mean"] for r in records]
+            first, last = fifths(rewards_curve) if rewards_curve else (float("nan"), float("nan"))
+            evals = [r["eval_accuracy"] for r in records if r.get("eval_accuracy") is not None]
+            summary = {"steps": len(records), "reward_first_fifth": first, "reward_last_fifth": last,
+                       "reward_gain": last - first, "eval_accuracy_before": run.initial_eval,
+                       "eval_accuracy_after": evals[-1] if evals else None}
+            if evals and run.initial_eval is not None:
+                n = eval_count(run.cfg, run.task)
+                summary.update(eval_n=n, eval_ci95_before=list(wilson_interval(run.initial_eval, n)),
+                               eval_ci95_after=list(wilson_interval(evals[-1], n)),
+                               eval_gain=evals[-1] - run.initial_eval,
+                               eval_gain_ci95=list(gain_interval(run.initial_eval, evals[-1], n)))
+            if run.teacher_eval is not None:
+                summary["teacher_eval_accuracy"] = run.teacher_eval
+            eval_n = eval_count(run.cfg, run.task) if run.cfg.task.eval_size else None
+            plot = lambda: plot_curves(run.out_dir, initial_eval=run.initial_eval, eval_n=eval_n,  # noqa: E731
+                                       teacher_eval=run.teacher_eval)
+        summary.update(wall_s_this_run=time.time() - t_start, world_size=run.dist.world_size)
         if run.cfg.plot:
-            summary["plot"] = plot_curves(run.out_dir, initial_eval=run.initial_eval,
-                                          eval_n=eval_count(run.cfg, run.task) if run.cfg.task.eval_size else None)
+            summary["plot"] = plot()
         with open(os.path.join(run.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         print("pyrl train: " + json.dumps(summary), file=sys.stderr)
@@ -648,11 +689,24 @@ def _setup(cfg: TrainConfig, out_dir: str, resume: bool, fault_cfg) -> Run:
     dist = distributed.setup(cfg.device, cfg.dist_timeout_s)
     _setup_torch(cfg, dist)
     ckpt = _checkpoint_to_resume(os.path.join(out_dir, "checkpoints"), resume, dist)
-    if cfg.rollout.prompts_per_step % dist.world_size:
-        raise ValueError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be a multiple of the "
-                         f"world size {dist.world_size}")
+    preference_mode = cfg.mode == "preference"
+    key, per_step = (("preference.batch_size", cfg.preference.batch_size) if preference_mode else
+                     ("rollout.prompts_per_step", cfg.rollout.prompts_per_step))
+    if per_step % dist.world_size:
+        raise ValueError(f"{key}={per_step} must be a multiple of the world size {dist.world_size}")
     task = make_task(cfg.task.name, seed=cfg.seed, **cfg.task.options)
-    run = _build_models(cfg, out_dir, dist, task, Reward.from_config(cfg, task), ckpt, fault_cfg)
+    if task.preference and not preference_mode:
+        raise ValueError(f"task {cfg.task.name!r} gives preference rows, which mode {cfg.mode!r} does not sample "
+                         "from: set mode=preference")
+    if preference_mode and not task.preference:
+        raise ValueError(f"mode 'preference' needs a preference task (task.name=addition_preference or preference), "
+                         f"not {cfg.task.name!r}; or set mode=rl")
+    if preference_mode:
+        from pyrl.train import preference
+
+        preference.check_task(cfg, task)
+    run = _build_models(cfg, out_dir, dist, task, None if preference_mode else Reward.from_config(cfg, task), ckpt,
+                        fault_cfg)
     if ckpt is not None:
         _restore(run, ckpt)
     if cfg.rollout.engine == "vllm":
@@ -660,15 +714,25 @@ def _setup(cfg: TrainConfig, out_dir: str, resume: bool, fault_cfg) -> Run:
     elif cfg.rollout.engine != "hf":
         raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {cfg.rollout.engine!r}")
     run.log = MetricsLogger(out_dir, total_steps=cfg.max_steps, start_step=run.start_step, enabled=dist.is_main,
-                            progress=cfg.progress, tensorboard=cfg.tensorboard)
+                            progress=cfg.progress, tensorboard=cfg.tensorboard,
+                            show=preference.SHOW if preference_mode else None)
     if dist.is_main:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
     if cfg.task.eval_size and run.start_step == 0:
-        with distributed.gathered_for_generation(run.model):
-            run.initial_eval = evaluate(run.policy.lm, run.tokenizer, task, cfg, dist)
+        if preference_mode:
+            run.initial_eval = preference.evaluate(run)
+            message = "held-out preference metrics before training: " + json.dumps(run.initial_eval)
+        else:
+            with distributed.gathered_for_generation(run.model):
+                run.initial_eval = evaluate(run.policy.lm, run.tokenizer, task, cfg, dist)
+            message = f"greedy eval accuracy before RL: {run.initial_eval:.3f}"
         if dist.is_main:
-            print(f"pyrl train: greedy eval accuracy before RL: {run.initial_eval:.3f}", file=sys.stderr)
+            print(f"pyrl train: {message}", file=sys.stderr)
+    if run.teacher is not None and cfg.task.eval_size:
+        run.teacher_eval = evaluate(run.teacher.lm, run.tokenizer, task, cfg, dist)
+        if dist.is_main:
+            print(f"pyrl train: the teacher's greedy eval accuracy: {run.teacher_eval:.3f}", file=sys.stderr)
     return run
 
 
@@ -700,22 +764,36 @@ def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Rewa
     """The model RL starts from (built or loaded, then once the supervised warm-up), the reference,
     the policy (+ critic) in its data-parallel wrapper, the optimizer and the LR schedule."""
     dev, autocast = dist.device, _autocast(cfg, dist.device)
-    loss_cfg = pyrl.PolicyLossConfig(**loss_options(cfg))
+    a = cfg.algo
+    if cfg.mode == "preference":  # the preference op takes its options per call; the head's temperature is 1
+        loss_cfg = pyrl.PolicyLossConfig()
+        need_ref = cfg.preference.loss.get("loss_type", "sigmoid") not in REFERENCE_FREE_LOSS_TYPES
+        total_opt_steps = cfg.max_steps
+    else:
+        loss_cfg = pyrl.PolicyLossConfig(**loss_options(cfg))
+        need_ref = loss_cfg.effective_kl_type is not None  # a KL penalty, or a kl_type for the kl_mean metric
+        total_opt_steps = cfg.max_steps * a.ppo_epochs * a.minibatches
     lm, tokenizer = load_model(cfg.model, device=dev, seed=cfg.seed)
     if cfg.warmup.steps > 0:
         _warm_up(cfg, os.path.join(out_dir, "initial"), lm, tokenizer, task, dist, resuming=ckpt is not None)
     ref = None
-    if loss_cfg.effective_kl_type is not None:  # a KL penalty, or a kl_type for the kl_mean metric
+    if need_ref:  # the frozen initial model
         ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False), loss_cfg, backend=cfg.backend,
-                     packed=cfg.algo.packed)
-    policy = Policy(lm, loss_cfg, value_head=cfg.algo.advantage == "gae", separate_critic=cfg.algo.critic == "separate",
-                    vf_coef=cfg.algo.vf_coef, value_clip=cfg.algo.value_clip, backend=cfg.backend,
-                    packed=cfg.algo.packed)
+                     packed=a.packed)
+    teacher = _load_teacher(cfg, lm, loss_cfg, dev) if a.teacher is not None else None
+    policy = Policy(lm, loss_cfg, value_head=a.advantage == "gae" and cfg.mode == "rl",
+                    separate_critic=a.critic == "separate", vf_coef=a.vf_coef, value_clip=a.value_clip,
+                    policy_coef=a.policy_coef, teacher_term=TeacherTerm(a.teacher_coef, a.teacher_divergence,
+                                                                        a.teacher_beta), backend=cfg.backend,
+                    packed=a.packed)
     model = distributed.wrap(policy, dist, cfg.data_parallel)
     if ref is not None and distributed.is_fsdp(model):  # shard the reference model the same way
         if loss_cfg.exact_kl is not None:
             raise ValueError(f"kl_type={loss_cfg.kl_type!r} needs the reference LM head outside its forward, which FSDP2 "
                              "keeps sharded: use kl_type 'k1'/'k2'/'k3', or data_parallel='ddp'")
+    if teacher is not None and distributed.is_fsdp(model):
+        raise ValueError("algo.teacher needs the policy's LM head outside its forward, which FSDP2 keeps sharded: "
+                         "use data_parallel='ddp'")
         ref = distributed.wrap(ref, dist, "fsdp")
     named = [(n, p) for n, p in distributed.unwrap(model).named_parameters() if p.requires_grad]  # LoRA: adapters
     critic = [p for n, p in named if n.startswith(("value_head", "critic_backbone"))]
@@ -723,12 +801,34 @@ def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Rewa
     o = cfg.optim
     groups = [{"params": actor, "lr": o.lr}] + ([{"params": critic, "lr": o.critic_lr or o.lr}] if critic else [])
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    total_opt_steps = cfg.max_steps * cfg.algo.ppo_epochs * cfg.algo.minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, total_opt_steps))
     kl = AdaptiveKL(loss_cfg.beta, cfg.algo.kl_target, cfg.algo.kl_horizon) if cfg.algo.kl_target else None
     return Run(cfg=cfg, dist=dist, out_dir=out_dir, fault_cfg=fault_cfg, task=task, reward=reward,
                tokenizer=tokenizer, policy=policy, model=model, ref=ref, optimizer=optimizer, scheduler=scheduler,
-               params=[p for _, p in named], autocast=autocast, kl=kl)
+               params=[p for _, p in named], autocast=autocast, kl=kl, teacher=teacher)
+
+
+def _load_teacher(cfg: TrainConfig, lm, loss_cfg, device) -> Policy:
+    """``algo.teacher``, frozen, on ``device``: a model folder, a run's ``checkpoints/`` folder (its
+    newest checkpoint), or any ``model.name``. It must share the policy's vocabulary and logit
+    scale (the divergence takes one temperature for both heads)."""
+    mc = teacher_model_config(cfg.algo.teacher)
+    if os.path.isdir(mc.name) and not os.path.exists(os.path.join(mc.name, "config.json")):
+        newest = checkpoint.latest(mc.name)
+        if newest is None:
+            raise ValueError(f"config key 'algo.teacher': {mc.name} holds neither a model (config.json) nor "
+                             "checkpoints")
+        mc = dataclasses.replace(mc, name=newest)
+    t_lm, _ = load_model(mc, device=device, seed=cfg.seed)
+    t_lm.eval().requires_grad_(False)
+    head, t_head = lm_head(lm), lm_head(t_lm)
+    if t_head.weight.shape[0] != head.weight.shape[0]:
+        raise ValueError(f"config key 'algo.teacher': the teacher {mc.name!r} has a vocabulary of "
+                         f"{t_head.weight.shape[0]} tokens, the policy {head.weight.shape[0]}: they must share one")
+    if t_head.logit_scale != head.logit_scale:
+        raise ValueError(f"config key 'algo.teacher': the teacher scales its logits by {t_head.logit_scale}, the "
+                         f"policy by {head.logit_scale}; the divergence needs the same scale")
+    return Policy(t_lm, loss_cfg, backend=cfg.backend)
 
 
 def _warm_up(cfg: TrainConfig, initial_dir: str, lm, tokenizer, task: Task, dist, *, resuming: bool) -> None:
@@ -756,7 +856,8 @@ def _restore(run: Run, ckpt: str) -> None:
     run.start_step, run.data_position = state["step"], state["data_position"]
     extra = state.get("extra", {})
     run.initial_eval = extra.get("initial_eval")
-    run.reward.load_state_dict(extra.get("reward_state", {}))
+    if run.reward is not None:
+        run.reward.load_state_dict(extra.get("reward_state", {}))
     if run.kl is not None and "kl_coef" in extra:
         run.kl.beta = extra["kl_coef"]
         run.policy.loss_config = dataclasses.replace(run.policy.loss_config, beta=run.kl.beta)

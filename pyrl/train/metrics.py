@@ -12,7 +12,8 @@ import math
 import os
 import sys
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "REQUIRED_FIELDS", "wilson_interval", "gain_interval"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "plot_preference_curves", "REQUIRED_FIELDS",
+           "wilson_interval", "gain_interval"]
 
 REQUIRED_FIELDS = ("step", "reward_mean", "loss", "kl_mean", "entropy_mean", "clip_frac", "completion_len_mean",
                    "tokens_per_s")
@@ -60,8 +61,11 @@ class MetricsLogger:
     always describes exactly one run."""
 
     def __init__(self, out_dir: str, *, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 progress: bool = True, tensorboard: bool = True):
+                 progress: bool = True, tensorboard: bool = True,
+                 show: dict | None = None):
         self.enabled = enabled
+        # what the progress bar (or, without tqdm, a line every 10 steps) shows: {label: metric}
+        self.show = show or {"reward": "reward_mean", "loss": "loss", "len": "completion_len_mean"}
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.bar = self.tb = None
         if not enabled:
@@ -97,13 +101,12 @@ class MetricsLogger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, step)
+        shown = {label: f"{record.get(key) or 0:.3f}" for label, key in self.show.items()}
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(reward=f"{record.get('reward_mean', 0):.3f}",
-                                 len=f"{record.get('completion_len_mean', 0):.1f}", refresh=False)
+            self.bar.set_postfix(shown, refresh=False)
         elif step % 10 == 0:
-            print(f"step {step}: reward {record.get('reward_mean', 0):.3f} "
-                  f"loss {record.get('loss', 0):.4f} len {record.get('completion_len_mean', 0):.1f}", file=sys.stderr)
+            print(f"step {step}: " + " ".join(f"{k} {v}" for k, v in shown.items()), file=sys.stderr)
 
     def close(self) -> None:
         if not self.enabled:
@@ -127,14 +130,7 @@ def _moving_average(xs: list, window: int) -> list:
     return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
 
 
-def plot_curves(out_dir: str, *, window: int = 0, initial_eval: float | None = None, eval_n: int | None = None,
-                path: str | None = None) -> str | None:
-    """``out_dir/curves.png`` (or ``path``): reward (batch mean, moving average, greedy eval accuracy
-    when logged, ``initial_eval`` at step 0) and completion length per step. Returns the path, or
-    ``None`` without matplotlib or metrics."""
-    records = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
-    if not records:
-        return None
+def _pyplot():
     try:
         import matplotlib
 
@@ -142,34 +138,82 @@ def plot_curves(out_dir: str, *, window: int = 0, initial_eval: float | None = N
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt
+
+
+def _curve(ax, records: list, key: str, label: str, window: int, **style) -> None:
+    """A per-step metric, faint, and its ``window``-step moving average."""
     steps = [r["step"] for r in records]
-    reward = [r.get("reward_mean") or 0.0 for r in records]
-    length = [r.get("completion_len_mean") or 0.0 for r in records]
-    window = window or max(1, len(records) // 20)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(steps, reward, alpha=0.35, label="reward (batch mean)")
-    ax1.plot(steps, _moving_average(reward, window), label=f"reward ({window}-step mean)")
-    evals = [(r["step"], r["eval_accuracy"]) for r in records if r.get("eval_accuracy") is not None]
-    if initial_eval is not None:
-        evals.insert(0, (0, initial_eval))
-    if evals and eval_n:
-        xs, ys = zip(*evals)
-        cis = [wilson_interval(y, eval_n) for y in ys]
-        ax1.errorbar(xs, ys, yerr=[[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]],
-                     fmt="o-", capsize=3, label=f"greedy eval accuracy ({eval_n} prompts, 95% CI)")
-    elif evals:
-        ax1.plot(*zip(*evals), "o-", label="greedy eval accuracy")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("reward")
-    ax1.legend()
-    ax1.grid(alpha=0.3)
-    ax2.plot(steps, length, color="tab:green", alpha=0.35)
-    ax2.plot(steps, _moving_average(length, window), color="tab:green")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("completion length (tokens)")
-    ax2.grid(alpha=0.3)
+    values = [r.get(key) or 0.0 for r in records]
+    ax.plot(steps, values, alpha=0.35, **style)
+    ax.plot(steps, _moving_average(values, window), label=label, **style)
+
+
+def _evals(ax, records: list, key: str, label: str, initial=None, n: int | None = None, **style) -> None:
+    """A metric logged on eval steps only, with its value before training at step 0; an accuracy
+    on ``n`` prompts gets its 95% Wilson interval as error bars."""
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    if initial is not None:
+        points.insert(0, (0, initial))
+    if points and n:
+        xs, ys = zip(*points)
+        cis = [wilson_interval(y, n) for y in ys]
+        ax.errorbar(xs, ys, yerr=[[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]],
+                    fmt="o-", capsize=3, label=f"{label} ({n} prompts, 95% CI)", **style)
+    elif points:
+        ax.plot(*zip(*points), "o-", label=label, **style)
+
+
+def _finish(plt, fig, axes, labels, path: str) -> str:
+    for ax, ylabel in zip(axes, labels):
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
-    path = path or os.path.join(out_dir, "curves.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_curves(out_dir: str, *, window: int = 0, initial_eval: float | None = None, eval_n: int | None = None,
+                teacher_eval: float | None = None, path: str | None = None) -> str | None:
+    """``out_dir/curves.png`` (or ``path``): reward (batch mean, moving average, greedy eval accuracy
+    when logged, ``initial_eval`` at step 0, the teacher's accuracy ``teacher_eval`` as a line) and
+    completion length per step. Returns the path, or ``None`` without matplotlib or metrics."""
+    records = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    plt = _pyplot()
+    if not records or plt is None:
+        return None
+    window = window or max(1, len(records) // 20)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    _curve(ax1, records, "reward_mean", f"reward ({window}-step mean of the batch means)", window)
+    _evals(ax1, records, "eval_accuracy", "greedy eval accuracy", initial_eval, eval_n)
+    if teacher_eval is not None:
+        ax1.axhline(teacher_eval, color="tab:red", linestyle="--", label="the teacher's greedy eval accuracy")
+    _curve(ax2, records, "completion_len_mean", f"{window}-step mean", window, color="tab:green")
+    return _finish(plt, fig, (ax1, ax2), ("reward", "completion length (tokens)"),
+                   path or os.path.join(out_dir, "curves.png"))
+
+
+def plot_preference_curves(out_dir: str, *, window: int = 0, initial: dict | None = None,
+                           path: str | None = None) -> str | None:
+    """``out_dir/curves.png`` (or ``path``) of a preference run: the loss; the preference accuracy
+    (training batches, and held-out with ``initial`` at step 0); the held-out chosen and rejected
+    rewards and their margin. Returns the path, or ``None`` without matplotlib or metrics."""
+    records = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    plt = _pyplot()
+    if not records or plt is None:
+        return None
+    initial = initial or {}
+    window = window or max(1, len(records) // 20)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
+    _curve(ax1, records, "loss", f"loss ({window}-step mean)", window)
+    _curve(ax2, records, "reward_accuracy", f"training batches ({window}-step mean)", window)
+    _evals(ax2, records, "eval_reward_accuracy", "held-out", initial.get("eval_reward_accuracy"))
+    for key, label in (("eval_chosen_reward", "chosen"), ("eval_rejected_reward", "rejected"),
+                       ("eval_reward_margin", "margin")):
+        _evals(ax3, records, key, f"held-out {label}", initial.get(key))
+    return _finish(plt, fig, (ax1, ax2, ax3), ("loss", "preference accuracy", "implicit reward"),
+                   path or os.path.join(out_dir, "curves.png"))

