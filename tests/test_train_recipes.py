@@ -578,3 +578,18 @@ def test_eval_intervals():
     lo, hi = gain_interval(0.3, 0.35, 200)
     assert lo < 0 < hi  # a 5-point change on 200 prompts is within noise
     assert all(x != x for x in wilson_interval(0.5, 0))  # nan for no prompts
+
+
+def test_fixed_size_micro_batches_are_grouped_by_length(tiny):
+    """micro_batch_size: the same number of rows per micro-batch, sorted by length so each pads to
+    rows of similar length; the grouped losses (a prompt's completions compared) keep the order."""
+    _, tok = tiny
+    data = synthetic_data(tok, B=8, T=5)
+    total = (data["prompt_mask"].sum(1) + data["completion_mask"].sum(1)).tolist()
+    algo = apply_overrides(TrainConfig(), ["algo.micro_batch_size=3"]).algo
+    parts = micro_batches(data, torch.arange(8), algo)
+    assert [len(m) for m in parts] == [3, 3, 2] and sorted(torch.cat(parts).tolist()) == list(range(8))
+    flat = [total[i] for i in torch.cat(parts).tolist()]
+    assert flat == sorted(total, reverse=True)
+    algo = apply_overrides(TrainConfig(), ["algo.micro_batch_size=4", 'algo.loss={"loss_type": "pacs"}']).algo
+    assert [m.tolist() for m in micro_batches(data, torch.arange(8), algo)] == [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -95,7 +95,9 @@ class AlgoConfig:
     minibatches: int = 1
     """Optimizer steps per epoch (the batch is split into this many minibatches)."""
     micro_batch_size: int = 16
-    """Sequences per forward/backward; gradients accumulate over a minibatch."""
+    """Sequences per forward/backward; gradients accumulate over a minibatch. The minibatch's
+    sequences are sorted by length first so each micro-batch pads little (not for ``pacs``/``disco``,
+    whose groups must stay together)."""
     max_tokens_per_micro_batch: int = 0
     """A token budget per micro-batch instead (0: off): sequences sorted by length are packed while
     ``sequences x longest (prompt + completion)`` stays within it (a longer sequence goes alone),

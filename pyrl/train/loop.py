@@ -167,17 +167,20 @@ def model_batch(rows: dict) -> dict:
 
 
 def micro_batches(data: dict, idx: torch.Tensor, algo) -> list[torch.Tensor]:
-    """The rows ``idx`` of ``data`` split into micro-batches: ``algo.micro_batch_size`` rows each, in
-    order; or, with ``algo.max_tokens_per_micro_batch``, rows sorted by length (prompt + completion)
+    """The rows ``idx`` of ``data`` split into micro-batches: ``algo.micro_batch_size`` rows each,
+    sorted by length first (prompt + completion, longest first) so that each pads to rows of similar
+    length; in order for the losses that compare a prompt's completions (``GROUPED_LOSSES``: a group
+    must stay in one micro-batch). Or, with ``algo.max_tokens_per_micro_batch``, rows sorted by length
     and packed while ``rows x (longest prompt + longest completion)``, the padded size
     ``make_batch`` computes, stays within the budget (a row longer than it goes alone). With
     ``algo.packed`` the budget counts real tokens (the sum of the rows' lengths), which is what the
     padding-free update computes."""
     budget = algo.max_tokens_per_micro_batch
-    if not budget:
-        return list(idx.split(algo.micro_batch_size))
     p_len, c_len = data["prompt_mask"][idx].sum(1), data["completion_mask"][idx].sum(1)
     order = torch.sort(p_len + c_len, descending=True, stable=True).indices
+    if not budget:
+        grouped = algo.loss.get("loss_type") in GROUPED_LOSSES
+        return list((idx if grouped else idx[order]).split(algo.micro_batch_size))
     out, current, p_max, c_max, used = [], [], 0, 0, 0
     for j in order.tolist():
         p, c = max(p_max, int(p_len[j])), max(c_max, max(int(c_len[j]), 1))
