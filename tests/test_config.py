@@ -12,7 +12,8 @@ def test_defaults_match_api():
                     ratio_level="token", kl_type=None, beta=0.0, entropy_coef=0.0, top_entropy_rho=1.0,
                     agg="token-mean", max_completion_length=None, num_items_in_batch=None,
                     temperature=1.0, is_level=None, is_mode="truncate", is_cap=2.0, is_min=None,
-                    tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=False)
+                    tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=False, top_k=None, top_p=None, min_p=None,
+                    sampler_order="hf")
     assert {f.name: getattr(c, f.name) for f in dataclasses.fields(c)} == expected
 
 
