@@ -376,11 +376,12 @@ def _generate_round(run: Run, start: int, count: int) -> tuple[dict, float]:
     r = cfg.rollout
     if run.engine is not None:
         roll = run.engine.generate(prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                   device=run.dist.device)
+                                   top_k=r.top_k, top_p=r.top_p, min_p=r.min_p, device=run.dist.device)
     else:
         with distributed.gathered_for_generation(run.model):
             roll = generate(run.policy.lm, run.tokenizer, prompts, max_new_tokens=r.max_new_tokens,
-                            temperature=r.temperature, batch_size=r.batch_size)
+                            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
+                            batch_size=r.batch_size)
     t = time.time()
     rewards = run.reward(roll.texts, answers, prompts, lengths=roll.completion_mask.sum(1),
                          prompt_index=torch.tensor([run.task.example_id(i) for i in range(start, start + count)])
@@ -670,13 +671,19 @@ def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Rewa
     """The model RL starts from (built or loaded, then once the supervised warm-up), the reference,
     the policy (+ critic) in its data-parallel wrapper, the optimizer and the LR schedule."""
     dev, autocast = dist.device, _autocast(cfg, dist.device)
-    loss_cfg = pyrl.PolicyLossConfig(**{**cfg.algo.loss, "temperature": cfg.rollout.temperature})
+    r = cfg.rollout
+    # the loss scores tokens under the distribution the engine sampled them from (docs/formulas.md §1.1)
+    loss_cfg = pyrl.PolicyLossConfig(**{**cfg.algo.loss, "temperature": r.temperature, "top_k": r.top_k,
+                                        "top_p": r.top_p, "min_p": r.min_p,
+                                        "sampler_order": "vllm" if r.engine == "vllm" else "hf"})
     lm, tokenizer = load_model(cfg.model, device=dev, seed=cfg.seed)
     if cfg.warmup.steps > 0:
         _warm_up(cfg, os.path.join(out_dir, "initial"), lm, tokenizer, task, dist, resuming=ckpt is not None)
     ref = None
     if loss_cfg.effective_kl_type is not None:  # a KL penalty, or a kl_type for the kl_mean metric
-        ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False), loss_cfg, backend=cfg.backend)
+        # the reference's log-probs stay under the full softmax: a truncated one could exclude a sampled token
+        ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False),
+                     dataclasses.replace(loss_cfg, top_k=None, top_p=None, min_p=None), backend=cfg.backend)
     policy = Policy(lm, loss_cfg, value_head=cfg.algo.advantage == "gae", separate_critic=cfg.algo.critic == "separate",
                     vf_coef=cfg.algo.vf_coef, value_clip=cfg.algo.value_clip, backend=cfg.backend)
     model = distributed.wrap(policy, dist, cfg.data_parallel)

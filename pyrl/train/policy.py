@@ -85,8 +85,9 @@ class Policy(nn.Module):
 
     Args:
         lm: a ``transformers`` causal LM (``get_decoder()`` and ``get_output_embeddings()``).
-        loss_config: the ``pyrl.PolicyLossConfig`` of ``mode="loss"`` (its ``temperature`` is the
-            sampling temperature); ``num_items_in_batch`` is filled in per call from the batch.
+        loss_config: the ``pyrl.PolicyLossConfig`` of ``mode="loss"`` (its ``temperature`` and
+            ``top_k``/``top_p``/``min_p`` are the sampler's, and ``mode="logprobs"`` uses them too);
+            ``num_items_in_batch`` is filled in per call from the batch.
         value_head: add a critic ``Linear(H, 1)`` (PPO). ``separate_critic``: on a copy of the
             decoder stack instead of the policy's own.
         vf_coef, value_clip: weight and clip range of the value loss.
@@ -142,9 +143,12 @@ class Policy(nn.Module):
         # pyrl's ops compute in fp32; under autocast their matmuls would silently drop to bf16.
         no_autocast = torch.autocast(h.device.type, enabled=False)
         if mode == "logprobs":
+            c = self.loss_config
             with no_autocast:
                 logp = pyrl.fused_linear_logprobs(h, head.weight, torch.where(mask.bool(), targets, -100),
-                                                  bias=head.bias, temperature=temperature, backend=self.backend)
+                                                  bias=head.bias, temperature=temperature, top_k=c.top_k,
+                                                  top_p=c.top_p, min_p=c.min_p, sampler_order=c.sampler_order,
+                                                  backend=self.backend)
             return {"logp": logp} if values is None else {"logp": logp, "values": values}
         if mode != "loss":
             raise ValueError(f"mode must be 'loss', 'logprobs' or 'hidden', got {mode!r}")
