@@ -29,8 +29,9 @@ Sampler truncation (``p.top_k / top_p / min_p``, docs/formulas.md §1.1): ``Logp
 finds each row's kept-set threshold ``tau`` with one program per row: top-k and top-p are each a
 threshold search, a bisection over the 32-bit order-preserving key of the fp32 logits (the k-th
 largest value is the largest key ``u`` with ``#{key(z) >= u} >= k``; the top-p threshold the largest
-with ``mass(key(z) >= u) >= top_p * mass``), 32 passes over the row each, exact, no sort and no
-scratch; min-p is ``max z + log(min_p)``. The row kernels then read every logit below ``tau`` as -inf.
+with ``mass(key(z) >= u) >= top_p * mass``), exact, no sort and no scratch, each pass over the row
+also taking the value range of the undecided band so the search stops once it holds one value;
+min-p is ``max z + log(min_p)``. The row kernels then read every logit below ``tau`` as -inf.
 
 Batch invariance: a row is reduced by one program in ``BLOCK_V`` blocks in vocabulary order, and
 ``BLOCK_V`` (``_row_config``) is a function of ``V`` only, so a row's bits never depend on ``n`` or
@@ -214,6 +215,43 @@ def _unkey(k):
     return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _key_search(x_row, V, temperature, t, m_safe, m, goal, MASS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The largest value u of the row with f(u) >= goal, f(u) = #{z >= u} (or, with MASS, the mass
+    sum exp(z - m) over z >= u), among the tokens z >= t: a bisection over the int32 keys in
+    [key(t), key(m)], each pass also taking the range of the values in [mid, hi), so it stops as
+    soon as that range holds one distinct value (a handful of passes on real rows, 32 at most)."""
+    lo = _key(t).to(tl.int64)
+    hi = _key(m).to(tl.int64) + 1
+    u = t
+    searching = hi - lo > 1
+    while searching:
+        mid = lo + (hi - lo) // 2
+        f = tl.zeros((), tl.float32)
+        v_min = tl.full((), float("inf"), tl.float32)
+        v_max = tl.full((), float("-inf"), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+            k = _key(z).to(tl.int64)
+            above = (k >= mid) & (z >= t) & (cols < V)
+            if MASS:
+                f += tl.sum(tl.where(above, tl.exp(z - m_safe), 0.0), 0)
+            else:
+                f += tl.sum(above.to(tl.float32), 0)
+            band = above & (k < hi)
+            v_min = tl.minimum(v_min, tl.min(tl.where(band, z, float("inf")), 0))
+            v_max = tl.maximum(v_max, tl.max(tl.where(band, z, float("-inf")), 0))
+        ok = f >= goal
+        # f(mid) >= goal and [mid, hi) holds one distinct value: that value is u (f fails at hi)
+        found = ok & (v_min == v_max)
+        u = tl.where(found, v_min, tl.where(ok, _unkey(mid), u))
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+        searching = (~found) & (hi - lo > 1)
+    return u
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _cutoff_kernel(x_ptr, stride_x, tau_ptr, n_rows, V, temperature, top_k, top_p, log_min_p, HAS_K: tl.constexpr,
                    HAS_P: tl.constexpr, MIN_P_FIRST: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -226,22 +264,9 @@ def _cutoff_kernel(x_ptr, stride_x, tau_ptr, n_rows, V, temperature, top_k, top_
         z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
         m = tl.maximum(m, tl.max(z, 0))
     t = tl.full((), float("-inf"), tl.float32)
-    if HAS_K:
-        # the largest key u with #{key(z) >= u} >= k: [lo, hi) always holds it; 32 halvings close it
-        lo = _key(t).to(tl.int64)
-        hi = _key(m).to(tl.int64) + 1
-        for _ in range(32):
-            mid = lo + (hi - lo) // 2
-            count = tl.zeros((), tl.int32)
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + tl.arange(0, BLOCK_V)
-                z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
-                count += tl.sum(((_key(z).to(tl.int64) >= mid) & (cols < V)).to(tl.int32), 0)
-            big = count >= top_k
-            lo = tl.where(big, mid, lo)
-            hi = tl.where(big, hi, mid)
-        t = _unkey(lo)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
+    if HAS_K:
+        t = _key_search(x_row, V, temperature, t, m_safe, m, top_k, False, BLOCK_V)
     t_min = m + log_min_p  # min-p: p_v >= min_p * p_max  <=>  z_v >= max z + log(min_p)
     if MIN_P_FIRST:
         t = tl.maximum(t, t_min)
@@ -251,22 +276,7 @@ def _cutoff_kernel(x_ptr, stride_x, tau_ptr, n_rows, V, temperature, top_k, top_
             cols = v0 + tl.arange(0, BLOCK_V)
             z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
             total += tl.sum(tl.where(z >= t, tl.exp(z - m_safe), 0.0), 0)
-        goal = top_p * total
-        # the largest key u with mass(key(z) >= u, z >= t) >= top_p * total, as for top-k
-        lo = _key(t).to(tl.int64)
-        hi = _key(m).to(tl.int64) + 1
-        for _ in range(32):
-            mid = lo + (hi - lo) // 2
-            mass = tl.zeros((), tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + tl.arange(0, BLOCK_V)
-                z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
-                inside = (_key(z).to(tl.int64) >= mid) & (z >= t)
-                mass += tl.sum(tl.where(inside, tl.exp(z - m_safe), 0.0), 0)
-            big = mass >= goal
-            lo = tl.where(big, mid, lo)
-            hi = tl.where(big, hi, mid)
-        t = tl.maximum(t, _unkey(lo))
+        t = tl.maximum(t, _key_search(x_row, V, temperature, t, m_safe, m, top_p * total, True, BLOCK_V))
     t = tl.maximum(t, t_min)
     tl.store(tau_ptr + row, tl.where(m == float("-inf"), float("-inf"), t))
 
@@ -288,7 +298,7 @@ class LogprobRows:
             return tau
         block, warps = _row_config(vocab)
         has_k = p.top_k is not None and p.top_k < vocab
-        _cutoff_kernel[(n,)](logits, logits.stride(0), tau, n, vocab, float(p.temperature), int(p.top_k or 0),
+        _cutoff_kernel[(n,)](logits, logits.stride(0), tau, n, vocab, float(p.temperature), float(p.top_k or 0),
                              float(p.top_p or 1.0), math.log(p.min_p) if p.min_p is not None else float("-inf"),
                              HAS_K=has_k, HAS_P=p.top_p is not None, MIN_P_FIRST=p.sampler_order == "vllm",
                              BLOCK_V=block, num_warps=warps)

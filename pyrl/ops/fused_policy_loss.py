@@ -242,7 +242,7 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
             vLLM's importance ratio); see ``pyrl.policy_loss``.
         config: a ``PolicyLossConfig``; ``config.temperature`` divides the logits, and its
             ``top_k``/``top_p``/``min_p`` take the log-probs and entropy under the sampler's
-            truncated distribution (docs/formulas.md §1.1, §3.1); the reference log-probs
+            truncated distribution (docs/formulas.md §1.1, §3.8); the reference log-probs
             (``ref_hidden``) and the exact KL stay under the full softmax.
         chunk_bytes: fp32 logits per token chunk (default 32 MiB on CPU, 160 MiB on CUDA).
         vocab_parallel_group: a ``torch.distributed`` group across which ``weight`` (and

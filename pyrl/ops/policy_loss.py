@@ -176,7 +176,7 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
 
     kept = m  # the tokens the policy and KL terms see
     if config.truncates:
-        # docs/formulas.md §3.1: under the sampler's distribution a token outside the current (or the
+        # docs/formulas.md §3.8: under the sampler's distribution a token outside the current (or the
         # behaviour) policy's kept set has logp = -inf: it is dropped from the policy and KL terms, its
         # log-probs replaced by 0 first so that no -inf (or 0 * inf) reaches the loss or the gradient.
         outside = valid & (logp == float("-inf"))
@@ -322,7 +322,7 @@ def policy_loss(logp, advantages, mask, *, old_logp=None, ref_logp=None, entropy
         ``kl_mean``, ``entropy_mean``, ``ratio_mean``, ``ratio_max`` and ``is_weight_mean`` (the
         mismatch weight applied, 0 where ``is_mode="mask"`` dropped the token) when ``is_level`` is
         set, and ``outside_kept_frac`` (the fraction of valid tokens with ``logp = -inf``: outside the
-        current policy's kept set, dropped from the policy and KL terms, docs/formulas.md §3.1) when
+        current policy's kept set, dropped from the policy and KL terms, docs/formulas.md §3.8) when
         ``config`` sets ``top_k``/``top_p``/``min_p``. ``clip_frac`` counts the tokens whose loss a clip bound decided. With
         ``config.num_items_in_batch`` the loss is this batch's sum divided by the global token
         count (sum it over micro-batches and ranks).
