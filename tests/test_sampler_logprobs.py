@@ -48,14 +48,23 @@ def _ids(kw):
     return ",".join(f"{k}={v}" for k, v in kw.items())
 
 
+def _cases(backends, *axes, ids=None):
+    """pytest params of every backend (with its skip marks) times the product of ``axes``."""
+    import itertools
+
+    out = []
+    for b in backends:
+        name, marks = (b.values[0], b.marks) if hasattr(b, "values") else (b, ())
+        for combo in itertools.product(*axes):
+            out.append(pytest.param(name, *combo, marks=marks, id="-".join([name, *map(str, ids(*combo))])))
+    return out
+
+
 # The interpreter runs a Triton kernel ~1000x slower than compiled: Triton gets a subset of the grid.
-LOGITS_CASES = [pytest.param(b, dt, n, v, kw, id=f"{getattr(b, 'values', [b])[0]}-{dt}-{n}x{v}-{_ids(kw)}")
-                for b in CPU_BACKENDS for dt in (torch.float32, torch.bfloat16)
-                for n, v in ((1, 37), (9, 2), (13, 301), (6, 2049)) for kw in SETTINGS] + \
-               [pytest.param("triton", dt, n, v, kw, id=f"triton-{dt}-{n}x{v}-{_ids(kw)}",
-                             marks=pytest.mark.skipif(not HAS_TRITON, reason="no triton"))
-                for dt in (torch.float32, torch.bfloat16) for n, v in ((1, 37), (9, 2), (13, 301))
-                for kw in (SETTINGS[0], SETTINGS[3], SETTINGS[5])]
+_DTYPES = (torch.float32, torch.bfloat16)
+_LOGITS_IDS = lambda dt, nv, kw: (dt, f"{nv[0]}x{nv[1]}", _ids(kw))  # noqa: E731
+LOGITS_CASES = _cases(CPU_BACKENDS, _DTYPES, ((1, 37), (9, 2), (13, 301), (6, 2049)), SETTINGS, ids=_LOGITS_IDS) + \
+    _cases([TRITON], _DTYPES, ((1, 37), (9, 2), (13, 301)), (SETTINGS[0], SETTINGS[3], SETTINGS[5]), ids=_LOGITS_IDS)
 
 
 def _ref_kw(kw):
@@ -106,8 +115,9 @@ def _assert_grad_close(g, rg, tol):
     torch.testing.assert_close(g.double() / scale, rg / scale, atol=4 * tol, rtol=0)
 
 
-@pytest.mark.parametrize("backend,dtype,n,v,kw", LOGITS_CASES)
-def test_logprobs_from_logits_match_float64(backend, dtype, n, v, kw):
+@pytest.mark.parametrize("backend,dtype,nv,kw", LOGITS_CASES)
+def test_logprobs_from_logits_match_float64(backend, dtype, nv, kw):
+    n, v = nv
     temperature = 0.8
     logits = (3 * torch.randn(n, v)).to(dtype)
     y = _targets(logits, temperature, kw)
@@ -255,10 +265,9 @@ def test_bad_values_and_plans():
 # ------------------------------------------------------------------------------------------------
 # The policy loss under the sampler's distribution (docs/formulas.md §3.1)
 
-@pytest.mark.parametrize("backend,passes,dtype", [
-    (b, passes, dt) for b in CPU_BACKENDS for passes in ("one", "two") for dt in (torch.float32, torch.bfloat16)] + [
-    pytest.param("triton", "one", torch.float32, marks=TRITON.marks),
-    pytest.param("triton", "two", torch.bfloat16, marks=TRITON.marks)])
+@pytest.mark.parametrize("backend,passes,dtype", _cases(CPU_BACKENDS, ("one", "two"), _DTYPES, ids=lambda *c: c) + [
+    pytest.param("triton", "one", torch.float32, marks=TRITON.marks, id="triton-one-fp32"),
+    pytest.param("triton", "two", torch.bfloat16, marks=TRITON.marks, id="triton-two-bf16")])
 def test_fused_policy_loss_under_the_sampler(backend, passes, dtype, monkeypatch):
     monkeypatch.setenv("PYRL_PASSES", passes)
     B, T, H, V, temperature = 3, 5, 16, 211, 0.9
