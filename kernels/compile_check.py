@@ -48,9 +48,9 @@ def _signatures(dt: str) -> list[tuple[object, dict, list[dict]]]:
 
     return [
         (R._rows_fwd_kernel, row_types, [dict(NEED_ENTROPY=True, HAS_TAU=tau, BLOCK_V=block, num_warps=warps,
-                                              num_stages=3) for tau in (False, True)]),
+                                              num_stages=3) for tau in (True, False)]),
         (R._rows_bwd_kernel, row_types, [dict(HAS_G_ENT=True, HAS_TAU=tau, BLOCK_V=block, num_warps=warps,
-                                              num_stages=3) for tau in (False, True)]),
+                                              num_stages=3) for tau in (True, False)]),
         (R._cutoff_kernel, row_types, [dict(HAS_K=True, HAS_P=True, MIN_P_FIRST=False, BLOCK_V=block, num_warps=warps,
                                             num_stages=3)]),
         (F._fused_fwd_kernel.fn, fused_types,
