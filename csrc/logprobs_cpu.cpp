@@ -7,6 +7,10 @@
 // Backward recomputes p = exp(z - lse) from the saved lse; nothing [N, V] is kept in between.
 // Rows are split across threads (at::parallel_for: torch's OpenMP pool), so a row's reduction
 // order never depends on N or on the other rows: results are batch-invariant bit for bit.
+//
+// The sampler's truncation (docs/formulas.md §1.1): sampler_cutoff finds each row's kept-set
+// threshold tau (top-k by a heap selection, min-p in closed form, top-p by a threshold search or a
+// sort), and the optional `tau` of the three ops turns every logit below it into -inf.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,7 +26,20 @@
 namespace {
 
 using pyrl::bwd_rows;
+using pyrl::cutoff_rows;
 using pyrl::fwd_rows;
+
+at::ScalarType acc_of(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The optional per-row thresholds as a contiguous [N] tensor of the accumulation dtype (undefined: none).
+at::Tensor thresholds(const std::optional<at::Tensor>& tau, const at::Tensor& logits) {
+  if (!tau.has_value() || !tau->defined()) return {};
+  TORCH_CHECK(tau->dim() == 1 && tau->size(0) == logits.size(0), "pyrl: tau must have shape [N] = [",
+              logits.size(0), "], got ", tau->sizes());
+  return tau->to(acc_of(logits)).contiguous();
+}
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
   TORCH_CHECK(logits.dim() == 2, "pyrl: logits must be 2-D [N, V], got ", logits.sizes());
@@ -37,9 +54,10 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& targets_in, double temperature,
-    int64_t ignore_index, bool compute_entropy) {
+    int64_t ignore_index, bool compute_entropy, const std::optional<at::Tensor>& tau_in) {
   check_inputs(logits, targets_in);
   const auto targets = targets_in.contiguous();
+  const auto tau = thresholds(tau_in, logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   auto opts = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   auto logp = at::empty({N}, opts), ent = at::empty({N}, opts), lse = at::empty({N}, opts);
@@ -48,18 +66,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     fwd_rows<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(), N, V, logits.stride(0),
                               targets.const_data_ptr<int64_t>(), acc_t(1.0 / temperature),
                               ignore_index, compute_entropy, logp.mutable_data_ptr<acc_t>(),
-                              ent.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
+                              ent.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
+                              tau.defined() ? tau.const_data_ptr<acc_t>() : nullptr);
   });
   return {logp, ent, lse};
+}
+
+at::Tensor sampler_cutoff_cpu(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,
+                              double min_p, bool min_p_first, bool sort_top_p) {
+  TORCH_CHECK(logits.dim() == 2, "pyrl: logits must be 2-D [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) <= 1 || logits.size(0) == 0,
+              "pyrl: logits rows must be contiguous");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto tau = at::empty({N}, logits.options().dtype(acc_of(logits)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sampler_cutoff", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t log_min_p = min_p > 0 ? acc_t(std::log(min_p)) : -std::numeric_limits<acc_t>::infinity();
+    cutoff_rows<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(), N, V, logits.stride(0), acc_t(1.0 / temperature),
+                                 top_k, acc_t(top_p), log_min_p, min_p_first, sort_top_p,
+                                 tau.mutable_data_ptr<acc_t>());
+  });
+  return tau;
 }
 
 void bwd_into(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
               const at::Tensor& logits, at::Tensor& out, const at::Tensor& targets_in,
               const at::Tensor& lse_in, const at::Tensor& ent_in, double temperature,
-              int64_t ignore_index) {
+              int64_t ignore_index, const std::optional<at::Tensor>& tau_in) {
   check_inputs(logits, targets_in);
   const int64_t N = logits.size(0), V = logits.size(1);
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_of(logits);
+  const auto tau = thresholds(tau_in, logits);
   const auto targets = targets_in.contiguous();
   const auto lse = lse_in.to(acc).contiguous();
   const auto ent = ent_in.to(acc).contiguous();
@@ -73,23 +110,26 @@ void bwd_into(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad
                               logits.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                               N, V, logits.stride(0), out.stride(0),
                               targets.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(),
-                              ent.const_data_ptr<acc_t>(), acc_t(1.0 / temperature), ignore_index);
+                              ent.const_data_ptr<acc_t>(), acc_t(1.0 / temperature), ignore_index,
+                              tau.defined() ? tau.const_data_ptr<acc_t>() : nullptr);
   });
 }
 
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                             const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                            const at::Tensor& ent, double temperature, int64_t ignore_index) {
+                            const at::Tensor& ent, double temperature, int64_t ignore_index,
+                            const std::optional<at::Tensor>& tau) {
   auto out = at::empty({logits.size(0), logits.size(1)}, logits.options());
-  bwd_into(grad_logp, grad_entropy, logits, out, targets, lse, ent, temperature, ignore_index);
+  bwd_into(grad_logp, grad_entropy, logits, out, targets, lse, ent, temperature, ignore_index, tau);
   return out;
 }
 
 void logprobs_bwd_inplace_cpu(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                               const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                              const at::Tensor& ent, double temperature, int64_t ignore_index) {
+                              const at::Tensor& ent, double temperature, int64_t ignore_index,
+                              const std::optional<at::Tensor>& tau) {
   at::Tensor out = logits;
-  bwd_into(grad_logp, grad_entropy, logits, out, targets, lse, ent, temperature, ignore_index);
+  bwd_into(grad_logp, grad_entropy, logits, out, targets, lse, ent, temperature, ignore_index, tau);
 }
 
 }  // namespace
@@ -98,4 +138,5 @@ TORCH_LIBRARY_IMPL(pyrl, CPU, m) {
   m.impl("logprobs_fwd", &logprobs_fwd_cpu);
   m.impl("logprobs_bwd", &logprobs_bwd_cpu);
   m.impl("logprobs_bwd_", &logprobs_bwd_inplace_cpu);
+  m.impl("sampler_cutoff", &sampler_cutoff_cpu);
 }

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace pyrl {
 
@@ -15,12 +16,16 @@ namespace pyrl {
   template <typename scalar_t, typename acc_t>                                                          \
   void fwd_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, int64_t stride,          \
                 const int64_t* tgt, acc_t inv_t, int64_t ignore_index, bool with_entropy, acc_t* logp,   \
-                acc_t* ent, acc_t* lse);                                                                 \
+                acc_t* ent, acc_t* lse, const acc_t* tau);                                               \
   template <typename scalar_t, typename acc_t>                                                          \
   void bwd_rows(int64_t begin, int64_t end, const acc_t* g_logp, const acc_t* g_ent,                    \
                 const scalar_t* logits, scalar_t* out, int64_t V, int64_t in_stride, int64_t out_stride, \
                 const int64_t* tgt, const acc_t* lse, const acc_t* ent, acc_t inv_t,                    \
-                int64_t ignore_index);                                                                   \
+                int64_t ignore_index, const acc_t* tau);                                                 \
+  template <typename scalar_t, typename acc_t>                                                          \
+  void cutoff_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, int64_t stride,        \
+                   acc_t inv_t, int64_t top_k, acc_t top_p, acc_t log_min_p, bool min_p_first,           \
+                   bool sort_top_p, acc_t* tau, acc_t* scratch);                                         \
   }
 PYRL_DECLARE_ROWS(isa_base)   // every dtype (csrc/rows_base.cpp)
 PYRL_DECLARE_ROWS(isa_avx2)   // fp32 and fp64 only (csrc/rows_avx2.cpp)
@@ -29,32 +34,51 @@ PYRL_DECLARE_ROWS(isa_avx2)   // fp32 and fp64 only (csrc/rows_avx2.cpp)
 // True when the AVX2 build of the kernels exists and this CPU runs it (checked once).
 bool use_avx2_rows();
 
+// tau: per-row kept-set thresholds of the sampler's truncation (nullptr: every token kept).
 template <typename scalar_t, typename acc_t>
 inline void fwd_rows(const scalar_t* logits, int64_t rows, int64_t V, int64_t stride, const int64_t* tgt,
-                     acc_t inv_t, int64_t ignore_index, bool with_entropy, acc_t* logp, acc_t* ent, acc_t* lse) {
+                     acc_t inv_t, int64_t ignore_index, bool with_entropy, acc_t* logp, acc_t* ent, acc_t* lse,
+                     const acc_t* tau) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (use_avx2_rows())
         return isa_avx2::fwd_rows<scalar_t, acc_t>(begin, end, logits, V, stride, tgt, inv_t, ignore_index,
-                                                   with_entropy, logp, ent, lse);
+                                                   with_entropy, logp, ent, lse, tau);
     }
     isa_base::fwd_rows<scalar_t, acc_t>(begin, end, logits, V, stride, tgt, inv_t, ignore_index, with_entropy,
-                                        logp, ent, lse);
+                                        logp, ent, lse, tau);
+  });
+}
+
+// The kept-set thresholds: top_k <= 0, top_p >= 1 and log_min_p = -inf switch a truncation off.
+template <typename scalar_t, typename acc_t>
+inline void cutoff_rows(const scalar_t* logits, int64_t rows, int64_t V, int64_t stride, acc_t inv_t, int64_t top_k,
+                        acc_t top_p, acc_t log_min_p, bool min_p_first, bool sort_top_p, acc_t* tau) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    // scratch is allocated here, in code built with the default flags (no AVX2 copy of std::vector)
+    std::vector<acc_t> scratch(2 * V + (top_k > 0 && top_k < V ? top_k : 0));
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (use_avx2_rows())
+        return isa_avx2::cutoff_rows<scalar_t, acc_t>(begin, end, logits, V, stride, inv_t, top_k, top_p, log_min_p,
+                                                      min_p_first, sort_top_p, tau, scratch.data());
+    }
+    isa_base::cutoff_rows<scalar_t, acc_t>(begin, end, logits, V, stride, inv_t, top_k, top_p, log_min_p, min_p_first,
+                                           sort_top_p, tau, scratch.data());
   });
 }
 
 template <typename scalar_t, typename acc_t>
 inline void bwd_rows(const acc_t* g_logp, const acc_t* g_ent, const scalar_t* logits, scalar_t* out, int64_t rows,
                      int64_t V, int64_t in_stride, int64_t out_stride, const int64_t* tgt, const acc_t* lse,
-                     const acc_t* ent, acc_t inv_t, int64_t ignore_index) {
+                     const acc_t* ent, acc_t inv_t, int64_t ignore_index, const acc_t* tau) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (use_avx2_rows())
         return isa_avx2::bwd_rows<scalar_t, acc_t>(begin, end, g_logp, g_ent, logits, out, V, in_stride,
-                                                   out_stride, tgt, lse, ent, inv_t, ignore_index);
+                                                   out_stride, tgt, lse, ent, inv_t, ignore_index, tau);
     }
     isa_base::bwd_rows<scalar_t, acc_t>(begin, end, g_logp, g_ent, logits, out, V, in_stride, out_stride, tgt, lse,
-                                        ent, inv_t, ignore_index);
+                                        ent, inv_t, ignore_index, tau);
   });
 }
 

@@ -3,6 +3,7 @@
 // own namespace. Only this file's code is compiled with AVX2, and its helpers have internal
 // linkage, so no AVX2 copy of a shared inline function can leak into the default path.
 // Algorithm: see csrc/logprobs_cpu.cpp.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -51,109 +52,269 @@ inline double vexp(double x) { return std::exp(x); }
 
 }  // namespace
 
-template <typename scalar_t, typename acc_t>
-void fwd_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, int64_t stride, const int64_t* tgt,
-              acc_t inv_t, int64_t ignore_index, bool with_entropy, acc_t* logp, acc_t* ent, acc_t* lse) {
+// A row's scaled logit; with CUT (the sampler truncates, docs/formulas.md §1.1) -inf below the
+// row's kept-set threshold, so every sum below runs over the kept tokens only.
+template <bool CUT, typename scalar_t, typename acc_t>
+inline acc_t scaled(scalar_t x, acc_t inv_t, acc_t thr) {
+  const acc_t z = static_cast<acc_t>(x) * inv_t;
+  if constexpr (CUT) return z >= thr ? z : -std::numeric_limits<acc_t>::infinity();
+  return z;
+}
+
+template <bool CUT, typename scalar_t, typename acc_t>
+void fwd_row(const scalar_t* row, int64_t V, int64_t y, acc_t inv_t, acc_t thr, int64_t ignore_index,
+             bool with_entropy, acc_t* logp, acc_t* ent, acc_t* lse) {
   constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
   // -inf logits are clamped to the lowest finite value inside the sums: exp() gives exactly 0 and
   // 0 * finite stays 0, where 0 * -inf would be NaN.
   constexpr acc_t LOWEST = std::numeric_limits<acc_t>::lowest();
-  {
-    for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* row = logits + n * stride;
-      acc_t m = NEG_INF, s = 0, t = 0;
-      for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
-        const int64_t v1 = min_(V, v0 + BLOCK);
-        acc_t bm = NEG_INF;
+  acc_t m = NEG_INF, s = 0, t = 0;
+  for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
+    const int64_t v1 = min_(V, v0 + BLOCK);
+    acc_t bm = NEG_INF;
 #pragma omp simd reduction(max : bm)
-        for (int64_t v = v0; v < v1; ++v) {
-          const acc_t x = static_cast<acc_t>(row[v]);
-          bm = x > bm ? x : bm;
-        }
-        bm *= inv_t;
-        if (!(bm > NEG_INF)) continue;  // block entirely -inf: contributes nothing
-        if (bm > m) {
-          if (s > 0) {
-            const acc_t sc = vexp(m - bm);
-            t = sc * (t + s * (m - bm));
-            s *= sc;
-          }
-          m = bm;
-        }
-        acc_t bs = 0, bt = 0;
-        if (with_entropy) {
-#pragma omp simd reduction(+ : bs, bt)
-          for (int64_t v = v0; v < v1; ++v) {
-            const acc_t d = max_(static_cast<acc_t>(row[v]) * inv_t, LOWEST) - m;
-            const acc_t e = vexp(d);
-            bs += e;
-            bt += e * d;
-          }
-        } else {
-#pragma omp simd reduction(+ : bs)
-          for (int64_t v = v0; v < v1; ++v)
-            bs += vexp(max_(static_cast<acc_t>(row[v]) * inv_t, LOWEST) - m);
-        }
-        s += bs;
-        t += bt;
-      }
-      const int64_t y = tgt[n];
-      if (y == ignore_index) {
-        logp[n] = 0;
-        ent[n] = 0;
-        lse[n] = s > 0 ? m + std::log(s) : NEG_INF;
-        continue;
-      }
-      const acc_t log_s = s > 0 ? std::log(s) : NEG_INF;
-      lse[n] = m + log_s;
-      const acc_t zy = static_cast<acc_t>(row[y]) * inv_t;
-      // <= 0 by construction; min() only removes rounding above 0.
-      logp[n] = s > 0 ? min_<acc_t>((zy - m) - log_s, 0) : NEG_INF;
-      ent[n] = (with_entropy && s > 0) ? max_<acc_t>(log_s - t / s, 0) : 0;
+    for (int64_t v = v0; v < v1; ++v) {
+      const acc_t x = CUT ? scaled<true>(row[v], inv_t, thr) : static_cast<acc_t>(row[v]);
+      bm = x > bm ? x : bm;
     }
+    if (!CUT) bm *= inv_t;
+    if (!(bm > NEG_INF)) continue;  // block entirely -inf: contributes nothing
+    if (bm > m) {
+      if (s > 0) {
+        const acc_t sc = vexp(m - bm);
+        t = sc * (t + s * (m - bm));
+        s *= sc;
+      }
+      m = bm;
+    }
+    acc_t bs = 0, bt = 0;
+    if (with_entropy) {
+#pragma omp simd reduction(+ : bs, bt)
+      for (int64_t v = v0; v < v1; ++v) {
+        const acc_t d = max_(scaled<CUT>(row[v], inv_t, thr), LOWEST) - m;
+        const acc_t e = vexp(d);
+        bs += e;
+        bt += e * d;
+      }
+    } else {
+#pragma omp simd reduction(+ : bs)
+      for (int64_t v = v0; v < v1; ++v) bs += vexp(max_(scaled<CUT>(row[v], inv_t, thr), LOWEST) - m);
+    }
+    s += bs;
+    t += bt;
   }
+  if (y == ignore_index) {
+    *logp = 0;
+    *ent = 0;
+    *lse = s > 0 ? m + std::log(s) : NEG_INF;
+    return;
+  }
+  const acc_t log_s = s > 0 ? std::log(s) : NEG_INF;
+  *lse = m + log_s;
+  const acc_t zy = scaled<CUT>(row[y], inv_t, thr);  // -inf outside the kept set: logp = -inf
+  // <= 0 by construction; min() only removes rounding above 0.
+  *logp = s > 0 ? min_<acc_t>((zy - m) - log_s, 0) : NEG_INF;
+  *ent = (with_entropy && s > 0) ? max_<acc_t>(log_s - t / s, 0) : 0;
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, int64_t stride, const int64_t* tgt,
+              acc_t inv_t, int64_t ignore_index, bool with_entropy, acc_t* logp, acc_t* ent, acc_t* lse,
+              const acc_t* tau) {
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* row = logits + n * stride;
+    if (tau)
+      fwd_row<true>(row, V, tgt[n], inv_t, tau[n], ignore_index, with_entropy, logp + n, ent + n, lse + n);
+    else
+      fwd_row<false>(row, V, tgt[n], inv_t, acc_t(0), ignore_index, with_entropy, logp + n, ent + n, lse + n);
+  }
+}
+
+template <bool CUT, typename scalar_t, typename acc_t>
+void bwd_row(const scalar_t* row, scalar_t* orow, int64_t V, int64_t y, acc_t g1, acc_t g2, acc_t l, acc_t entropy,
+             acc_t inv_t, acc_t thr) {
+  constexpr acc_t LOWEST = std::numeric_limits<acc_t>::lowest();
+  const acc_t mu = l - entropy;  // sum_v p_v z_v
+  const acc_t zy = scaled<CUT>(row[y], inv_t, thr);  // read before `out` may overwrite it
+  if (CUT && !(zy > LOWEST)) g1 = 0;  // a target outside the kept set: logp = -inf, no log-prob gradient
+  const acc_t a = -g1 * inv_t, c = -g2 * inv_t;
+  acc_t buf[BLOCK];  // computing into a local block first lets GCC vectorise the exp loop
+  for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
+    const int64_t len = min_(BLOCK, V - v0);
+    const scalar_t* in = row + v0;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t zr = scaled<CUT>(in[i], inv_t, thr);
+      const acc_t z = zr > LOWEST ? zr : LOWEST;
+      // (e * c) * (z - mu), not e * (c * (z - mu)): at a -inf logit z is the lowest finite
+      // value, e = 0, and c * (z - mu) may overflow to inf (0 * inf = NaN).
+      const acc_t e = vexp(z - l);
+      buf[i] = e * a + (e * c) * (z - mu);
+    }
+    scalar_t* out_block = orow + v0;
+    for (int64_t i = 0; i < len; ++i) out_block[i] = static_cast<scalar_t>(buf[i]);
+  }
+  const acc_t zyc = max_(zy, LOWEST);
+  const acc_t py = vexp(zyc - l);
+  orow[y] = static_cast<scalar_t>((g1 * (1 - py) - g2 * py * (zyc - mu)) * inv_t);
 }
 
 template <typename scalar_t, typename acc_t>
 void bwd_rows(int64_t begin, int64_t end, const acc_t* g_logp, const acc_t* g_ent, const scalar_t* logits,
               scalar_t* out, int64_t V, int64_t in_stride, int64_t out_stride, const int64_t* tgt,
-              const acc_t* lse, const acc_t* ent, acc_t inv_t, int64_t ignore_index) {
-  constexpr acc_t LOWEST = std::numeric_limits<acc_t>::lowest();
-  {
-    for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* row = logits + n * in_stride;
-      scalar_t* orow = out + n * out_stride;
-      const int64_t y = tgt[n];
-      const acc_t l = lse[n];
-      if (y == ignore_index || !(l - l == 0)) {
-        for (int64_t v = 0; v < V; ++v) orow[v] = scalar_t(0);
-        continue;
-      }
-      const acc_t g1 = g_logp ? g_logp[n] : acc_t(0);
-      const acc_t g2 = g_ent ? g_ent[n] : acc_t(0);
-      const acc_t mu = l - ent[n];  // sum_v p_v z_v
-      const acc_t zy = static_cast<acc_t>(row[y]) * inv_t;  // read before `out` may overwrite it
-      const acc_t a = -g1 * inv_t, c = -g2 * inv_t;
-      acc_t buf[BLOCK];  // computing into a local block first lets GCC vectorise the exp loop
-      for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
-        const int64_t len = min_(BLOCK, V - v0);
-        const scalar_t* in = row + v0;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const acc_t zr = static_cast<acc_t>(in[i]) * inv_t;
-          const acc_t z = zr > LOWEST ? zr : LOWEST;
-          // (e * c) * (z - mu), not e * (c * (z - mu)): at a -inf logit z is the lowest finite
-          // value, e = 0, and c * (z - mu) may overflow to inf (0 * inf = NaN).
-          const acc_t e = vexp(z - l);
-          buf[i] = e * a + (e * c) * (z - mu);
-        }
-        scalar_t* out_block = orow + v0;
-        for (int64_t i = 0; i < len; ++i) out_block[i] = static_cast<scalar_t>(buf[i]);
-      }
-      const acc_t zyc = max_(zy, LOWEST);
-      const acc_t py = vexp(zyc - l);
-      orow[y] = static_cast<scalar_t>((g1 * (1 - py) - g2 * py * (zyc - mu)) * inv_t);
+              const acc_t* lse, const acc_t* ent, acc_t inv_t, int64_t ignore_index, const acc_t* tau) {
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* row = logits + n * in_stride;
+    scalar_t* orow = out + n * out_stride;
+    const int64_t y = tgt[n];
+    const acc_t l = lse[n];
+    if (y == ignore_index || !(l - l == 0)) {
+      for (int64_t v = 0; v < V; ++v) orow[v] = scalar_t(0);
+      continue;
     }
+    const acc_t g1 = g_logp ? g_logp[n] : acc_t(0);
+    const acc_t g2 = g_ent ? g_ent[n] : acc_t(0);
+    if (tau)
+      bwd_row<true>(row, orow, V, y, g1, g2, l, ent[n], inv_t, tau[n]);
+    else
+      bwd_row<false>(row, orow, V, y, g1, g2, l, ent[n], inv_t, acc_t(0));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kept-set thresholds of the sampler's truncation (docs/formulas.md §1.1), one row at a time.
+// ---------------------------------------------------------------------------------------------
+
+// A min-heap of k values in h[0..k) (h[0] the smallest): restore it below position i.
+template <typename acc_t>
+inline void sift_down(acc_t* h, int64_t k, int64_t i) {
+  const acc_t x = h[i];
+  for (int64_t c = 2 * i + 1; c < k; c = 2 * i + 1) {
+    if (c + 1 < k && h[c + 1] < h[c]) ++c;
+    if (!(h[c] < x)) break;
+    h[i] = h[c];
+    i = c;
+  }
+  h[i] = x;
+}
+
+// The k-th largest scaled logit (ties counted): a selection with a min-heap of the k largest seen
+// (h: k entries of scratch), skipping every block of 64 whose maximum cannot enter the heap (after
+// the first blocks, nearly all of them).
+template <typename scalar_t, typename acc_t>
+acc_t kth_largest(const scalar_t* row, int64_t V, acc_t inv_t, int64_t k, acc_t* h) {
+  constexpr int64_t SKIP = 64;
+  int64_t filled = 0;
+  for (int64_t v0 = 0; v0 < V; v0 += SKIP) {
+    const int64_t v1 = min_(V, v0 + SKIP);
+    if (filled == k) {
+      acc_t bm = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : bm)
+      for (int64_t v = v0; v < v1; ++v) {
+        const acc_t x = static_cast<acc_t>(row[v]) * inv_t;
+        bm = x > bm ? x : bm;
+      }
+      if (!(bm > h[0])) continue;
+    }
+    for (int64_t v = v0; v < v1; ++v) {
+      const acc_t x = static_cast<acc_t>(row[v]) * inv_t;
+      if (filled < k) {
+        h[filled++] = x;
+        if (filled == k)
+          for (int64_t i = k / 2 - 1; i >= 0; --i) sift_down(h, k, i);
+      } else if (x > h[0]) {
+        h[0] = x;
+        sift_down(h, k, 0);
+      }
+    }
+  }
+  return h[0];
+}
+
+// The top-p threshold among the tokens with z >= t: the largest value u with mass(z >= u) >= top_p
+// of the kept mass (every token tied with the boundary is kept). z and e are scratch of V entries.
+//   search (default): a threshold search. Bisect the value range of the candidates (the tokens of
+//     nonzero weight), keeping the side that holds u and compacting it, so each pass reads only the
+//     remaining candidates; the mass above the kept side is carried along.
+//   sort: sort the kept values and accumulate their weights in descending order.
+template <typename scalar_t, typename acc_t>
+acc_t top_p_threshold(const scalar_t* row, int64_t V, acc_t inv_t, acc_t m, acc_t t, acc_t top_p, bool sort,
+                      acc_t* z, acc_t* e) {
+  constexpr acc_t INF = std::numeric_limits<acc_t>::infinity();
+  acc_t total = 0, cmin = INF;
+#pragma omp simd reduction(+ : total) reduction(min : cmin)
+  for (int64_t v = 0; v < V; ++v) {
+    const acc_t x = static_cast<acc_t>(row[v]) * inv_t;
+    const acc_t w = x >= t ? vexp(max_(x, std::numeric_limits<acc_t>::lowest()) - m) : acc_t(0);
+    z[v] = x;
+    e[v] = w;
+    total += w;
+    cmin = w > 0 ? min_(cmin, x) : cmin;
+  }
+  const acc_t target = top_p * total;
+  if (sort) {
+    int64_t c = 0;
+    for (int64_t v = 0; v < V; ++v)
+      if (e[v] > 0) z[c++] = z[v];
+    std::sort(z, z + c, [](acc_t a, acc_t b) { return a > b; });
+    acc_t cum = 0;
+    for (int64_t j = 0; j < c; ++j) {
+      cum += vexp(z[j] - m);
+      if (cum >= target) return z[j];
+    }
+    return c ? z[c - 1] : -INF;
+  }
+  acc_t above = 0, cmax = m;
+  int64_t c = V;
+  while (cmin < cmax) {
+    acc_t mid = cmin * acc_t(0.5) + cmax * acc_t(0.5);
+    if (!(mid > cmin)) mid = cmax;  // adjacent values: split between them
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < c; ++i) s += z[i] >= mid ? e[i] : acc_t(0);
+    const bool up = above + s >= target;  // the threshold is >= mid: keep the upper side
+    if (!up) above += s;
+    int64_t k = 0;
+    acc_t nmin = INF, nmax = -INF;
+    for (int64_t i = 0; i < c; ++i) {
+      if (e[i] > 0 && (z[i] >= mid) == up) {
+        nmin = min_(nmin, z[i]);
+        nmax = max_(nmax, z[i]);
+        z[k] = z[i];
+        e[k++] = e[i];
+      }
+    }
+    c = k;
+    cmin = nmin;
+    cmax = nmax;
+  }
+  return cmax;
+}
+
+// scratch: 2 * V entries (+ top_k when 0 < top_k < V), owned by the caller.
+template <typename scalar_t, typename acc_t>
+void cutoff_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, int64_t stride, acc_t inv_t,
+                 int64_t top_k, acc_t top_p, acc_t log_min_p, bool min_p_first, bool sort_top_p, acc_t* tau,
+                 acc_t* scratch) {
+  constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* row = logits + n * stride;
+    acc_t m = NEG_INF;
+#pragma omp simd reduction(max : m)
+    for (int64_t v = 0; v < V; ++v) {
+      const acc_t x = static_cast<acc_t>(row[v]) * inv_t;
+      m = x > m ? x : m;
+    }
+    acc_t t = NEG_INF;
+    if (m > NEG_INF) {  // an all -inf row keeps "everything": it has no distribution at all
+      if (top_k > 0 && top_k < V) t = kth_largest(row, V, inv_t, top_k, scratch + 2 * V);
+      // min-p keeps p_v >= min_p * p_max, i.e. z_v >= max z + log(min_p), whatever was removed before
+      const acc_t t_min = m + log_min_p;
+      if (min_p_first) t = max_(t, t_min);
+      if (top_p < 1) t = max_(t, top_p_threshold(row, V, inv_t, m, t, top_p, sort_top_p, scratch, scratch + V));
+      t = max_(t, t_min);
+    }
+    tau[n] = t;
   }
 }
 
@@ -165,6 +326,8 @@ void bwd_rows(int64_t begin, int64_t end, const acc_t* g_logp, const acc_t* g_en
 // ISA's translation unit inside its own namespace.
 #define PYRL_INSTANTIATE_ROWS(S, A)                                                                              \
   template void fwd_rows<S, A>(int64_t, int64_t, const S*, int64_t, int64_t, const int64_t*, A, int64_t, bool,  \
-                               A*, A*, A*);                                                                      \
+                               A*, A*, A*, const A*);                                                            \
   template void bwd_rows<S, A>(int64_t, int64_t, const A*, const A*, const S*, S*, int64_t, int64_t, int64_t,   \
-                               const int64_t*, const A*, const A*, A, int64_t);
+                               const int64_t*, const A*, const A*, A, int64_t, const A*);                        \
+  template void cutoff_rows<S, A>(int64_t, int64_t, const S*, int64_t, int64_t, A, int64_t, A, A, bool, bool, A*, \
+                                  A*);

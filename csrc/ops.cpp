@@ -10,18 +10,25 @@
 
 TORCH_LIBRARY(pyrl, m) {
   // logits [N, V] (any float dtype) -> logp, entropy, lse: [N] in fp32 (fp64 for fp64 input).
-  // z = logits / temperature; rows whose target equals ignore_index give 0.
+  // z = logits / temperature; rows whose target equals ignore_index give 0. tau [N] (optional):
+  // the sampler's kept-set thresholds, z < tau counts as -inf (docs/formulas.md §1.1).
   m.def(
       "logprobs_fwd(Tensor logits, Tensor targets, float temperature, int ignore_index, "
-      "bool compute_entropy) -> (Tensor logp, Tensor entropy, Tensor lse)");
+      "bool compute_entropy, Tensor? tau=None) -> (Tensor logp, Tensor entropy, Tensor lse)");
   // d loss / d logits, in the dtype of logits. grad_entropy may be None.
   m.def(
       "logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor targets, "
-      "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+      "Tensor lse, Tensor entropy, float temperature, int ignore_index, Tensor? tau=None) -> Tensor");
   // The same, written over `logits` (saves an [N, V] buffer when the caller no longer needs it).
   m.def(
       "logprobs_bwd_(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor targets, "
-      "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
+      "Tensor lse, Tensor entropy, float temperature, int ignore_index, Tensor? tau=None) -> ()");
+  // The per-row kept-set thresholds tau [N] of the sampler's truncation (accumulation dtype):
+  // top_k <= 0, top_p >= 1, min_p <= 0 switch each off; min_p_first: vLLM v1's order;
+  // sort_top_p: find the top-p threshold by sorting the row instead of the threshold search.
+  m.def(
+      "sampler_cutoff(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
+      "bool min_p_first, bool sort_top_p) -> Tensor");
 }
 
 namespace {
@@ -31,7 +38,7 @@ at::ScalarType acc_type(at::ScalarType t) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_meta(
-    const at::Tensor& logits, const at::Tensor& targets, double, int64_t, bool) {
+    const at::Tensor& logits, const at::Tensor& targets, double, int64_t, bool, const std::optional<at::Tensor>&) {
   auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
   auto n = logits.sym_size(0);
   return {at::empty_symint({n}, opts), at::empty_symint({n}, opts), at::empty_symint({n}, opts)};
@@ -39,13 +46,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_meta(
 
 at::Tensor logprobs_bwd_meta(const at::Tensor&, const std::optional<at::Tensor>&,
                              const at::Tensor& logits, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, double, int64_t) {
+                             const at::Tensor&, double, int64_t, const std::optional<at::Tensor>&) {
   return at::empty_like(logits);
 }
 
 void logprobs_bwd_inplace_meta(const at::Tensor&, const std::optional<at::Tensor>&,
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, double, int64_t) {}
+                               const at::Tensor&, double, int64_t, const std::optional<at::Tensor>&) {}
+
+at::Tensor sampler_cutoff_meta(const at::Tensor& logits, double, int64_t, double, double, bool, bool) {
+  return at::empty_symint({logits.sym_size(0)}, logits.options().dtype(acc_type(logits.scalar_type())));
+}
 
 }  // namespace
 
@@ -53,6 +64,7 @@ TORCH_LIBRARY_IMPL(pyrl, Meta, m) {
   m.impl("logprobs_fwd", &logprobs_fwd_meta);
   m.impl("logprobs_bwd", &logprobs_bwd_meta);
   m.impl("logprobs_bwd_", &logprobs_bwd_inplace_meta);
+  m.impl("sampler_cutoff", &sampler_cutoff_meta);
 }
 
 PYBIND11_MODULE(_C, m) {

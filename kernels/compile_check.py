@@ -34,8 +34,8 @@ def _signatures(dt: str) -> list[tuple[object, dict, list[dict]]]:
     prec = F._dot_precision(torch.float32 if dt == "fp32" else torch.bfloat16)
     block, warps = R._row_config(151936)
     row_types = dict(x_ptr=f"*{dt}", out_ptr=f"*{dt}", y_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32",
-                     lse_ptr="*fp32", g_logp_ptr="*fp32", g_ent_ptr="*fp32", temperature="fp32",
-                     **{name: "i32" for name in _ROW_I32})
+                     lse_ptr="*fp32", g_logp_ptr="*fp32", g_ent_ptr="*fp32", tau_ptr="*fp32", temperature="fp32",
+                     top_k="fp32", top_p="fp32", log_min_p="fp32", **{name: "i32" for name in _ROW_I32})
     fused_types = dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", y_ptr="*i32", zy_ptr="*fp32",
                        m_part_ptr="*fp32", s_part_ptr="*fp32", t_part_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32",
                        logp_ptr="*fp32", g_logp_ptr="*fp32", g_ent_ptr="*fp32", dh_ptr="*fp32", dw_ptr="*fp32",
@@ -47,8 +47,12 @@ def _signatures(dt: str) -> list[tuple[object, dict, list[dict]]]:
         return [dict(const, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in named.values()]
 
     return [
-        (R._rows_fwd_kernel, row_types, [dict(NEED_ENTROPY=True, BLOCK_V=block, num_warps=warps, num_stages=3)]),
-        (R._rows_bwd_kernel, row_types, [dict(HAS_G_ENT=True, BLOCK_V=block, num_warps=warps, num_stages=3)]),
+        (R._rows_fwd_kernel, row_types, [dict(NEED_ENTROPY=True, HAS_TAU=tau, BLOCK_V=block, num_warps=warps,
+                                              num_stages=3) for tau in (True, False)]),
+        (R._rows_bwd_kernel, row_types, [dict(HAS_G_ENT=True, HAS_TAU=tau, BLOCK_V=block, num_warps=warps,
+                                              num_stages=3) for tau in (True, False)]),
+        (R._cutoff_kernel, row_types, [dict(HAS_K=True, HAS_P=True, MIN_P_FIRST=False, BLOCK_V=block, num_warps=warps,
+                                            num_stages=3)]),
         (F._fused_fwd_kernel.fn, fused_types,
          cfgs(F._FWD_CONFIGS, HAS_BIAS=True, NEED_ENTROPY=True, DOT_PRECISION=prec, VOCAB_SPLIT=F._VOCAB_SPLIT,
               GROUP_N=F._GROUP_N)),

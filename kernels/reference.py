@@ -16,7 +16,13 @@ cancelling two large numbers. Every body (this one, ``torch.ops.pyrl.logprobs_*`
     bwd(logits, targets, lse, entropy, g_logp, g_ent | None, params, out=None) -> d logits [n, V]
 
 ``bwd`` writes into ``out`` when given (``out`` may be ``logits`` itself: the gradient replaces
-the logits in place). ``targets == params.ignore_index`` gives 0 and no gradient. This module is
+the logits in place).
+
+Sampler truncation (``params.top_k / top_p / min_p``, docs/formulas.md §1.1): a row keeps the
+tokens whose scaled logit is ``>= tau`` (one threshold per row; ties with the boundary token are
+kept) and is renormalised over them. ``cutoff(logits, params) -> tau [n]`` finds the thresholds
+(``-inf``: keep all), and ``fwd``/``bwd`` take them as ``tau=``; every other token counts as a
+``-inf`` logit. A target outside the kept set gets ``logp = -inf`` and no log-prob gradient. ``targets == params.ignore_index`` gives 0 and no gradient. This module is
 the reference the others are tested against; it is written as stats -> merge -> finish so that the
 vocabulary-parallel plan (``pyrl.ops.vocab_parallel``) can merge the stats of vocabulary shards
 across ranks between the two steps, with no second copy of the maths.
@@ -35,9 +41,12 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["RowParams", "RowStats", "TorchRows", "acc_dtype", "row_sum", "DIVERGENCES", "divergence_rows",
-           "sparse_forward_kl_rows"]
+           "sparse_forward_kl_rows", "SAMPLER_ORDERS"]
 
 SUM_BLOCK = 2048
+# The order of the truncations after the temperature (docs/formulas.md §1.1): "hf" is HF generate's
+# (top-k, top-p, min-p; also vLLM's v0 sampler), "vllm" is vLLM v1's (min-p, top-k, top-p).
+SAMPLER_ORDERS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,25 @@ class RowParams:
     temperature: float = 1.0
     ignore_index: int = -100
     need_entropy: bool = False
+    # the sampler's truncation (docs/formulas.md §1.1); None: off. ``check_sampler`` normalises the
+    # values that keep everything (top_p = 1, min_p = 0) to None.
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    sampler_order: str = "hf"
+
+    @property
+    def truncates(self) -> bool:
+        """Whether rows are truncated to a kept set (then ``cutoff`` gives its thresholds)."""
+        return self.top_k is not None or self.top_p is not None or self.min_p is not None
+
+    @property
+    def sampler_text(self) -> str:
+        """The truncation as text, for plans and errors (``""`` when off)."""
+        parts = [f"{k}={getattr(self, k)!r}" for k in ("top_k", "top_p", "min_p") if getattr(self, k) is not None]
+        if self.top_p is not None and self.min_p is not None:  # the only pair whose order matters
+            parts.append(f"sampler_order={self.sampler_order!r}")
+        return ", ".join(parts)
 
 
 class RowStats(NamedTuple):
@@ -76,8 +104,21 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     return parts.sum(-1)
 
 
-def _scaled(logits: torch.Tensor, p: RowParams) -> torch.Tensor:
-    return logits.to(acc_dtype(logits.dtype)) / p.temperature
+def _scaled(logits: torch.Tensor, p: RowParams, tau: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``logits / temperature`` in the accumulation dtype; tokens below the row's ``tau`` become -inf."""
+    z = logits.to(acc_dtype(logits.dtype)) / p.temperature
+    return z if tau is None else z.masked_fill(z < tau.unsqueeze(1), float("-inf"))
+
+
+def _top_p_cutoff(z: torch.Tensor, tau: torch.Tensor, m: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The top-p threshold of each row among the tokens ``z >= tau`` (a sort of the row): the value of
+    the first token, in descending order, at which the kept mass reaches ``top_p`` of the total."""
+    kept = torch.where(z >= tau.unsqueeze(1), z, float("-inf"))
+    ordered = kept.sort(dim=-1, descending=True).values
+    m_safe = torch.where(torch.isfinite(m), m, 0.0).unsqueeze(1)
+    cum = (ordered - m_safe).exp().cumsum(-1)
+    first = (cum < top_p * cum[:, -1:]).sum(-1, keepdim=True).clamp(max=z.shape[1] - 1)
+    return ordered.gather(1, first).squeeze(1)
 
 
 def _here(targets: torch.Tensor, V: int, p: RowParams) -> torch.Tensor:
@@ -90,8 +131,28 @@ class TorchRows:
     """The reference row body (plain PyTorch, in the accumulation dtype)."""
 
     @staticmethod
-    def stats(logits: torch.Tensor, targets: torch.Tensor, p: RowParams) -> RowStats:
+    def cutoff(logits: torch.Tensor, p: RowParams) -> Optional[torch.Tensor]:
+        """Per-row kept-set thresholds ``tau [n]`` of the sampler's truncation (None when ``p`` keeps
+        every token): top-k by ``topk`` (a selection), min-p in closed form, top-p by a sort."""
+        if not p.truncates:
+            return None
         z = _scaled(logits, p)
+        n, V = z.shape
+        m = z.amax(dim=-1) if V else z.new_full((n,), float("-inf"))
+        tau = z.new_full((n,), float("-inf"))
+        if p.top_k is not None and p.top_k < V:
+            tau = z.topk(p.top_k, dim=-1).values[:, -1]
+        # min-p keeps p_v >= min_p * p_max, i.e. z_v >= max z + log(min_p), whatever was removed before
+        tau_m = m + math.log(p.min_p) if p.min_p is not None else tau
+        if p.sampler_order == "vllm":
+            tau = torch.maximum(tau, tau_m)
+        if p.top_p is not None:
+            tau = torch.maximum(tau, _top_p_cutoff(z, tau, m, p.top_p))
+        return torch.maximum(tau, tau_m)
+
+    @staticmethod
+    def stats(logits: torch.Tensor, targets: torch.Tensor, p: RowParams, tau=None) -> RowStats:
+        z = _scaled(logits, p, tau)
         acc = z.dtype
         m = z.amax(dim=-1)
         m_safe = torch.where(torch.isfinite(m), m, 0.0).unsqueeze(1)
@@ -121,12 +182,12 @@ class TorchRows:
         return logp, ent, lse
 
     @staticmethod
-    def fwd(logits, targets, p: RowParams):
-        return TorchRows.finish(TorchRows.stats(logits, targets, p), targets, p)
+    def fwd(logits, targets, p: RowParams, tau=None):
+        return TorchRows.finish(TorchRows.stats(logits, targets, p, tau), targets, p)
 
     @staticmethod
-    def bwd(logits, targets, lse, ent, g_logp, g_ent, p: RowParams, out=None):
-        z = _scaled(logits, p)
+    def bwd(logits, targets, lse, ent, g_logp, g_ent, p: RowParams, out=None, tau=None):
+        z = _scaled(logits, p, tau)
         acc = z.dtype
         finite = torch.isfinite(lse)
         ok = (targets != p.ignore_index) & finite
@@ -135,7 +196,11 @@ class TorchRows:
         safe_lse = torch.where(finite, lse, 0.0).unsqueeze(1)
         zc = z.clamp(min=torch.finfo(acc).min)
         prob = (zc - safe_lse).exp()
-        g1 = torch.where(ok, g_logp.to(acc), 0.0).unsqueeze(1)
+        has_logp = ok
+        if tau is not None:  # a target outside the kept set has logp = -inf: no log-prob gradient
+            at = ok & _here(targets, z.shape[1], p)
+            has_logp = at & (z.gather(1, torch.where(at, targets, 0).unsqueeze(1)).squeeze(1) > float("-inf"))
+        g1 = torch.where(has_logp, g_logp.to(acc), 0.0).unsqueeze(1)
         dz = -prob * g1
         if g_ent is not None:
             mu = torch.where(ok, lse - ent, 0.0).unsqueeze(1)  # sum_v p_v z_v

@@ -25,6 +25,14 @@ Numerics: every input dtype (bf16, fp16, fp32) is read and reduced in fp32; fp64
 ``logp = -inf``; ``logp`` is clamped to ``<= 0`` and entropy to ``>= 0``. Rows whose target is
 ``ignore_index`` give 0 and no gradient. The gradient is written in the logits dtype.
 
+Sampler truncation (``p.top_k / top_p / min_p``, docs/formulas.md §1.1): ``LogprobRows.cutoff``
+finds each row's kept-set threshold ``tau`` with one program per row: top-k and top-p are each a
+threshold search, a bisection over the 32-bit order-preserving key of the fp32 logits (the k-th
+largest value is the largest key ``u`` with ``#{key(z) >= u} >= k``; the top-p threshold the largest
+with ``mass(key(z) >= u) >= top_p * mass``), exact, no sort and no scratch, each pass over the row
+also taking the value range of the undecided band so the search stops once it holds one value;
+min-p is ``max z + log(min_p)``. The row kernels then read every logit below ``tau`` as -inf.
+
 Batch invariance: a row is reduced by one program in ``BLOCK_V`` blocks in vocabulary order, and
 ``BLOCK_V`` (``_row_config``) is a function of ``V`` only, so a row's bits never depend on ``n`` or
 on the other rows.
@@ -36,6 +44,7 @@ one block of logits), so the two kernels cannot drift apart in their maths.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -125,19 +134,24 @@ def softmax_grad(z, ok, lse, mu, g1, g2, is_target, HAS_G_ENT: tl.constexpr):
 # Row kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["n_rows"])
-def _rows_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, ent_ptr, lse_ptr, n_rows, V, temperature, ignore_index,
-                     NEED_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def _rows_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, ent_ptr, lse_ptr, tau_ptr, n_rows, V, temperature,
+                     ignore_index, NEED_ENTROPY: tl.constexpr, HAS_TAU: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     y = tl.load(y_ptr + row)
     valid = y != ignore_index
     zy = tl.load(x_row + tl.where(valid, y, 0)).to(tl.float32) / temperature
+    if HAS_TAU:  # the sampler's kept set: every logit below tau counts as -inf
+        tau = tl.load(tau_ptr + row)
+        zy = tl.where(zy >= tau, zy, float("-inf"))
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+        if HAS_TAU:
+            z = tl.where(z >= tau, z, float("-inf"))
         m_b = tl.max(z, 0)
         m_b_safe = tl.where(m_b == float("-inf"), 0.0, m_b)
         d = tl.maximum(z - m_b_safe, -3.4028234663852886e38)  # exp(d) * d = 0, not 0 * -inf, at -inf
@@ -155,8 +169,9 @@ def _rows_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, ent_ptr, lse_ptr, n_rows,
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _rows_bwd_kernel(x_ptr, stride_x, out_ptr, stride_out, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
-                     n_rows, V, temperature, ignore_index, HAS_G_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+def _rows_bwd_kernel(x_ptr, stride_x, out_ptr, stride_out, y_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, tau_ptr,
+                     n_rows, V, temperature, ignore_index, HAS_G_ENT: tl.constexpr, HAS_TAU: tl.constexpr,
+                     BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     out_row = out_ptr + row * stride_out
@@ -171,20 +186,126 @@ def _rows_bwd_kernel(x_ptr, stride_x, out_ptr, stride_out, y_ptr, lse_ptr, ent_p
     else:
         g2 = 0.0
         mu = 0.0
+    if HAS_TAU:
+        tau = tl.load(tau_ptr + row)
+        # a target outside the kept set has logp = -inf: no log-prob gradient (read before out is written)
+        zy = tl.load(x_row + tl.where(ok, y, 0)).to(tl.float32) / temperature
+        g1 = tl.where((zy >= tau) & (zy > float("-inf")), g1, 0.0)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
         # Each element is read before it is written by this same program: out may alias x.
         z = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        if HAS_TAU:
+            z = tl.where(z >= tau, z, float("-inf"))
         dz = softmax_grad(z, ok, lse, mu, g1, g2, cols == y, HAS_G_ENT)
         tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _key(z):
+    """An int32 key of fp32 values in the same order (the sign-magnitude bits, negatives flipped)."""
+    b = z.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _unkey(k):
+    b = k.to(tl.int32)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_search(x_row, V, temperature, t, m_safe, m, goal, MASS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The largest value u of the row with f(u) >= goal, f(u) = #{z >= u} (or, with MASS, the mass
+    sum exp(z - m) over z >= u), among the tokens z >= t: a bisection over the int32 keys in
+    [key(t), key(m)], each pass also taking the range of the values in [mid, hi), so it stops as
+    soon as that range holds one distinct value (a handful of passes on real rows, 32 at most)."""
+    lo = _key(t).to(tl.int64)
+    hi = _key(m).to(tl.int64) + 1
+    u = t
+    searching = hi - lo > 1
+    while searching:
+        mid = lo + (hi - lo) // 2
+        f = tl.zeros((), tl.float32)
+        v_min = tl.full((), float("inf"), tl.float32)
+        v_max = tl.full((), float("-inf"), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+            k = _key(z).to(tl.int64)
+            above = (k >= mid) & (z >= t) & (cols < V)
+            if MASS:
+                f += tl.sum(tl.where(above, tl.exp(z - m_safe), 0.0), 0)
+            else:
+                f += tl.sum(above.to(tl.float32), 0)
+            band = above & (k < hi)
+            v_min = tl.minimum(v_min, tl.min(tl.where(band, z, float("inf")), 0))
+            v_max = tl.maximum(v_max, tl.max(tl.where(band, z, float("-inf")), 0))
+        ok = f >= goal
+        # f(mid) >= goal and [mid, hi) holds one distinct value: that value is u (f fails at hi)
+        found = ok & (v_min == v_max)
+        u = tl.where(found, v_min, tl.where(ok, _unkey(mid), u))
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+        searching = (~found) & (hi - lo > 1)
+    return u
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _cutoff_kernel(x_ptr, stride_x, tau_ptr, n_rows, V, temperature, top_k, top_p, log_min_p, HAS_K: tl.constexpr,
+                   HAS_P: tl.constexpr, MIN_P_FIRST: tl.constexpr, BLOCK_V: tl.constexpr):
+    """tau[row]: the row's kept-set threshold (module docstring): -inf keeps every token."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    m = tl.full((), float("-inf"), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+        m = tl.maximum(m, tl.max(z, 0))
+    t = tl.full((), float("-inf"), tl.float32)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    if HAS_K:
+        t = _key_search(x_row, V, temperature, t, m_safe, m, top_k, False, BLOCK_V)
+    t_min = m + log_min_p  # min-p: p_v >= min_p * p_max  <=>  z_v >= max z + log(min_p)
+    if MIN_P_FIRST:
+        t = tl.maximum(t, t_min)
+    if HAS_P:
+        total = tl.zeros((), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / temperature
+            total += tl.sum(tl.where(z >= t, tl.exp(z - m_safe), 0.0), 0)
+        t = tl.maximum(t, _key_search(x_row, V, temperature, t, m_safe, m, top_p * total, True, BLOCK_V))
+    t = tl.maximum(t, t_min)
+    tl.store(tau_ptr + row, tl.where(m == float("-inf"), float("-inf"), t))
 
 
 class LogprobRows:
     """The Triton row body (the ``TorchRows`` contract of ``pyrl.kernels.reference``): logits ``[n, V]``, raw."""
 
     @staticmethod
-    def fwd(logits: torch.Tensor, targets: torch.Tensor, p: RowParams):
+    def cutoff(logits: torch.Tensor, p: RowParams):
+        """The kept-set thresholds ``tau [n]`` fp32 (``TorchRows.cutoff``), None when nothing is truncated."""
+        if not p.truncates:
+            return None
+        check_dtype(logits)
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        n, vocab = logits.shape
+        tau = torch.empty(n, dtype=torch.float32, device=logits.device)
+        if n == 0:
+            return tau
+        block, warps = _row_config(vocab)
+        has_k = p.top_k is not None and p.top_k < vocab
+        _cutoff_kernel[(n,)](logits, logits.stride(0), tau, n, vocab, float(p.temperature), float(p.top_k or 0),
+                             float(p.top_p or 1.0), math.log(p.min_p) if p.min_p is not None else float("-inf"),
+                             HAS_K=has_k, HAS_P=p.top_p is not None, MIN_P_FIRST=p.sampler_order == "vllm",
+                             BLOCK_V=block, num_warps=warps)
+        return tau
+
+    @staticmethod
+    def fwd(logits: torch.Tensor, targets: torch.Tensor, p: RowParams, tau=None):
         """-> (logp, entropy, lse), each ``[n]`` fp32; entropy is 0 unless ``p.need_entropy``."""
         check_dtype(logits)
         if logits.stride(-1) != 1:
@@ -196,14 +317,15 @@ class LogprobRows:
         if n == 0:
             return logp, ent, lse
         block, warps = _row_config(vocab)
-        _rows_fwd_kernel[(n,)](logits, logits.stride(0), targets.contiguous(), logp, ent, lse, n, vocab,
+        _rows_fwd_kernel[(n,)](logits, logits.stride(0), targets.contiguous(), logp, ent, lse,
+                               lse if tau is None else tau.to(torch.float32).contiguous(), n, vocab,
                                float(p.temperature), int(p.ignore_index), NEED_ENTROPY=bool(p.need_entropy),
-                               BLOCK_V=block, num_warps=warps)
+                               HAS_TAU=tau is not None, BLOCK_V=block, num_warps=warps)
         return logp, ent, lse
 
     @staticmethod
     def bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
-            g_logp: torch.Tensor, g_ent, p: RowParams, out=None):
+            g_logp: torch.Tensor, g_ent, p: RowParams, out=None, tau=None):
         """d_logits ``[n, V]`` in the logits dtype, written into ``out`` (which may be ``logits``)."""
         check_dtype(logits)
         n, vocab = logits.shape
@@ -218,6 +340,7 @@ class LogprobRows:
         g_ent_c = g_ent.to(torch.float32).contiguous() if g_ent is not None else g_logp
         block, warps = _row_config(vocab)
         _rows_bwd_kernel[(n,)](logits, logits.stride(0), out, out.stride(0), targets.contiguous(), lse, ent,
-                               g_logp, g_ent_c, n, vocab, float(p.temperature), int(p.ignore_index),
-                               HAS_G_ENT=g_ent is not None, BLOCK_V=block, num_warps=warps)
+                               g_logp, g_ent_c, lse if tau is None else tau.to(torch.float32).contiguous(), n, vocab,
+                               float(p.temperature), int(p.ignore_index), HAS_G_ENT=g_ent is not None,
+                               HAS_TAU=tau is not None, BLOCK_V=block, num_warps=warps)
         return out

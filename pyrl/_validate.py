@@ -181,3 +181,21 @@ def check_group_size(group_size, batch: int) -> int:
     if batch % G:
         raise ValueError(f"group_size={G} does not divide the batch of {batch} rewards")
     return G
+
+
+def check_sampler(top_k, top_p, min_p, sampler_order, prefix: str = "") -> tuple:
+    """The sampler's truncation (docs/formulas.md §1.1): ``top_k`` an int >= 1, ``top_p`` in (0, 1],
+    ``min_p`` in [0, 1] (each or None), ``sampler_order`` ``"hf"`` or ``"vllm"``. Returns them with
+    the values that keep every token (``top_p = 1``, ``min_p = 0``) as None, as HF ``generate``
+    adds no warper for ``top_p = 1``. ``prefix`` goes before each name in the errors."""
+    from pyrl.kernels.reference import SAMPLER_ORDERS
+
+    if top_k is not None:
+        top_k = check_number(f"{prefix}top_k", top_k, low=1, integer=True, expect="an int >= 1 or None")
+    top_p = check_number(f"{prefix}top_p", top_p, low=0, high=1, low_open=True, allow_none=True)
+    min_p = check_number(f"{prefix}min_p", min_p, low=0, high=1, allow_none=True)
+    if not isinstance(sampler_order, str) or sampler_order not in SAMPLER_ORDERS:
+        raise ValueError(f"{prefix}sampler_order must be one of {', '.join(map(repr, SAMPLER_ORDERS))}, "
+                         f"got {sampler_order!r}")
+    return (int(top_k) if top_k is not None else None, None if top_p in (None, 1.0) else float(top_p),
+            None if min_p in (None, 0.0) else float(min_p), sampler_order)

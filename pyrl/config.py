@@ -24,6 +24,7 @@ PPO/GRPO with the DAPO token-mean normaliser, as in verl and TRL (``loss_type="d
     DisCO                     loss_type="disco", group_size=G (disco_tau=10: DisCO, None: DisCO-b)
     PACS                      loss_type="pacs", group_size=G, pacs_beta (advantage = the reward)
     Lp-Reg                    lp_reg_min_p=kappa, lp_reg_coef, lp_reg_rho (fused op only)
+    sampler's distribution    top_k=..., top_p=..., min_p=... (docs/formulas.md §1.1)
     ========================  ============================================================
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Optional, Union
 
 import torch
 
-from pyrl._validate import check_number
+from pyrl._validate import check_number, check_sampler
 from pyrl.losses import POLICY_LOSSES
 
 __all__ = ["PolicyLossConfig"]
@@ -255,6 +256,26 @@ class PolicyLossConfig:
     disco_beta: float = 1e3
     """``disco``: the squared-hinge penalty ``disco_beta * max(KL - disco_delta, 0)^2`` (DisCO: 1e3). ``>= 0``."""
 
+    # the sampler's truncation (docs/formulas.md §1.1)
+    top_k: Optional[int] = None
+    """The sampler's top-k (docs/formulas.md §1.1): the fused ops take log-probs and entropy under the
+    distribution renormalised over each row's ``top_k`` largest logits (after ``temperature``), so
+    the new and old log-probs and the ratio are those of the distribution the rollout engine drew
+    from. An int ``>= 1`` or ``None`` (off). Tokens outside the current policy's kept set
+    (``logp = -inf``) are dropped from the policy and KL terms (metric ``outside_kept_frac``)."""
+
+    top_p: Optional[float] = None
+    """The sampler's top-p (nucleus; docs/formulas.md §1.1): keep the smallest top set whose
+    probability reaches ``top_p``. In ``(0, 1]`` or ``None``; ``1`` keeps every token."""
+
+    min_p: Optional[float] = None
+    """The sampler's min-p (docs/formulas.md §1.1): keep the tokens with ``p >= min_p * p_max``. In
+    ``[0, 1]`` or ``None``; ``0`` keeps every token."""
+
+    sampler_order: str = "hf"
+    """The order of the truncations: ``"hf"`` (HF ``generate``: top-k, top-p, min-p) or ``"vllm"``
+    (vLLM v1: min-p, top-k, top-p); they differ only when both ``top_p`` and ``min_p`` are set."""
+
     def __post_init__(self) -> None:
         _choice("loss_type", self.loss_type, [s.name for s in POLICY_LOSSES.values()])  # registration order
         self._check_loss_params()
@@ -303,6 +324,7 @@ class PolicyLossConfig:
                                  f"agg='token-mean' only, got agg={self.agg!r}")
 
         _number("temperature", self.temperature, low=0, low_open=True)
+        check_sampler(self.top_k, self.top_p, self.min_p, self.sampler_order, "PolicyLossConfig.")
 
         _choice("is_level", self.is_level, IS_LEVELS)
         _choice("is_mode", self.is_mode, IS_MODES)
@@ -340,6 +362,12 @@ class PolicyLossConfig:
                 allowing = [o for o in specs if f.name in o.nullable]
                 raise ValueError(f"PolicyLossConfig.{f.name} may be None only for loss_type={_names(allowing)}, "
                                  f"got None with loss_type={self.loss_type!r}")
+
+    @property
+    def truncates(self) -> bool:
+        """Whether the log-probs are taken under a truncated sampler's distribution (top-k/p, min-p)."""
+        return check_sampler(self.top_k, self.top_p, self.min_p, self.sampler_order) != (None, None, None,
+                                                                                        self.sampler_order)
 
     @property
     def effective_ratio_level(self) -> str:

@@ -18,7 +18,9 @@ def test_defaults_match_api():
                     mastered_token_prob=None, lp_reg_min_p=None, lp_reg_coef=1.0, lp_reg_rho=0.01,
                     # pacs / disco (docs/formulas.md §3.11, §3.12)
                     group_size=None, pacs_beta=1.0, disco_score="l_ratio", disco_tau=None, disco_delta=1e-4,
-                    disco_beta=1e3)
+                    disco_beta=1e3,
+                    # the sampler (docs/formulas.md §1.1)
+                    top_k=None, top_p=None, min_p=None, sampler_order="hf")
     assert {f.name: getattr(c, f.name) for f in dataclasses.fields(c)} == expected
 
 

@@ -183,6 +183,62 @@ def test_rollout_logprobs_match_the_policy(tiny):
     assert greedy[0] == greedy[1]
 
 
+def test_top_p_sampling_and_training_logprobs_agree(tiny):
+    """rollout.top_p: the log-probs of the sampled tokens under generate's own processed scores (its
+    Temperature and TopP warpers, output_scores) equal the trainer's behaviour log-probs token by
+    token, as do the rollout log-probs pyrl records; without the sampler setting in the loss they
+    visibly differ (the full softmax spreads mass over the tail top-p removed)."""
+    from transformers import GenerationConfig
+
+    from pyrl.train.rollout import _eos_ids
+
+    lm, tok = tiny
+    prompts = ["3+4=", "12+5=", "7+7=", "9+1="] * 2
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    eos = _eos_ids(tok, lm)
+    cfg = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=6,
+                           pad_token_id=tok.pad_token_id, eos_token_id=eos, output_scores=True,
+                           return_dict_in_generate=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = lm.generate(**enc, generation_config=cfg)
+    new = out.sequences[:, enc["input_ids"].shape[1]:]
+    sampler = torch.stack([torch.log_softmax(s.float(), -1).gather(1, new[:, t:t + 1])[:, 0]
+                           for t, s in enumerate(out.scores)], 1)
+    mask, _ = completion_mask_from_ids(new, eos)
+    batch = make_batch(enc["input_ids"], enc["attention_mask"], torch.where(mask.bool(), new, tok.pad_token_id), mask)
+    T = batch["completion_ids"].shape[1]
+    m = mask[:, :T].bool()
+    with torch.no_grad():
+        trained = Policy(lm, pyrl.PolicyLossConfig(temperature=0.7, top_p=0.9))(batch, mode="logprobs")["logp"]
+        full = Policy(lm, pyrl.PolicyLossConfig(temperature=0.7))(batch, mode="logprobs")["logp"]
+    torch.testing.assert_close(trained[m], sampler[:, :T][m], atol=1e-4, rtol=0)
+    assert (full[m] - sampler[:, :T][m]).abs().mean() > 0.02
+    assert torch.isfinite(trained[m]).all()  # every sampled token lies in the trainer's kept set
+
+    # pyrl's own rollout records the same distribution's log-probs
+    torch.manual_seed(1)
+    roll = generate(lm, tok, prompts, max_new_tokens=6, temperature=0.7, top_p=0.9)
+    batch = make_batch(roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+    T = batch["completion_ids"].shape[1]
+    m = roll.completion_mask[:, :T].bool()
+    with torch.no_grad():
+        trained = Policy(lm, pyrl.PolicyLossConfig(temperature=0.7, top_p=0.9))(batch, mode="logprobs")["logp"]
+    torch.testing.assert_close(trained[m], roll.rollout_logp[:, :T][m], atol=1e-4, rtol=0)
+
+
+def test_rollout_sampler_settings_reach_the_loss(tmp_path):
+    """rollout.top_k/top_p/min_p go to generate and to the loss: the behaviour/sampler gap stays at
+    rounding; a bad value names its key."""
+    cfg = fast_config("max_steps=1", "task.eval_size=0", "plot=false", "save_every=0", "algo.ppo_epochs=2",
+                      "rollout.top_p=0.9", "rollout.top_k=20", "rollout.temperature=0.8")
+    train(cfg, str(tmp_path / "run"))
+    last = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))[-1]
+    assert last["rollout_logp_abs_diff"] < 1e-4
+    with pytest.raises(ValueError, match=r"rollout.top_p must be in \(0, 1\]"):
+        train(fast_config("rollout.top_p=1.5"), str(tmp_path / "bad"))
+
+
 # ------------------------------------------------------------------------------------------------
 # policy and update
 

@@ -29,7 +29,7 @@ from pyrl._validate import check_chunk_bytes, check_linear_args, check_ref_model
     check_targets, shape_str
 from pyrl.config import PolicyLossConfig
 from pyrl.kernels.reference import RowParams, acc_dtype, divergence_rows, row_sum
-from pyrl.ops.logprobs import LinearCall, fused_linear_logprobs, run_linear_logprobs
+from pyrl.ops.logprobs import LinearCall, fused_linear_logprobs, row_params, run_linear_logprobs
 from pyrl.ops.plan import GEMM_ROW_QUANTUM, Plan, make_plan
 from pyrl.ops.policy_loss import agg_weights, check_policy_args, not_token_separable, policy_loss_core
 from pyrl.ops.walk import Head, rows_body, walk
@@ -162,7 +162,8 @@ class _OnePassPolicyLoss(torch.autograd.Function):
         def step(s, e, z, _):
             nonlocal loss
             t = targets[s:e]
-            lp, ent, lse = rows.fwd(z, t, params)
+            tau = rows.cutoff(z, params)  # the sampler's kept sets (None when not truncated)
+            lp, ent, lse = rows.fwd(z, t, params, tau=tau)
             with torch.enable_grad():
                 lp_leaf, ent_leaf = lp.requires_grad_(), ent.requires_grad_()
                 loss_c, sums_c = chunk_loss(lp_leaf, ent_leaf, s, e)
@@ -173,7 +174,7 @@ class _OnePassPolicyLoss(torch.autograd.Function):
             if not any(need):
                 return False
             g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
-            rows.bwd(z, t, lse, ent.detach(), g_lp, g_ent, params, out=z)
+            rows.bwd(z, t, lse, ent.detach(), g_lp, g_ent, params, out=z, tau=tau)
             return True
 
         ctx.grads = walk(Head.of(plan, hidden, weight, bias, need=need), plan.chunk_rows, step)
@@ -213,15 +214,21 @@ def _one_pass_loss(hidden, weight, bias, targets, mask, advantages, *, old_logp,
         # the core reports means over the chunk's valid tokens: turn them into sums to merge chunks
         return loss, {k: v if k == "ratio_max" else v * count for k, v in metrics.items()}
 
-    params = RowParams(config.temperature, ignore_index, True)
     loss, *values = _OnePassPolicyLoss.apply(hidden.reshape(B * T, H), weight, bias, targets.reshape(-1), plan,
-                                             params, chunk_loss)
+                                             _row_params(config, ignore_index), chunk_loss)
     keys = (list(_METRICS) + (["mastered_frac"] if config.mastered_token_prob is not None else [])
-            + (["is_weight_mean"] if config.is_level is not None else []))
+            + (["is_weight_mean"] if config.is_level is not None else [])
+            + (["outside_kept_frac"] if config.truncates else []))
     total = m.sum()
     metrics = {k: v if k == "ratio_max" else torch.where(total > 0, v / total.clamp(min=1), 0.0)
                for k, v in zip(keys, values)}
     return loss, metrics
+
+
+def _row_params(config: PolicyLossConfig, ignore_index: int) -> RowParams:
+    """The policy's rows: its temperature and the sampler's truncation, entropy always on."""
+    return row_params(config.temperature, ignore_index, True, config.top_k, config.top_p, config.min_p,
+                      config.sampler_order, prefix="PolicyLossConfig.")
 
 
 class _PolicyCall(NamedTuple):
@@ -282,7 +289,8 @@ def plan_fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, 
     plan = make_plan("fused_linear_policy_loss", device=hidden.device, dtype=hidden.dtype, n_rows=B * T,
                      vocab=weight.shape[0], backend=backend, chunk_bytes=chunk_bytes,
                      separable=not_token_separable(config), full_kl=full_kl,
-                     vocab_parallel=vocab_parallel_group is not None, proxy_kl=config.lp_reg_min_p is not None)
+                     vocab_parallel=vocab_parallel_group is not None, proxy_kl=config.lp_reg_min_p is not None,
+                     sampler=_row_params(config, ignore_index).sampler_text)
     if vocab_parallel_group is None:
         targets = check_targets("targets", targets, (B, T), weight.shape[0], ignore_index)
     return _PolicyCall(plan, targets, full_kl)
@@ -309,7 +317,10 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
             not given and ``beta > 0``.
         policy_weight: optional [B], [B, 1] or [B, T] constant factor on the policy term (e.g.
             vLLM's importance ratio); see ``pyrl.policy_loss``.
-        config: a ``PolicyLossConfig``; ``config.temperature`` divides the logits.
+        config: a ``PolicyLossConfig``; ``config.temperature`` divides the logits, and its
+            ``top_k``/``top_p``/``min_p`` take the log-probs and entropy under the sampler's
+            truncated distribution (docs/formulas.md §1.1, §3.13); the reference log-probs
+            (``ref_hidden``) and the exact KL stay under the full softmax.
         chunk_bytes: fp32 logits per token chunk (default 32 MiB on CPU, 160 MiB on CUDA).
         vocab_parallel_group: a ``torch.distributed`` group across which ``weight`` (and
             ``bias``/``ref_weight``/``ref_bias``) are split by vocabulary, as in
@@ -339,9 +350,9 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
                               ignore_index=ignore_index)
     if vocab_parallel_group is None:
         # the log-prob pass of this call's own plan: validated and planned once, above
-        params = RowParams(config.temperature, ignore_index, True)
         logp, entropy = run_linear_logprobs(LinearCall(plan, hidden.reshape(B * T, -1), weight, bias,
-                                                       targets.reshape(-1), params, (B, T)))
+                                                       targets.reshape(-1), _row_params(config, ignore_index),
+                                                       (B, T)))
         logp, entropy = logp.reshape(B, T), entropy.reshape(B, T)
     else:  # the vocab-parallel op agrees its chunks with the other ranks first
         logp, entropy = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=config.temperature,

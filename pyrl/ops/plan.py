@@ -20,7 +20,10 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
   (bf16/fp16 tensor-core GEMMs with fp32 output, CUDA);
 * ``chunk_rows`` / ``pad_rows``: tokens per chunk, and the multiple every chunk GEMM is padded to
   (batch invariance: a token's logits never depend on how many tokens share its chunk);
-* ``vocab_parallel``: the LM head is split by vocabulary across ranks (collectives per chunk).
+* ``vocab_parallel``: the LM head is split by vocabulary across ranks (collectives per chunk);
+* ``sampler``: the sampler's truncation (top-k / top-p / min-p, docs/formulas.md §1.1), or ``""``:
+  each row's kept-set threshold is found by the row body on the chunk's full-vocabulary logits,
+  so it rules out Triton's fused kernel (which never holds a whole row).
 
 ``make_plan`` is a pure function of its arguments and of the environment knobs, which only
 ``env_knobs`` reads. ``pyrl.explain(op, *args, **kwargs)`` shows the plan of a call as text.
@@ -99,6 +102,7 @@ class Plan:
     kl_chunk_rows: int = 0
     vocab_parallel: bool = False
     reasons: Tuple[str, ...] = ()
+    sampler: str = ""
 
     def __str__(self) -> str:
         head = f"{self.op}: backend={self.backend}, linear={self.linear}"
@@ -110,6 +114,8 @@ class Plan:
             head += f", exact-KL chunk_rows={self.kl_chunk_rows}"
         if self.vocab_parallel:
             head += ", vocab_parallel"
+        if self.sampler:
+            head += f", sampler: {self.sampler}"
         return "\n".join([head, *("  - " + r for r in self.reasons)])
 
 
@@ -132,9 +138,11 @@ def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
 
 def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int = 0, vocab: int = 0,
               backend: str = "auto", chunk_bytes: Optional[int] = None, separable: Optional[str] = None,
-              full_kl: bool = False, vocab_parallel: bool = False, proxy_kl: bool = False) -> Plan:
+              full_kl: bool = False, vocab_parallel: bool = False, proxy_kl: bool = False,
+              sampler: str = "") -> Plan:
     """The plan of one call. ``separable``: for the policy loss, ``None`` when the loss is
-    token-separable, else the reason it is not (which rules out the one-pass plan)."""
+    token-separable, else the reason it is not (which rules out the one-pass plan). ``sampler``:
+    the sampler's truncation as text (``"top_p=0.9"``), ``""`` when off."""
     if op not in _OPS:
         raise ValueError(f"op must be one of {_OPS}, got {op!r}")
     knobs = env_knobs()
@@ -151,8 +159,16 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
     else:
         name = resolve_backend(backend, device)
         reasons.append(f"backend={backend!r} on {device.type} -> the {name} row body")
+    if sampler:
+        if vocab_parallel:
+            raise ValueError(f"{sampler} is not supported with vocab_parallel_group: a row's kept set needs the "
+                             "whole vocabulary's logits, which no rank holds")
+        reasons.append(f"sampler truncation ({sampler}): each row's kept-set threshold is found on its full "
+                       "logits by the row body (top-k by a selection, min-p in closed form, top-p by "
+                       + ("a sort" if name == "torch" else "a threshold search") + "), then the row is "
+                       "renormalised over the kept tokens")
     if op == "logprobs_from_logits":
-        return Plan(op, name, reasons=tuple(reasons))
+        return Plan(op, name, reasons=tuple(reasons), sampler=sampler)
 
     chunk_bytes = chunk_bytes_default(device) if chunk_bytes is None else chunk_bytes
     asked_bytes = chunk_bytes
@@ -167,7 +183,10 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
         gemm = "lowp" if low and device.type == "cuda" else "acc"
         reasons.append("triton: GEMMs per token chunk around the Triton row kernel (hard-label term)")
     elif name == "triton":
-        mode = knobs.triton_linear or ("chunked" if low and device.type == "cuda" else "fused")
+        mode = knobs.triton_linear or ("chunked" if low and device.type == "cuda" or sampler else "fused")
+        if mode == "fused" and sampler:
+            raise ValueError(f"PYRL_TRITON_LINEAR=fused cannot run this call: {sampler} needs each row's full "
+                             "logits, and the fused kernel streams vocabulary tiles")
         if mode == "fused":
             linear = "kernel"
             reasons.append("triton " + ("(PYRL_TRITON_LINEAR=fused)" if knobs.triton_linear else
@@ -175,9 +194,10 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
                            ": one fused kernel over the whole batch, logits tiles never stored")
         else:
             gemm = "lowp" if low else "acc"
-            reasons.append("triton " + ("(PYRL_TRITON_LINEAR=chunked)" if knobs.triton_linear else
-                                        f"with {str(dtype).replace('torch.', '')} on cuda") +
-                           ": cuBLAS GEMMs per token chunk around the Triton row kernels")
+            why = ("(PYRL_TRITON_LINEAR=chunked)" if knobs.triton_linear else
+                   "with the sampler's truncation (the fused kernel never holds a whole row)" if sampler else
+                   f"with {str(dtype).replace('torch.', '')} on cuda")
+            reasons.append(f"triton {why}: cuBLAS GEMMs per token chunk around the Triton row kernels")
     if linear == "kernel":
         chunk_rows, pad_rows = max(1, n_rows), 1
     elif gemm == "lowp":
@@ -223,4 +243,4 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
         if proxy_kl:
             reasons.append(f"Lp-Reg: a walk over the policy head for KL(proxy || p), {kl_rows} rows per chunk")
     return Plan(op, name, linear, passes, gemm, chunk_rows, pad_rows, asked_bytes, kl_rows, vocab_parallel,
-                tuple(reasons))
+                tuple(reasons), sampler)

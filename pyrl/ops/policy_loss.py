@@ -196,12 +196,22 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
     advantages = clean(advantages.expand_as(logp), False)
     count = m.sum()
 
+    kept = m  # the tokens the policy and KL terms see
+    if config.truncates:
+        # docs/formulas.md §3.13: under the sampler's distribution a token outside the current (or the
+        # behaviour) policy's kept set has logp = -inf: it is dropped from the policy and KL terms, its
+        # log-probs replaced by 0 first so that no -inf (or 0 * inf) reaches the loss or the gradient.
+        outside = valid & (logp == float("-inf"))
+        drop = outside | (valid & (old_logp == float("-inf")))
+        logp, old_logp = torch.where(drop, zero, logp), torch.where(drop, zero, old_logp)
+        kept = m * (~drop).to(dtype)
+
     ratio = _ratio(logp, old_logp, m, config.effective_ratio_level)
     spec = get_policy_loss(config.loss_type)
     extra = {"mask": valid} if spec.needs_mask else {}
     per_token, clipped = spec.fn(logp, ratio, advantages, config, **extra)
 
-    policy_mask = m
+    policy_mask = kept
     if config.top_entropy_rho < 1.0 and logp.numel() > 0:
         quantile = entropy_quantile_fn or local_entropy_quantile
         ent = entropy.detach()
@@ -218,6 +228,8 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
             policy_mask = policy_mask * keep.to(dtype)
         per_token = per_token * weight
         extra_metrics["is_weight_mean"] = _masked_mean(weight, m, count)
+    if config.truncates:
+        extra_metrics["outside_kept_frac"] = _masked_mean(outside.to(dtype), m, count)
     if policy_weight is not None:
         w = policy_weight.detach().to(dtype)
         w = w.unsqueeze(-1) if w.dim() == 1 else w
@@ -230,7 +242,7 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
     if kl is not None and config.use_bias_correction_kl:
         kl = kl * ratio
     if kl is not None and config.beta != 0:
-        per_token = per_token + config.beta * kl * m
+        per_token = per_token + config.beta * kl * kept
     if entropy is not None and config.entropy_coef != 0:
         per_token = per_token - config.entropy_coef * entropy * m
     if config.lp_reg_min_p is not None:
@@ -250,7 +262,7 @@ def policy_loss_core(logp, advantages, mask, *, old_logp, ref_logp, entropy, rol
             ratio_max = zero
         metrics = {
             "clip_frac": zero if clipped is None else _masked_mean(clipped.to(dtype), m, count),
-            "kl_mean": zero if kl is None else _masked_mean(kl.detach(), m, count),
+            "kl_mean": zero if kl is None else _masked_mean(kl.detach(), kept, count),
             "entropy_mean": zero if entropy is None else _masked_mean(entropy.detach(), m, count),
             "ratio_mean": _masked_mean(r, m, count),
             "ratio_max": ratio_max,
@@ -347,7 +359,9 @@ def policy_loss(logp, advantages, mask, *, old_logp=None, ref_logp=None, entropy
         detached 0-dim tensors (means over valid tokens, 0 when there are none): ``clip_frac``,
         ``kl_mean``, ``entropy_mean``, ``ratio_mean``, ``ratio_max`` and ``is_weight_mean`` (the
         mismatch weight applied, 0 where ``is_mode="mask"`` dropped the token) when ``is_level`` is
-        set. ``clip_frac`` counts the tokens whose loss a clip bound decided. With
+        set, and ``outside_kept_frac`` (the fraction of valid tokens with ``logp = -inf``: outside the
+        current policy's kept set, dropped from the policy and KL terms, docs/formulas.md §3.13) when
+        ``config`` sets ``top_k``/``top_p``/``min_p``. ``clip_frac`` counts the tokens whose loss a clip bound decided. With
         ``config.num_items_in_batch`` the loss is this batch's sum divided by the global token
         count (sum it over micro-batches and ranks).
 

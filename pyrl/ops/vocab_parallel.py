@@ -107,7 +107,7 @@ class VocabShards:
 
 def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None, temperature=1.0,
                                    ignore_index=-100, return_entropy=False, backend="auto",
-                                   chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, sampler: str = ""):
     """``fused_linear_logprobs`` with the LM head split by vocabulary across ``group``'s ranks.
 
     Args:
@@ -123,6 +123,8 @@ def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None,
         chunk_bytes: bound on one chunk of fp32 local logits ``[chunk, V_r]``; the chunk size is
             computed from the largest slice and the smallest ``chunk_bytes`` over the ranks, so every
             rank runs the same number of chunks.
+        sampler: the sampler's truncation as text (``RowParams.sampler_text``): refused, since a
+            row's kept set needs the whole vocabulary (docs/formulas.md §1.1).
 
     Returns:
         ``logp [...]`` fp32 (fp64 for fp64 input), or ``(logp, entropy)``; identical on every rank.
@@ -138,7 +140,7 @@ def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None,
     chunk_bytes = check_chunk_bytes(chunk_bytes)
     # the plan's backend check runs before any collective, so a bad backend raises on every rank
     make_plan("fused_linear_logprobs", device=hidden.device, dtype=hidden.dtype, backend=backend,
-              vocab_parallel=True)
+              vocab_parallel=True, sampler=sampler)
     rank, world = _check_group(group)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])

@@ -32,16 +32,26 @@ __all__ = ["Head", "walk", "rows_body", "fused_kernel", "CppRows"]
 
 
 class CppRows:
-    """``torch.ops.pyrl.logprobs_fwd/bwd(_)`` (csrc/logprobs_cpu.cpp), CPU."""
+    """``torch.ops.pyrl.logprobs_fwd/bwd(_)`` and ``sampler_cutoff`` (csrc/logprobs_cpu.cpp), CPU."""
 
     @staticmethod
-    def fwd(logits, targets, p):
+    def cutoff(logits, p, sort_top_p: bool = False):
+        """The kept-set thresholds (``TorchRows.cutoff``); top-p by the threshold search, or by a sort
+        of each row with ``sort_top_p`` (the slower method, kept for the benchmark that chose)."""
+        if not p.truncates:
+            return None
+        return torch.ops.pyrl.sampler_cutoff(logits, float(p.temperature), p.top_k or 0,
+                                             1.0 if p.top_p is None else p.top_p, p.min_p or 0.0,
+                                             p.sampler_order == "vllm", sort_top_p)
+
+    @staticmethod
+    def fwd(logits, targets, p, tau=None):
         return torch.ops.pyrl.logprobs_fwd(logits, targets, float(p.temperature), int(p.ignore_index),
-                                           bool(p.need_entropy))
+                                           bool(p.need_entropy), tau)
 
     @staticmethod
-    def bwd(logits, targets, lse, ent, g_logp, g_ent, p, out=None):
-        args = (g_logp, g_ent, logits, targets, lse, ent, float(p.temperature), int(p.ignore_index))
+    def bwd(logits, targets, lse, ent, g_logp, g_ent, p, out=None, tau=None):
+        args = (g_logp, g_ent, logits, targets, lse, ent, float(p.temperature), int(p.ignore_index), tau)
         if out is not None:
             if out is not logits:
                 raise ValueError("CppRows.bwd writes its gradient over the logits only (out=logits)")

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pyrl._validate import check_sampler
+
 __all__ = ["ModelConfig", "TaskConfig", "RolloutConfig", "AlgoConfig", "OptimConfig", "WarmupConfig",
            "PreferenceConfig", "TrainConfig", "MODES", "PREFERENCE_LOSS_KEYS",
            "teacher_model_config", "load_config", "apply_overrides", "merge", "config_from_dict", "validate"]
@@ -76,6 +78,13 @@ class RolloutConfig:
     max_new_tokens: int = 8
     temperature: float = 1.0
     """Sampling temperature; the policy loss divides the logits by the same value."""
+    top_k: Optional[int] = None
+    """Sample from the ``top_k`` largest logits only (``None``: off); the loss takes its log-probs under
+    the same truncated distribution (docs/formulas.md §1.1), so behaviour and sampler log-probs agree."""
+    top_p: Optional[float] = None
+    """Nucleus sampling: the smallest top set of probability ``>= top_p`` (``None`` or 1: off); as ``top_k``."""
+    min_p: Optional[float] = None
+    """Keep the tokens with ``p >= min_p * p_max`` (``None`` or 0: off); as ``top_k``."""
     batch_size: int = 0
     """Sequences per ``generate`` call (0: all of this rank's at once)."""
 
@@ -399,6 +408,8 @@ def validate(cfg: TrainConfig) -> None:
                    ("algo.dynamic_sampling", a.dynamic_sampling), ("model.gradient_checkpointing", cfg.model.gradient_checkpointing)):
         if not isinstance(v, bool):
             raise ValueError(f"config key {key!r} must be true or false, got {v!r}")
+    r = cfg.rollout
+    check_sampler(r.top_k, r.top_p, r.min_p, "hf", prefix="config key rollout.")
     if not _is_number(a.oversample) or a.oversample < 1:
         raise ValueError(f"config key 'algo.oversample' must be a number >= 1, got {a.oversample!r}")
     if not _is_number(a.pass_threshold):

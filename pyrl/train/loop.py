@@ -411,11 +411,12 @@ def _generate_round(run: Run, start: int, count: int, step: int) -> tuple[dict, 
     r = cfg.rollout
     if run.engine is not None:
         roll = run.engine.generate(prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                   device=run.dist.device)
+                                   top_k=r.top_k, top_p=r.top_p, min_p=r.min_p, device=run.dist.device)
     else:
         with distributed.gathered_for_generation(run.model):
             roll = generate(run.policy.lm, run.tokenizer, prompts, max_new_tokens=r.max_new_tokens,
-                            temperature=r.temperature, batch_size=r.batch_size)
+                            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
+                            batch_size=r.batch_size)
     t = time.time()
     rewards = run.reward(roll.texts, answers, prompts, lengths=roll.completion_mask.sum(1),
                          prompt_index=torch.tensor([run.task.example_id(i) for i in range(start, start + count)])
@@ -755,9 +756,12 @@ def _checkpoint_to_resume(ckpt_root: str, resume: bool, dist) -> Optional[str]:
 
 
 def loss_options(cfg: TrainConfig) -> dict:
-    """``PolicyLossConfig`` keywords of the run: ``algo.loss``, the sampling temperature, and for the
+    """``PolicyLossConfig`` keywords of the run: ``algo.loss``, the sampler's settings, and for the
     losses that compare a prompt's completions (``pacs``, ``disco``) the rollout's group size."""
-    opts = {**cfg.algo.loss, "temperature": cfg.rollout.temperature}
+    r = cfg.rollout
+    # the loss scores tokens under the distribution the engine sampled them from (docs/formulas.md §1.1)
+    opts = {**cfg.algo.loss, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p, "min_p": r.min_p,
+            "sampler_order": "vllm" if r.engine == "vllm" else "hf"}
     if opts.get("loss_type") in GROUPED_LOSSES:
         opts.setdefault("group_size", cfg.rollout.group_size)
     return opts
@@ -781,7 +785,9 @@ def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Rewa
         _warm_up(cfg, os.path.join(out_dir, "initial"), lm, tokenizer, task, dist, resuming=ckpt is not None)
     ref = None
     if need_ref:  # the frozen initial model
-        ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False), loss_cfg, backend=cfg.backend,
+        # the reference's log-probs stay under the full softmax: a truncated one could exclude a sampled token
+        ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False),
+                     dataclasses.replace(loss_cfg, top_k=None, top_p=None, min_p=None), backend=cfg.backend,
                      packed=a.packed)
     teacher = _load_teacher(cfg, lm, loss_cfg, dev) if a.teacher is not None else None
     policy = Policy(lm, loss_cfg, value_head=a.advantage == "gae" and cfg.mode == "rl",

@@ -96,8 +96,9 @@ class Policy(nn.Module):
 
     Args:
         lm: a ``transformers`` causal LM (``get_decoder()`` and ``get_output_embeddings()``).
-        loss_config: the ``pyrl.PolicyLossConfig`` of ``mode="loss"`` (its ``temperature`` is the
-            sampling temperature); ``num_items_in_batch`` is filled in per call from the batch.
+        loss_config: the ``pyrl.PolicyLossConfig`` of ``mode="loss"`` (its ``temperature`` and
+            ``top_k``/``top_p``/``min_p`` are the sampler's, and ``mode="logprobs"`` uses them too);
+            ``num_items_in_batch`` is filled in per call from the batch.
         value_head: add a critic ``Linear(H, 1)`` (PPO). ``separate_critic``: on a copy of the
             decoder stack instead of the policy's own.
         vf_coef, value_clip: weight and clip range of the value loss.
@@ -178,9 +179,12 @@ class Policy(nn.Module):
                     backend=self.backend, **(preference or {}))
             return loss * scale.loss_scale, outputs
         if mode == "logprobs":
+            c = self.loss_config
             with no_autocast:
                 logp = pyrl.fused_linear_logprobs(h, head.weight, torch.where(mask.bool(), targets, -100),
-                                                  bias=head.bias, temperature=temperature, backend=self.backend)
+                                                  bias=head.bias, temperature=temperature, top_k=c.top_k,
+                                                  top_p=c.top_p, min_p=c.min_p, sampler_order=c.sampler_order,
+                                                  backend=self.backend)
             return {"logp": logp} if values is None else {"logp": logp, "values": values}
         if mode != "loss":
             raise ValueError(f"mode must be 'loss', 'preference', 'logprobs' or 'hidden', got {mode!r}")

@@ -6,8 +6,10 @@
     r.texts (decoded completions, special tokens removed)
 
 The default engine is Hugging Face ``generate`` (any device). The sampler's log-probs are recorded
-by a logits processor that owns the temperature, so only one ``[B, V]`` step is held at a time
-(``output_scores`` would keep all of them). They let the loss correct the rollout/train mismatch
+by a logits processor that owns the temperature and the truncation (``top_k``/``top_p``/``min_p``,
+applied with HF's own warpers in ``generate``'s order), so only one ``[B, V]`` step is held at a
+time (``output_scores`` would keep all of them); the loss then takes its log-probs under the same
+truncated distribution (``PolicyLossConfig.top_k/top_p/min_p``, docs/formulas.md §1.1). They let the loss correct the rollout/train mismatch
 (``PolicyLossConfig(is_level=...)``, TIS/MIS), which matters with vLLM; with ``generate`` the two
 agree to rounding.
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Rollout", "generate", "SamplerLogprobs", "VLLMEngine", "vllm_available"]
+__all__ = ["Rollout", "generate", "SamplerLogprobs", "sampler_warpers", "VLLMEngine", "vllm_available"]
 
 
 @dataclass
@@ -36,16 +38,33 @@ class Rollout:
     truncated: torch.Tensor        # [B] bool: no EOS within max_new_tokens
 
 
+def sampler_warpers(top_k=None, top_p=None, min_p=None) -> list:
+    """HF's own warpers for the truncation, in the order ``generate`` applies them (top-k, top-p,
+    min-p), each only where ``generate`` would add it."""
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = []
+    if top_k:
+        out.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p))
+    if min_p is not None:
+        out.append(MinPLogitsWarper(min_p))
+    return out
+
+
 class SamplerLogprobs:
-    """A ``generate`` logits processor: divides the scores by ``temperature`` and records the
-    log-prob of each token that is then sampled from them.
+    """A ``generate`` logits processor: divides the scores by ``temperature``, truncates them with
+    HF's top-k / top-p / min-p warpers (``sampler_warpers``) and records the log-prob of each token
+    that is then sampled from them.
 
     At step ``t`` it sees the token sampled at ``t - 1`` as ``input_ids[:, -1]`` and reads its
     log-prob from the distribution it kept from step ``t - 1``; ``finish(last_tokens)`` reads the
     final one."""
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, top_k=None, top_p=None, min_p=None):
         self.temperature = temperature
+        self.warpers = sampler_warpers(top_k, top_p, min_p)
         self.prev = None
         self.logps: list[torch.Tensor] = []
 
@@ -54,6 +73,8 @@ class SamplerLogprobs:
             self.logps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
         if self.temperature != 1.0:
             scores = scores / self.temperature
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
         self.prev = torch.log_softmax(scores.float(), dim=-1)
         return scores
 
@@ -86,15 +107,17 @@ def _eos_ids(tokenizer, lm) -> list[int]:
 
 @torch.no_grad()
 def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
-             greedy: bool = False, batch_size: int = 0) -> Rollout:
+             top_k=None, top_p=None, min_p=None, greedy: bool = False, batch_size: int = 0) -> Rollout:
     """Sample one completion per prompt with ``lm.generate`` (repeat prompts for groups). Sampling is
-    plain ancestral sampling at ``temperature`` (no top-k/top-p, whatever the model's generation
-    config says), so the recorded log-probs are the policy's own."""
+    ancestral sampling at ``temperature``, truncated by ``top_k``/``top_p``/``min_p`` only where
+    given (whatever the model's generation config says), so the recorded log-probs are those of the
+    distribution each token was drawn from."""
     from transformers import GenerationConfig
 
     device = lm.get_output_embeddings().weight.device
     eos = _eos_ids(tokenizer, lm)
     # Explicit values: generate() fills unset ones from the model's generation config (top_k=20, ...).
+    # Its own warpers stay off: SamplerLogprobs applies the temperature and the same HF warpers.
     sampling = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": None}
     gen_cfg = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, repetition_penalty=1.0,
@@ -107,7 +130,7 @@ def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, temperat
     try:
         for s in range(0, len(prompts), step):
             ids, am = enc["input_ids"][s:s + step], enc["attention_mask"][s:s + step]
-            proc = SamplerLogprobs(temperature)
+            proc = SamplerLogprobs(temperature, top_k, top_p, min_p)
             out = lm.generate(input_ids=ids, attention_mask=am, generation_config=gen_cfg, logits_processor=[proc])
             new = out[:, ids.shape[1]:]
             chunks.append((new, proc.finish(new[:, -1]) if new.shape[1] else torch.zeros(new.shape, device=device)))
@@ -120,8 +143,9 @@ def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, temperat
     mask, truncated = completion_mask_from_ids(completion_ids, eos)
     completion_ids = torch.where(mask.bool(), completion_ids, pad)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    # where(), not a product: after EOS generate pads, and a truncated sampler gives the pad -inf
     return Rollout(enc["input_ids"], enc["attention_mask"], completion_ids, mask,
-                   (logp * mask).float(), texts, truncated)
+                   torch.where(mask.bool(), logp, 0.0).float(), texts, truncated)
 
 
 def vllm_available() -> bool:
@@ -129,8 +153,9 @@ def vllm_available() -> bool:
 
 
 class VLLMEngine:
-    """A colocated vLLM engine (optional; ``pip install vllm``). It samples with the same plain
-    temperature sampling and returns the same ``Rollout``; ``sync(lm)`` pushes the current weights
+    """A colocated vLLM engine (optional; ``pip install vllm``). It samples with the same temperature
+    and top-k / top-p / min-p (vLLM v1 applies min-p before top-k/top-p: the loss then uses
+    ``sampler_order="vllm"``) and returns the same ``Rollout``; ``sync(lm)`` pushes the current weights
     after each update. Built on ``vllm.LLM`` and its ``logprobs`` output (the sampled token's
     log-prob under the sampling distribution). Experimental: written against vLLM's documented
     ``LLM`` API but not exercised by the CPU test suite; check ``rollout_logp_abs_diff`` in the
@@ -166,10 +191,11 @@ class VLLMEngine:
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
-                 greedy: bool = False, device="cpu") -> Rollout:
+    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                 top_p=None, min_p=None, greedy: bool = False, device="cpu") -> Rollout:
         params = self.vllm.SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                                          top_p=1.0, top_k=-1, logprobs=0)
+                                          top_p=1.0 if top_p is None else top_p, top_k=top_k or -1,
+                                          min_p=min_p or 0.0, logprobs=0)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         pad = self.tokenizer.pad_token_id
         ids = [list(o.outputs[0].token_ids) for o in outs]
