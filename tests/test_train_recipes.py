@@ -441,6 +441,18 @@ def test_token_budget_micro_batches_pack_by_length(tiny):
     assert all(a >= b for m in lengths for a, b in zip(m, m[1:]))  # grouped by length, longest first
 
 
+def _one_update(model, data, cfg):
+    """One trainer update (behaviour log-probs, then SGD at lr 1) of ``model`` on ``data``: the
+    flattened parameters after it and the update's ``padding_frac``."""
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    d = dict(data)
+    d.update(_score_old(model, None, d, cfg, need_old=True, need_values=False, autocast=contextlib.nullcontext))
+    stats = update(model, opt, sched, d, cfg=cfg, dist=CPU, params=list(model.parameters()),
+                   autocast=contextlib.nullcontext)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), stats["padding_frac"]
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_token_budget_update_is_exact(tiny, agg):
     """One micro-batch of 8 sequences, or micro-batches by a token budget: the same update."""
@@ -449,15 +461,9 @@ def test_token_budget_update_is_exact(tiny, agg):
     params, padding = [], []
     for item in ("algo.micro_batch_size=8", "algo.max_tokens_per_micro_batch=20"):
         cfg = apply_overrides(TrainConfig(), [item, "algo.ppo_epochs=2", f'algo.loss={{"agg": "{agg}"}}'])
-        model = Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(**cfg.algo.loss))
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        d = dict(data)
-        d.update(_score_old(model, None, d, cfg, need_old=True, need_values=False, autocast=contextlib.nullcontext))
-        stats = update(model, opt, sched, d, cfg=cfg, dist=CPU, params=list(model.parameters()),
-                       autocast=contextlib.nullcontext)
-        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-        padding.append(stats["padding_frac"])
+        p, pad = _one_update(Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(**cfg.algo.loss)), data, cfg)
+        params.append(p)
+        padding.append(pad)
     torch.testing.assert_close(params[0], params[1], atol=2e-6, rtol=1e-5)
     assert 0 <= padding[1] < padding[0]  # grouped by length: less padding computed
 
@@ -540,15 +546,9 @@ def test_packed_update_matches_the_padded_one(tiny):
     params, padding = [], []
     for on in (False, True):
         cfg = apply_overrides(TrainConfig(), ["algo.max_tokens_per_micro_batch=40", f"algo.packed={str(on).lower()}"])
-        model = Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(), packed=on)
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        d = dict(data)
-        d.update(_score_old(model, None, d, cfg, need_old=True, need_values=False, autocast=contextlib.nullcontext))
-        stats = update(model, opt, sched, d, cfg=cfg, dist=CPU, params=list(model.parameters()),
-                       autocast=contextlib.nullcontext)
-        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-        padding.append(stats["padding_frac"])
+        p, pad = _one_update(Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(), packed=on), data, cfg)
+        params.append(p)
+        padding.append(pad)
     torch.testing.assert_close(params[1], params[0], atol=2e-5, rtol=1e-4)
     assert padding[1] == 0.0 < padding[0]
 
