@@ -17,12 +17,13 @@ Writes OUT_DIR/results.json and OUT_DIR/results.md (machine, torch, threads, sha
 """
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from pyrl.bench.report import cpu_model
 
 import pyrl
 from pyrl.kernels.reference import RowParams, TorchRows
@@ -34,12 +35,7 @@ OPTIONS = {"plain": {}, "top_k=50": dict(top_k=50), "top_p=0.9": dict(top_p=0.9)
 
 
 def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model()
     return f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 

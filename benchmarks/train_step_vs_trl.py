@@ -28,24 +28,14 @@ import subprocess
 import sys
 import time
 
+from pyrl.bench.measure import reset_peak_rss, status_kb
+from pyrl.bench.report import cpu_model
+
 IMPLS = ("pyrl", "trl", "trl+liger")
 
 
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
-
-
 def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (status_kb("VmHWM") or 0) / 1024
 
 
 def _prompts(args, tokenizer):
@@ -123,7 +113,7 @@ def _child_pyrl(args) -> list[dict]:
     def timed_rollout(run, *a, **kw):
         if "loaded" not in marks:
             marks["loaded"] = True
-            _reset_peak_rss()
+            reset_peak_rss()
         marks["t0"] = time.perf_counter()
         return orig_rollout(run, *a, **kw)
 
@@ -180,7 +170,7 @@ def _child_trl(args, liger: bool) -> list[dict]:
     class Times(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             if not steps and not hasattr(self, "t"):
-                _reset_peak_rss()
+                reset_peak_rss()
             self.t = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
@@ -223,12 +213,7 @@ def _summary(r: dict) -> dict:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     import torch
     import transformers
     try:

@@ -21,20 +21,12 @@ from pyrl.train.loop import _score_old, micro_batches, update  # noqa: E402
 from pyrl.train.metrics import REQUIRED_FIELDS, read_metrics  # noqa: E402
 from pyrl.train.models import load_model  # noqa: E402
 from pyrl.train.policy import LossScale, Policy, make_batch  # noqa: E402
-from test_train import FAST, fast_config, seed_resume_dir, synthetic_data, tiny  # noqa: E402,F401  (tiny: a fixture)
+from test_train import FAST, _one_thread, fast_config, seed_resume_dir, synthetic_data, tiny  # noqa: E402,F401  (fixtures)
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_DATA = os.path.join(ROOT, "examples", "data", "addition.jsonl")
 EXAMPLE_REWARD = os.path.join(ROOT, "examples", "my_reward.py")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------

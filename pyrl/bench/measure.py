@@ -29,7 +29,8 @@ import torch
 from pyrl.bench.cases import flops, make_case, seq_len
 from pyrl.bench.impls import REGISTRY, Impl
 
-__all__ = ["Settings", "time_step", "PeakMemory", "check", "measure", "TOLERANCE", "DTYPES"]
+__all__ = ["Settings", "time_step", "PeakMemory", "check", "measure", "TOLERANCE", "DTYPES", "reset_peak_rss",
+           "status_kb"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest accepted max|out - ref| / max|ref| per input dtype.
@@ -73,7 +74,7 @@ def time_step(step, repeats: int, device: torch.device) -> tuple[list[float], di
 # --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -84,7 +85,7 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -117,8 +118,8 @@ class PeakMemory:
             self.method = "torch.cuda.max_memory_allocated delta"
         else:
             _malloc_trim()
-            self.reset = _reset_peak_rss()
-            rss = _status_kb("VmRSS")
+            self.reset = reset_peak_rss()
+            rss = status_kb("VmRSS")
             if self.reset and rss is not None:
                 self.base = rss * 1024
                 self.method = "VmHWM delta (peak RSS reset via clear_refs)"
@@ -132,7 +133,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
-            hwm = _status_kb("VmHWM") if self.reset else None
+            hwm = status_kb("VmHWM") if self.reset else None
             if hwm is None:
                 scale = 1 if sys.platform == "darwin" else 1024
                 hwm_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -13,14 +13,14 @@ import torch
 
 from pyrl.bench.cases import OPS
 
-__all__ = ["machine_info", "write_report", "headline"]
+__all__ = ["machine_info", "write_report", "headline", "cpu_model"]
 
 OPTIONAL_PACKAGES = ("liger-kernel", "triton", "cut-cross-entropy", "matplotlib", "pytest-benchmark")
 # What pyrl is compared against in the headline, in order.
 RIVALS = ("torch", "torch.compile", "liger", "liger.triton_grpo_loss", "cut-cross-entropy")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -51,7 +51,7 @@ def machine_info(device: torch.device) -> dict:
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info = {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": usable, "memory_gb": _memory_gb(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "cores_usable": usable, "memory_gb": _memory_gb(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "platform": platform.platform(), "pyrl": getattr(pyrl, "__version__", None),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
