@@ -5,6 +5,9 @@
 // exponentials are accumulated in a vectorisable loop. Accumulating t relative to the running max
 // keeps entropy = log(s) - t/s accurate even for logits of 1e4 (no lse - E[z] cancellation).
 // Backward recomputes p = exp(z - lse) from the saved lse; nothing [N, V] is kept in between.
+// logprobs_stats gives the same one pass's (m, s, t, zy) for one block of the vocabulary, and the
+// backward takes a target id outside [0, V) as "in another block" (softmax and entropy terms only):
+// the vocabulary-blocked plan of pyrl/ops/walk.py walks the head block by block with them.
 // Rows are split across threads (at::parallel_for: torch's OpenMP pool), so a row's reduction
 // order never depends on N or on the other rows: results are batch-invariant bit for bit.
 //
@@ -28,6 +31,7 @@ namespace {
 using pyrl::bwd_rows;
 using pyrl::cutoff_rows;
 using pyrl::fwd_rows;
+using pyrl::stats_rows;
 
 at::ScalarType acc_of(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -70,6 +74,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
                               tau.defined() ? tau.const_data_ptr<acc_t>() : nullptr);
   });
   return {logp, ent, lse};
+}
+
+// One block of the vocabulary's row summaries (the vocabulary-blocked plan, pyrl/ops/walk.py): the
+// caller merges the blocks' (m, s, t, zy) and finishes logp / entropy / lse from them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_stats_cpu(
+    const at::Tensor& logits, const at::Tensor& targets_in, double temperature, int64_t ignore_index,
+    bool compute_entropy) {
+  check_inputs(logits, targets_in);
+  const auto targets = targets_in.contiguous();
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto opts = logits.options().dtype(acc_of(logits));
+  auto m = at::empty({N}, opts), s = at::empty({N}, opts), t = at::empty({N}, opts), zy = at::empty({N}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_rows<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(), N, V, logits.stride(0),
+                                targets.const_data_ptr<int64_t>(), acc_t(1.0 / temperature), ignore_index,
+                                compute_entropy, m.mutable_data_ptr<acc_t>(), s.mutable_data_ptr<acc_t>(),
+                                t.mutable_data_ptr<acc_t>(), zy.mutable_data_ptr<acc_t>());
+  });
+  return {m, s, t, zy};
 }
 
 at::Tensor sampler_cutoff_cpu(const at::Tensor& logits, double temperature, int64_t top_k, double top_p,
@@ -139,4 +163,5 @@ TORCH_LIBRARY_IMPL(pyrl, CPU, m) {
   m.impl("logprobs_bwd", &logprobs_bwd_cpu);
   m.impl("logprobs_bwd_", &logprobs_bwd_inplace_cpu);
   m.impl("sampler_cutoff", &sampler_cutoff_cpu);
+  m.impl("logprobs_stats", &logprobs_stats_cpu);
 }

@@ -18,6 +18,10 @@ namespace pyrl {
                 const int64_t* tgt, acc_t inv_t, int64_t ignore_index, bool with_entropy, acc_t* logp,   \
                 acc_t* ent, acc_t* lse, const acc_t* tau);                                               \
   template <typename scalar_t, typename acc_t>                                                          \
+  void stats_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, int64_t stride,        \
+                  const int64_t* tgt, acc_t inv_t, int64_t ignore_index, bool with_entropy, acc_t* m,    \
+                  acc_t* s, acc_t* t, acc_t* zy);                                                        \
+  template <typename scalar_t, typename acc_t>                                                          \
   void bwd_rows(int64_t begin, int64_t end, const acc_t* g_logp, const acc_t* g_ent,                    \
                 const scalar_t* logits, scalar_t* out, int64_t V, int64_t in_stride, int64_t out_stride, \
                 const int64_t* tgt, const acc_t* lse, const acc_t* ent, acc_t inv_t,                    \
@@ -47,6 +51,21 @@ inline void fwd_rows(const scalar_t* logits, int64_t rows, int64_t V, int64_t st
     }
     isa_base::fwd_rows<scalar_t, acc_t>(begin, end, logits, V, stride, tgt, inv_t, ignore_index, with_entropy,
                                         logp, ent, lse, tau);
+  });
+}
+
+// Per-row (m, s, t, zy) of a block of the vocabulary (targets outside [0, V) lie in another block).
+template <typename scalar_t, typename acc_t>
+inline void stats_rows(const scalar_t* logits, int64_t rows, int64_t V, int64_t stride, const int64_t* tgt,
+                       acc_t inv_t, int64_t ignore_index, bool with_entropy, acc_t* m, acc_t* s, acc_t* t, acc_t* zy) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (use_avx2_rows())
+        return isa_avx2::stats_rows<scalar_t, acc_t>(begin, end, logits, V, stride, tgt, inv_t, ignore_index,
+                                                     with_entropy, m, s, t, zy);
+    }
+    isa_base::stats_rows<scalar_t, acc_t>(begin, end, logits, V, stride, tgt, inv_t, ignore_index, with_entropy, m,
+                                          s, t, zy);
   });
 }
 

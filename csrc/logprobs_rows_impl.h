@@ -61,9 +61,11 @@ inline acc_t scaled(scalar_t x, acc_t inv_t, acc_t thr) {
   return z;
 }
 
+// A row's summaries (m, s, t; t relative to m), the one pass over its vocabulary described in
+// csrc/logprobs_cpu.cpp. The row may be one block of a longer vocabulary (the vocabulary-blocked plan).
 template <bool CUT, typename scalar_t, typename acc_t>
-void fwd_row(const scalar_t* row, int64_t V, int64_t y, acc_t inv_t, acc_t thr, int64_t ignore_index,
-             bool with_entropy, acc_t* logp, acc_t* ent, acc_t* lse) {
+void stats_row(const scalar_t* row, int64_t V, acc_t inv_t, acc_t thr, bool with_entropy, acc_t& m_out, acc_t& s_out,
+               acc_t& t_out) {
   constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
   // -inf logits are clamped to the lowest finite value inside the sums: exp() gives exactly 0 and
   // 0 * finite stays 0, where 0 * -inf would be NaN.
@@ -103,6 +105,17 @@ void fwd_row(const scalar_t* row, int64_t V, int64_t y, acc_t inv_t, acc_t thr, 
     s += bs;
     t += bt;
   }
+  m_out = m;
+  s_out = s;
+  t_out = t;
+}
+
+template <bool CUT, typename scalar_t, typename acc_t>
+void fwd_row(const scalar_t* row, int64_t V, int64_t y, acc_t inv_t, acc_t thr, int64_t ignore_index,
+             bool with_entropy, acc_t* logp, acc_t* ent, acc_t* lse) {
+  constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+  acc_t m, s, t;
+  stats_row<CUT>(row, V, inv_t, thr, with_entropy, m, s, t);
   if (y == ignore_index) {
     *logp = 0;
     *ent = 0;
@@ -115,6 +128,19 @@ void fwd_row(const scalar_t* row, int64_t V, int64_t y, acc_t inv_t, acc_t thr, 
   // <= 0 by construction; min() only removes rounding above 0.
   *logp = s > 0 ? min_<acc_t>((zy - m) - log_s, 0) : NEG_INF;
   *ent = (with_entropy && s > 0) ? max_<acc_t>(log_s - t / s, 0) : 0;
+}
+
+// Per-row summaries of a block of the vocabulary: m, s, t as stats_row, and zy the target's scaled
+// logit where the target lies in this block ([0, V)), else 0 (ignored rows, or a target elsewhere).
+template <typename scalar_t, typename acc_t>
+void stats_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, int64_t stride, const int64_t* tgt,
+                acc_t inv_t, int64_t ignore_index, bool with_entropy, acc_t* m, acc_t* s, acc_t* t, acc_t* zy) {
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* row = logits + n * stride;
+    stats_row<false>(row, V, inv_t, acc_t(0), with_entropy, m[n], s[n], t[n]);
+    const int64_t y = tgt[n];
+    zy[n] = (y != ignore_index && y >= 0 && y < V) ? static_cast<acc_t>(row[y]) * inv_t : acc_t(0);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -135,8 +161,12 @@ void bwd_row(const scalar_t* row, scalar_t* orow, int64_t V, int64_t y, acc_t g1
              acc_t inv_t, acc_t thr) {
   constexpr acc_t LOWEST = std::numeric_limits<acc_t>::lowest();
   const acc_t mu = l - entropy;  // sum_v p_v z_v
-  const acc_t zy = scaled<CUT>(row[y], inv_t, thr);  // read before `out` may overwrite it
-  if (CUT && !(zy > LOWEST)) g1 = 0;  // a target outside the kept set: logp = -inf, no log-prob gradient
+  // A target id outside [0, V) lies in another block of the vocabulary (the vocabulary-blocked plan):
+  // this block gets the softmax and entropy terms only. (Truncated rows are never split: CUT rows
+  // always hold their target.)
+  const bool here = y >= 0 && y < V;
+  const acc_t zy = here ? scaled<CUT>(row[y], inv_t, thr) : acc_t(0);  // read before `out` may overwrite it
+  if (CUT && here && !(zy > LOWEST)) g1 = 0;  // a target outside the kept set: logp = -inf, no log-prob gradient
   const acc_t a = -g1 * inv_t, c = -g2 * inv_t;
   acc_t buf[BLOCK];  // computing into a local block first lets GCC vectorise the exp loop
   for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
@@ -154,6 +184,7 @@ void bwd_row(const scalar_t* row, scalar_t* orow, int64_t V, int64_t y, acc_t g1
     scalar_t* out_block = orow + v0;
     for (int64_t i = 0; i < len; ++i) out_block[i] = static_cast<scalar_t>(buf[i]);
   }
+  if (!here) return;
   const acc_t zyc = max_(zy, LOWEST);
   const acc_t py = vexp(zyc - l);
   orow[y] = static_cast<scalar_t>((g1 * (1 - py) - g2 * py * (zyc - mu)) * inv_t);
@@ -329,5 +360,7 @@ void cutoff_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, 
                                A*, A*, A*, const A*);                                                            \
   template void bwd_rows<S, A>(int64_t, int64_t, const A*, const A*, const S*, S*, int64_t, int64_t, int64_t,   \
                                const int64_t*, const A*, const A*, A, int64_t, const A*);                        \
+  template void stats_rows<S, A>(int64_t, int64_t, const S*, int64_t, int64_t, const int64_t*, A, int64_t, bool, \
+                                 A*, A*, A*, A*);                                                              \
   template void cutoff_rows<S, A>(int64_t, int64_t, const S*, int64_t, int64_t, A, int64_t, A, A, bool, bool, A*, \
                                   A*);

@@ -15,7 +15,8 @@ TORCH_LIBRARY(pyrl, m) {
   m.def(
       "logprobs_fwd(Tensor logits, Tensor targets, float temperature, int ignore_index, "
       "bool compute_entropy, Tensor? tau=None) -> (Tensor logp, Tensor entropy, Tensor lse)");
-  // d loss / d logits, in the dtype of logits. grad_entropy may be None.
+  // d loss / d logits, in the dtype of logits. grad_entropy may be None. A target id outside [0, V)
+  // (not ignore_index) lies in another block of the vocabulary: no one-hot term here.
   m.def(
       "logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor targets, "
       "Tensor lse, Tensor entropy, float temperature, int ignore_index, Tensor? tau=None) -> Tensor");
@@ -23,6 +24,11 @@ TORCH_LIBRARY(pyrl, m) {
   m.def(
       "logprobs_bwd_(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor targets, "
       "Tensor lse, Tensor entropy, float temperature, int ignore_index, Tensor? tau=None) -> ()");
+  // One block of the vocabulary: per-row max m, s = sum exp(z - m), t = sum exp(z - m) (z - m) and zy,
+  // the target's scaled logit where the target lies in [0, V) (else 0), all in the accumulation dtype.
+  m.def(
+      "logprobs_stats(Tensor logits, Tensor targets, float temperature, int ignore_index, "
+      "bool compute_entropy) -> (Tensor m, Tensor s, Tensor t, Tensor zy)");
   // The per-row kept-set thresholds tau [N] of the sampler's truncation (accumulation dtype):
   // top_k <= 0, top_p >= 1, min_p <= 0 switch each off; min_p_first: vLLM v1's order;
   // sort_top_p: find the top-p threshold by sorting the row instead of the threshold search.
@@ -54,6 +60,14 @@ void logprobs_bwd_inplace_meta(const at::Tensor&, const std::optional<at::Tensor
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, double, int64_t, const std::optional<at::Tensor>&) {}
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_stats_meta(
+    const at::Tensor& logits, const at::Tensor&, double, int64_t, bool) {
+  auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
+  auto n = logits.sym_size(0);
+  return {at::empty_symint({n}, opts), at::empty_symint({n}, opts), at::empty_symint({n}, opts),
+          at::empty_symint({n}, opts)};
+}
+
 at::Tensor sampler_cutoff_meta(const at::Tensor& logits, double, int64_t, double, double, bool, bool) {
   return at::empty_symint({logits.sym_size(0)}, logits.options().dtype(acc_type(logits.scalar_type())));
 }
@@ -65,6 +79,7 @@ TORCH_LIBRARY_IMPL(pyrl, Meta, m) {
   m.impl("logprobs_bwd", &logprobs_bwd_meta);
   m.impl("logprobs_bwd_", &logprobs_bwd_inplace_meta);
   m.impl("sampler_cutoff", &sampler_cutoff_meta);
+  m.impl("logprobs_stats", &logprobs_stats_meta);
 }
 
 PYBIND11_MODULE(_C, m) {

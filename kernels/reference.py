@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["RowParams", "RowStats", "TorchRows", "acc_dtype", "row_sum", "DIVERGENCES", "divergence_rows",
+__all__ = ["RowParams", "RowStats", "rescale_stats", "merge_stats", "TorchRows", "acc_dtype", "row_sum", "DIVERGENCES", "divergence_rows",
            "sparse_forward_kl_rows", "SAMPLER_ORDERS"]
 
 SUM_BLOCK = 2048
@@ -85,6 +85,24 @@ class RowStats(NamedTuple):
     s: torch.Tensor
     t: torch.Tensor
     zy: torch.Tensor
+
+
+def rescale_stats(st: RowStats, m: torch.Tensor):
+    """``(s, t)`` of ``st`` re-expressed relative to a larger max ``m``: ``s e^(m_b - m)`` and
+    ``e^(m_b - m) (t + s (m_b - m))``. A block whose row is all -inf (``s = 0``) gives 0 for both:
+    its offset is taken as 0, so that -inf - -inf or 0 * inf never appear."""
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)
+    d = torch.where(torch.isfinite(st.m), st.m - m_safe, 0.0)
+    a = d.exp()
+    return st.s * a, a * (st.t + st.s * d)
+
+
+def merge_stats(a: RowStats, b: RowStats) -> RowStats:
+    """The stats of two blocks of the same rows' vocabulary, as if computed over both at once
+    (docs/formulas.md §1: the online log-sum-exp); ``zy`` adds, since one block at most holds the target."""
+    m = torch.maximum(a.m, b.m)
+    (sa, ta), (sb, tb) = rescale_stats(a, m), rescale_stats(b, m)
+    return RowStats(m, sa + sb, ta + tb, a.zy + b.zy)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

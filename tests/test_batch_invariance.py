@@ -127,9 +127,10 @@ def test_fused_linear_logprobs_batch_invariant(backend, dtype, h, vocab, use_bia
 
 @pytest.mark.parametrize("backend", CPU)
 @pytest.mark.parametrize("chunk_rows", [1, 5, 16, 20, 48])
-def test_fused_linear_logprobs_invariant_to_chunking(backend, chunk_rows):
-    """Chunk sizes (from chunk_bytes) change how the batch is cut, never a token's bits: the same
-    as the default (one chunk) and as the token alone."""
+def test_fused_linear_logprobs_invariant_to_chunking(backend, chunk_rows, monkeypatch):
+    """The chunk walk's chunk sizes (from chunk_bytes) change how the batch is cut, never a token's
+    bits: the same as the default (one chunk) and as the token alone."""
+    monkeypatch.setenv("PYRL_LINEAR", "chunked")
     g = torch.Generator().manual_seed(3)
     n, h, vocab = 53, 32, 300
     pool = torch.randn(n, h, generator=g)
@@ -146,9 +147,41 @@ def test_fused_linear_logprobs_invariant_to_chunking(backend, chunk_rows):
 
 
 @pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("tile_rows", [1, 5, 16, 20, 48])
+def test_blocked_walk_invariant_to_tiles_and_batch(backend, tile_rows, monkeypatch):
+    """The vocabulary-blocked walk: its blocks depend on chunk_bytes alone, so the token tile's size
+    (and the batch) never changes a token's bits: every tile size gives the bits of one tile, and a
+    token alone or among others the same. (The blocks and the chunk walk sum a row in different
+    orders, so the two walks agree to rounding, not bit for bit: docs/reliability.md.)"""
+    monkeypatch.setenv("PYRL_LINEAR", "blocked")
+    monkeypatch.setattr(plan_mod, "BLOCK_COLS", 64)
+    monkeypatch.setattr(plan_mod, "MIN_TILE_ROWS", 1)
+    g = torch.Generator().manual_seed(3)
+    n, h, vocab = 53, 32, 300  # 4 blocks of 64 columns and one of 44
+    pool = torch.randn(n, h, generator=g)
+    weight = torch.randn(vocab, h, generator=g) / math.sqrt(h)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    one_tile = pyrl.fused_linear_logprobs(pool, weight, y, return_entropy=True, backend=backend,
+                                          chunk_bytes=64 * 64 * 4)
+    plan = pyrl.explain("fused_linear_logprobs", pool, weight, y, backend=backend, chunk_bytes=tile_rows * 64 * 4)
+    assert "linear=blocked" in plan and "block_cols=64" in plan, plan
+
+    def run(idx):
+        return pyrl.fused_linear_logprobs(pool[idx], weight, y[idx], return_entropy=True, backend=backend,
+                                          chunk_bytes=tile_rows * 64 * 4)
+
+    _assert_rows_equal(run(torch.arange(n)), one_tile, f"tiles of {tile_rows} rows vs one tile")
+    _check_invariance(run, n, seed=4, sizes=[1, 3, 16, 21])
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("linear", ["chunked", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_linear_d_hidden_batch_invariant(backend, dtype):
-    """A token's d_hidden (for a fixed upstream gradient) does not depend on its batch either."""
+def test_fused_linear_d_hidden_batch_invariant(backend, dtype, linear, monkeypatch):
+    """A token's d_hidden (for a fixed upstream gradient) does not depend on its batch either, on
+    both walks (the blocked one with several blocks: 501 columns in blocks of 64)."""
+    monkeypatch.setenv("PYRL_LINEAR", linear)
+    monkeypatch.setattr(plan_mod, "BLOCK_COLS", 64)
     g = torch.Generator().manual_seed(5)
     n, h, vocab = 37, 24, 501
     pool = torch.randn(n, h, generator=g).to(dtype)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pyrl
+from pyrl.ops import plan as plan_mod
 from _ref import assert_fused_matches_float64, fused_with_grads, linear_logprobs_ref
 from conftest import CPU_BACKENDS, triton_on_cpu
 
@@ -85,7 +86,7 @@ def test_sequence_normalising_loss_is_the_same_on_every_backend(backend, registe
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_a_separable_loss_takes_the_one_pass_plan_on_flat_chunks(backend, registered):
+def test_a_separable_loss_takes_the_one_pass_plan_on_flat_chunks(backend, registered, monkeypatch):
     seen = []
 
     @registered("test_separable", token_separable=True)
@@ -93,6 +94,7 @@ def test_a_separable_loss_takes_the_one_pass_plan_on_flat_chunks(backend, regist
         seen.append(tuple(logp.shape))
         return -advantages * ratio.clamp(0.5, 1.5), None
 
+    monkeypatch.setenv("PYRL_LINEAR", "chunked")  # the one-pass plan is the chunk walk's
     cfg = pyrl.PolicyLossConfig(loss_type="test_separable")
     hidden, weight, targets, mask, adv, old = _batch()
     kw = dict(config=cfg, backend=backend, chunk_bytes=5 * V * 4)
@@ -178,7 +180,8 @@ def test_forcing_one_pass_where_it_cannot_run_says_why(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,chunk_bytes", [(torch.float32, None), (torch.float64, 7 * V * 8)])
-def test_explain_describes_the_call(dtype, chunk_bytes):
+def test_explain_describes_the_call(dtype, chunk_bytes, monkeypatch):
+    monkeypatch.setenv("PYRL_LINEAR", "chunked")
     hidden, weight, targets, mask, adv, _ = (x.to(dtype) if x.is_floating_point() else x for x in _batch())
     text = pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch", chunk_bytes=chunk_bytes)
     assert text.startswith("fused_linear_logprobs: backend=torch, linear=chunked, gemm=acc")
@@ -197,6 +200,41 @@ def test_explain_describes_the_call(dtype, chunk_bytes):
         pyrl.explain("fused_linear_policy_loss", hidden, weight, targets, mask[:, :2], adv)
 
 
+def test_the_blocked_walk_is_chosen_from_the_budget_never_the_batch(monkeypatch):
+    """On CPU the blocked walk takes over when chunk_bytes holds fewer than CHUNKED_MIN_ROWS rows of
+    logits, whatever the batch size; PYRL_LINEAR forces either walk and refuses what cannot run."""
+    hidden, weight, targets, mask, adv, _ = _batch()
+    small = (plan_mod.CHUNKED_MIN_ROWS - 1) * V * 4
+    for n in (1, B * T):  # one token or the whole batch: the same walk
+        text = pyrl.explain("fused_linear_logprobs", hidden.reshape(-1, H)[:n], weight, targets.reshape(-1)[:n],
+                            backend="torch", chunk_bytes=small)
+        assert "linear=blocked" in text and "vocabulary-blocked walk (chunk_bytes holds" in text, text
+    big = plan_mod.CHUNKED_MIN_ROWS * V * 4
+    assert "linear=chunked" in pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch",
+                                            chunk_bytes=big)
+    text = pyrl.explain("fused_linear_policy_loss", hidden, weight, targets, mask, adv, backend="torch",
+                        chunk_bytes=small)
+    assert "linear=blocked" in text and "passes=two" in text and "forms a row's d logits only once" in text, text
+    monkeypatch.setenv("PYRL_PASSES", "one")  # asks for the chunk walk's one-pass plan
+    assert "linear=chunked" in pyrl.explain("fused_linear_policy_loss", hidden, weight, targets, mask, adv,
+                                            backend="torch", chunk_bytes=small)
+    monkeypatch.delenv("PYRL_PASSES")
+    monkeypatch.setenv("PYRL_LINEAR", "chunked")
+    assert "linear=chunked" in pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch",
+                                            chunk_bytes=small)
+    monkeypatch.setenv("PYRL_LINEAR", "blocked")
+    text = pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch", chunk_bytes=big)
+    assert "linear=blocked" in text and "PYRL_LINEAR=blocked" in text
+    with pytest.raises(ValueError, match="PYRL_LINEAR=blocked cannot run this call: top_k=5 needs each row's whole"):
+        pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch", top_k=5)
+    if TRITON:
+        with pytest.raises(ValueError, match="PYRL_LINEAR=blocked cannot run this call: the triton row body"):
+            pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="triton")
+    monkeypatch.setenv("PYRL_LINEAR", "tiled")
+    with pytest.raises(ValueError, match="PYRL_LINEAR must be 'chunked' or 'blocked'"):
+        pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch")
+
+
 # Every plan on every backend against the float64 oracle, on the odd shapes: one token, a vocabulary
 # that is no multiple of any block (and a vocabulary of one), all-masked rows, bf16 inputs.
 ODD = {
@@ -205,22 +243,27 @@ ODD = {
     "vocab-1": dict(B=2, T=3, V=1),
     "all-masked-row": dict(B=3, T=4, V=37, masked_row=1),
 }
-PLANS = [("torch", None), ("cpp", None), ("triton", "fused"), ("triton", "chunked")]
+PLANS = [("torch", "chunked"), ("torch", "blocked"), ("cpp", "chunked"), ("cpp", "blocked"), ("triton", "fused"),
+         ("triton", "chunked")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("passes", ["one", "two"])
-@pytest.mark.parametrize("backend,linear", PLANS, ids=["torch", "cpp", "triton-kernel", "triton-chunked"])
+@pytest.mark.parametrize("backend,linear", PLANS, ids=["torch", "torch-blocked", "cpp", "cpp-blocked", "triton-kernel",
+                                                       "triton-chunked"])
 @pytest.mark.parametrize("case", list(ODD))
 def test_every_plan_matches_float64_on_odd_shapes(case, backend, linear, passes, dtype, monkeypatch):
     if backend == "cpp" and not pyrl.backends()["cpp"]["available"]:
         pytest.skip("pyrl._C not built")
     if backend == "triton" and not TRITON:
         pytest.skip("no triton")
-    if linear == "fused" and passes == "one":
-        pytest.skip("the fused Triton kernel has the two-pass plan only")
-    if linear is not None:
+    if linear in ("fused", "blocked") and passes == "one":
+        pytest.skip("the fused Triton kernel and the blocked walk have the two-pass plan only")
+    if backend == "triton":
         monkeypatch.setenv("PYRL_TRITON_LINEAR", linear)
+    else:
+        monkeypatch.setenv("PYRL_LINEAR", linear)
+        monkeypatch.setattr(plan_mod, "BLOCK_COLS", 64)  # several blocks, the last one partial, at V=129
     monkeypatch.setenv("PYRL_PASSES", passes)
     c = ODD[case]
     b, t, v = c["B"], c["T"], c["V"]

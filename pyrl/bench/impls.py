@@ -12,8 +12,10 @@ memory traffic alone: the time no implementation can beat; no correctness check)
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -225,7 +227,8 @@ def _pyrl_logits_logprobs(backend):
     return build
 
 
-def _pyrl_grpo_loss(backend, chunk_bytes=None):
+def _pyrl_grpo_loss(backend, chunk_bytes=None, linear=None):
+    """``linear``: force the walk (``PYRL_LINEAR``) for this implementation's calls only."""
     def build(case: Case) -> Step:
         import pyrl
 
@@ -233,12 +236,30 @@ def _pyrl_grpo_loss(backend, chunk_bytes=None):
                                        agg="token-mean")
 
         def step():
-            loss, _ = pyrl.fused_linear_policy_loss(case.hidden, case.weight, case.targets, case.mask,
-                                                    case.advantages, old_logp=case.old_logp, config=config,
-                                                    backend=backend, chunk_bytes=chunk_bytes)
+            with _linear_knob(linear):
+                loss, _ = pyrl.fused_linear_policy_loss(case.hidden, case.weight, case.targets, case.mask,
+                                                        case.advantages, old_logp=case.old_logp, config=config,
+                                                        backend=backend, chunk_bytes=chunk_bytes)
             return loss_outputs(case, loss)
         return step
     return build
+
+
+@contextlib.contextmanager
+def _linear_knob(linear):
+    """``PYRL_LINEAR=linear`` inside the block (nothing when None), the old value restored after."""
+    if linear is None:
+        yield
+        return
+    old = os.environ.get("PYRL_LINEAR")
+    os.environ["PYRL_LINEAR"] = linear
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PYRL_LINEAR"]
+        else:
+            os.environ["PYRL_LINEAR"] = old
 
 
 def _pyrl_pair_loss(op: str, backend: str):
@@ -360,7 +381,11 @@ for _backend in ("torch", "cpp", "triton"):
     for _op, _fn in (("dpo_loss", "fused_linear_preference_loss"), ("distill_loss", "fused_linear_distillation_loss")):
         register(Impl(_op, f"pyrl[{_backend}]", _pyrl_pair_loss(_op, _backend), requires=_pyrl_backend(_backend, _fn)))
 
-# CPU: 64 MiB chunks (twice the default: fewer passes over the weight, twice the chunk memory).
+# CPU: the default budget on the chunk walk (what the vocabulary-blocked walk replaced where the budget
+# holds fewer than 96 rows of logits), and 64 MiB chunks (twice the default: the chunk walk with 96 rows
+# at V=151936, fewer passes over the weight, twice the chunk memory).
+register(Impl("grpo_loss", "pyrl[cpp]/chunked", _pyrl_grpo_loss("cpp", linear="chunked"),
+              requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="PYRL_LINEAR=chunked (the chunk walk)"))
 register(Impl("grpo_loss", "pyrl[cpp]/chunk=64MiB", _pyrl_grpo_loss("cpp", 64 * 2**20),
               requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="chunk_bytes=64 MiB"))
 # CUDA: the same backend with 1 GiB chunks (fewer, larger chunk GEMMs for more working memory).

@@ -19,6 +19,10 @@ runs the one autograd Function of that plan:
   walk of ``pyrl.ops.walk``; each chunk's logits ``[chunk, V]`` exist only while that chunk is
   processed, in forward and again (recomputed) in backward, so peak extra memory is one chunk of
   logits, never ``[N, V]``.
+* ``_BlockedLinearLogprobs`` (``linear="blocked"``): the vocabulary-blocked walk of
+  ``pyrl.ops.walk.Blocks``: forward streams the head once in vocabulary blocks against large token
+  tiles and merges each block's row stats (online log-sum-exp, docs/formulas.md §10.1); backward
+  recomputes each tile's logits and runs both gradient GEMMs on it. Peak extra memory is one tile.
 * ``_KernelLinearLogprobs`` (``linear="kernel"``): Triton's single fused kernel.
 
 Every body computes in fp32 (fp64 for fp64 inputs) whatever the input dtype. A row's result never
@@ -33,9 +37,9 @@ import torch
 
 from pyrl._validate import (check_bool, check_chunk_bytes, check_float, check_linear_args, check_positive,
                             check_same_device, check_sampler, check_targets, shape_str)
-from pyrl.kernels.reference import RowParams, acc_dtype
+from pyrl.kernels.reference import RowParams, RowStats, TorchRows, acc_dtype, merge_stats
 from pyrl.ops.plan import Plan, chunk_bytes_default, make_plan
-from pyrl.ops.walk import Head, fused_kernel, rows_body, walk
+from pyrl.ops.walk import Blocks, Head, block_targets, fused_kernel, rows_body, walk
 
 __all__ = ["fused_linear_logprobs", "logprobs_from_logits", "LinearCall", "plan_fused_linear_logprobs",
            "plan_logprobs_from_logits", "run_linear_logprobs", "row_params"]
@@ -206,6 +210,48 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None, None, None
 
 
+class _BlockedLinearLogprobs(torch.autograd.Function):
+    """The vocabulary-blocked walk (``Blocks``): saves hidden, weight, bias and the per-row
+    lse/entropy, as ``_ChunkedLinearLogprobs``; the row bodies see one block of each row at a time,
+    with block-local target ids (``block_targets``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, plan: Plan, params: RowParams):
+        rows = rows_body(plan.backend)
+        n = hidden.shape[0]
+        acc = acc_dtype(hidden.dtype)
+        st = RowStats(hidden.new_full((n,), float("-inf"), dtype=acc), *hidden.new_zeros(3, n, dtype=acc))
+
+        def step(s, e, c0, c1, z):
+            here = rows.stats(z, block_targets(targets[s:e], c0, c1, params.ignore_index), params)
+            merged = merge_stats(RowStats(*(x[s:e] for x in st)), here)
+            for mine, new in zip(st, merged):
+                mine[s:e] = new
+            return False
+
+        Blocks.of(plan, hidden, weight, bias).walk(step)
+        logp, ent, lse = TorchRows.finish(st, targets, params)
+        ctx.plan = plan
+        return _saved(ctx, params, (hidden, weight, bias, targets, lse, ent), logp, ent)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        plan, p = ctx.plan, ctx.params
+        rows = rows_body(plan.backend)
+        g_logp, g_ent = _upstream(p, lse, g_logp, g_ent)
+
+        def step(s, e, c0, c1, z):
+            rows.bwd(z, block_targets(targets[s:e], c0, c1, p.ignore_index), lse[s:e], ent[s:e], g_logp[s:e],
+                     None if g_ent is None else g_ent[s:e], p, out=z)
+            return True
+
+        active = (targets != p.ignore_index) & torch.isfinite(lse)
+        blocks = Blocks.of(plan, hidden, weight, bias, need=tuple(ctx.needs_input_grad[:3]))
+        d_hidden, d_weight, d_bias = blocks.walk(step, active=active)
+        return d_hidden, d_weight, d_bias, None, None, None
+
+
 class _KernelLinearLogprobs(torch.autograd.Function):
     """Triton's single fused kernel: forward and backward each one set of launches over the
     whole batch, the logits tiles recomputed in backward, never stored."""
@@ -259,6 +305,10 @@ def run_linear_logprobs(call: LinearCall, collective=None):
     """(logp, entropy) ``[N]`` of a planned call (entropy 0 unless asked for)."""
     if call.plan.linear == "kernel":
         return _KernelLinearLogprobs.apply(call.hidden, call.weight, call.bias, call.targets, call.params)
+    if call.plan.linear == "blocked":
+        if collective is not None:
+            raise ValueError("the vocabulary-blocked plan has no vocabulary-parallel form (make_plan never pairs them)")
+        return _BlockedLinearLogprobs.apply(call.hidden, call.weight, call.bias, call.targets, call.plan, call.params)
     return _ChunkedLinearLogprobs.apply(call.hidden, call.weight, call.bias, call.targets, call.plan, call.params,
                                         collective)
 

@@ -7,8 +7,11 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
   ``"cpp"`` (``torch.ops.pyrl.logprobs_*``, csrc/logprobs_cpu.cpp) or ``"triton"``
   (``pyrl.kernels.rows``);
 * ``linear``: how logits come to exist: ``"given"`` (``logprobs_from_logits``), ``"chunked"``
-  (one GEMM per token chunk, then the row body, the chunk's logits dropped after use) or
-  ``"kernel"`` (Triton's single fused kernel, ``pyrl.kernels.fused_linear``: logits tiles never
+  (one GEMM per token chunk, then the row body, the chunk's logits dropped after use),
+  ``"blocked"`` (the vocabulary-blocked walk, ``pyrl.ops.walk.Blocks``: large token tiles against
+  blocks of ``block_cols`` vocabulary rows, row stats merged online; the CPU default when
+  ``chunk_bytes`` holds fewer than ``CHUNKED_MIN_ROWS`` rows of logits, docs/formulas.md §10.1)
+  or ``"kernel"`` (Triton's single fused kernel, ``pyrl.kernels.fused_linear``: logits tiles never
   leave the chip);
 * ``passes`` (the policy loss): ``"one"`` (gradients formed in forward, three GEMMs per chunk; only
   for token-separable losses on a chunked body) or ``"two"`` (log-probs first, loss on the whole
@@ -18,8 +21,10 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
   whose rows get ``1 / DISTILL_CHUNK_SHARE`` of ``chunk_bytes``);
 * ``gemm``: ``"acc"`` (GEMM operands in the accumulation dtype, fp32 or fp64) or ``"lowp"``
   (bf16/fp16 tensor-core GEMMs with fp32 output, CUDA);
-* ``chunk_rows`` / ``pad_rows``: tokens per chunk, and the multiple every chunk GEMM is padded to
-  (batch invariance: a token's logits never depend on how many tokens share its chunk);
+* ``chunk_rows`` / ``pad_rows``: tokens per chunk (per tile, when blocked), and the multiple every
+  chunk GEMM is padded to (batch invariance: a token's logits never depend on how many tokens share
+  its chunk); ``block_cols``: the vocabulary block of the blocked plan (from ``chunk_bytes`` only,
+  never from the batch, so a row's reduction order is the same in every batch);
 * ``vocab_parallel``: the LM head is split by vocabulary across ranks (collectives per chunk);
 * ``sampler``: the sampler's truncation (top-k / top-p / min-p, docs/formulas.md §1.1), or ``""``:
   each row's kept-set threshold is found by the row body on the chunk's full-vocabulary logits,
@@ -32,6 +37,7 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
 |---|---|---|
 | ``PYRL_TRITON_LINEAR`` | ``chunked`` \\| ``fused`` | the ``linear`` of ``backend="triton"`` (default: chunked for bf16/fp16 on CUDA, the fused kernel otherwise) |
 | ``PYRL_PASSES`` | ``one`` \\| ``two`` | force the policy loss's plan (``one`` is refused where it cannot run) |
+| ``PYRL_LINEAR`` | ``chunked`` \\| ``blocked`` | force the walk of the ``torch``/``cpp`` bodies (default: blocked on CPU when ``chunk_bytes`` holds fewer than 96 rows of logits; ``blocked`` is refused where it cannot run) |
 | ``PYRL_TRITON_CONFIG`` | a config name | pin one tiling of the fused Triton kernel (read by ``pyrl.kernels.fused_linear``) |
 """
 from __future__ import annotations
@@ -45,7 +51,7 @@ import torch
 from pyrl._backend import BACKENDS, resolve_backend
 
 __all__ = ["Plan", "EnvKnobs", "env_knobs", "make_plan", "chunk_bytes_default", "GEMM_ROW_QUANTUM",
-           "DEFAULT_CHUNK_BYTES", "DEFAULT_CUDA_CHUNK_BYTES"]
+           "DEFAULT_CHUNK_BYTES", "DEFAULT_CUDA_CHUNK_BYTES", "BLOCK_COLS"]
 
 # Rows per chunk are chosen so one chunk of fp32 logits stays under this many bytes (CPU).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
@@ -60,6 +66,16 @@ DEFAULT_CUDA_CHUNK_BYTES = 160 * 2**20
 # heights 1, 2, 4, 8 and 16. (The "lowp" GEMMs are all padded to the full chunk instead.)
 GEMM_ROW_QUANTUM = 16
 _LOWP = (torch.bfloat16, torch.float16)
+# The vocabulary block of the blocked plan: BLOCK_COLS columns, fewer only when chunk_bytes cannot
+# hold MIN_TILE_ROWS rows of them. (2048 x 896 fp32 is a 7 MB slice of the head, and a tile of 2048
+# tokens x 2048 columns is 16 MB: both stay in a 32 MB L3 between the block's GEMMs.)
+BLOCK_COLS = 2048
+MIN_TILE_ROWS = 256
+# The chunk walk re-reads the whole head for every chunk; when chunk_bytes holds fewer rows than
+# this, its three small-M GEMMs cost more than the blocked walk's four large ones (2 EPYC cores, fp32,
+# 2048 x 896 x 151936: chunks of 48 rows 21.5-24 s, of 96 rows 18-19 s, blocked 20.4 s; GEMMs
+# alone in docs/scaling.md), so on CPU the blocked walk takes over below it.
+CHUNKED_MIN_ROWS = 96
 _OPS = ("logprobs_from_logits", "fused_linear_logprobs", "fused_linear_policy_loss", "fused_linear_preference_loss",
         "fused_linear_distillation_loss")
 # A distillation chunk holds two heads' fp32 logits and ~4 more [rows, V] temporaries of the
@@ -74,12 +90,15 @@ class EnvKnobs:
     triton_linear: Optional[str]   # PYRL_TRITON_LINEAR: "chunked" | "fused" | None (automatic)
     triton_config: Optional[str]   # PYRL_TRITON_CONFIG: one named tiling of the fused Triton kernel
     passes: Optional[str]          # PYRL_PASSES: "one" | "two" | None (automatic)
+    linear: Optional[str] = None   # PYRL_LINEAR: "chunked" | "blocked" | None (automatic)
 
 
 def env_knobs() -> EnvKnobs:
     get = lambda k: os.environ.get(k) or None  # noqa: E731
     knobs = EnvKnobs(triton_linear=get("PYRL_TRITON_LINEAR"), triton_config=get("PYRL_TRITON_CONFIG"),
-                     passes=get("PYRL_PASSES"))
+                     passes=get("PYRL_PASSES"), linear=get("PYRL_LINEAR"))
+    if knobs.linear not in (None, "chunked", "blocked"):
+        raise ValueError(f"PYRL_LINEAR must be 'chunked' or 'blocked', got {knobs.linear!r}")
     if knobs.triton_linear not in (None, "chunked", "fused"):
         raise ValueError(f"PYRL_TRITON_LINEAR must be 'fused' or 'chunked', got {knobs.triton_linear!r}")
     if knobs.passes not in (None, "one", "two"):
@@ -101,12 +120,16 @@ class Plan:
     chunk_bytes: int = 0
     kl_chunk_rows: int = 0
     vocab_parallel: bool = False
+    block_cols: int = 0
     reasons: Tuple[str, ...] = ()
     sampler: str = ""
 
     def __str__(self) -> str:
         head = f"{self.op}: backend={self.backend}, linear={self.linear}"
-        if self.linear != "given":
+        if self.linear == "blocked":
+            head += (f", gemm={self.gemm}, tile_rows={self.chunk_rows} x block_cols={self.block_cols} "
+                     f"(GEMMs padded to a multiple of {self.pad_rows})")
+        elif self.linear != "given":
             head += f", gemm={self.gemm}, chunk_rows={self.chunk_rows} (GEMMs padded to a multiple of {self.pad_rows})"
         if self.passes != "-":
             head += f", passes={self.passes}"
@@ -128,6 +151,17 @@ def _acc_chunk_rows(n_rows: int, vocab: int, chunk_bytes: int) -> int:
     if rows >= GEMM_ROW_QUANTUM:
         rows -= rows % GEMM_ROW_QUANTUM  # full chunks need no padding
     return max(1, min(n_rows, rows))
+
+
+def _block_shape(n_rows: int, chunk_bytes: int) -> Tuple[int, int]:
+    """``(tile_rows, block_cols)`` of the blocked plan: a tile of fp32 logits within ``chunk_bytes``.
+    ``block_cols`` depends on ``chunk_bytes`` alone (batch invariance); the tile takes every row up
+    to what the budget allows."""
+    cols = BLOCK_COLS
+    if chunk_bytes // (4 * cols) < MIN_TILE_ROWS:
+        cols = max(64, (chunk_bytes // (4 * MIN_TILE_ROWS)) // 64 * 64)
+    rows = max(GEMM_ROW_QUANTUM, chunk_bytes // (4 * cols) // GEMM_ROW_QUANTUM * GEMM_ROW_QUANTUM)
+    return max(1, min(n_rows, rows)), cols
 
 
 def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
@@ -206,6 +240,26 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
                        f"padded to the full chunk")
     else:
         chunk_rows, pad_rows = _acc_chunk_rows(n_rows, vocab, chunk_bytes), GEMM_ROW_QUANTUM
+    block_cols = 0
+    why_not_blocked = _why_not_blocked(op, name, gemm, linear, sampler, vocab_parallel)
+    if knobs.linear == "blocked" and why_not_blocked is not None:
+        raise ValueError(f"PYRL_LINEAR=blocked cannot run this call: {why_not_blocked}")
+    # automatic: on CPU when chunk_bytes holds fewer than CHUNKED_MIN_ROWS rows of logits, unless
+    # PYRL_PASSES=one asks for the chunk walk's one-pass plan. The choice never looks at the batch
+    # size: a token's bits must not depend on how many tokens share its call (docs/reliability.md).
+    budget_rows = chunk_bytes // max(1, vocab * 4)
+    auto_blocked = (knobs.linear is None and device.type == "cpu" and budget_rows < CHUNKED_MIN_ROWS
+                    and not (op == "fused_linear_policy_loss" and knobs.passes == "one"))
+    if why_not_blocked is None and (knobs.linear == "blocked" or auto_blocked):
+        linear = "blocked"
+        why = ("PYRL_LINEAR=blocked" if knobs.linear else
+               f"chunk_bytes holds {budget_rows} rows of [{vocab}] logits (< {CHUNKED_MIN_ROWS}): the chunk walk "
+               "would re-read the head for every few dozen tokens")
+        chunk_rows, block_cols = _block_shape(n_rows, asked_bytes)
+        reasons.append(f"vocabulary-blocked walk ({why}): tiles of {chunk_rows} tokens x {block_cols} vocabulary "
+                       f"columns of fp32 logits (chunk_bytes={asked_bytes}); the head streamed once in forward and "
+                       "once in backward, 4 large GEMMs")
+    elif gemm == "acc" and linear == "chunked":
         reasons.append(f"GEMMs in {'fp64' if dtype == torch.float64 else 'fp32'}; chunk_bytes={chunk_bytes} "
                        f"-> {chunk_rows} rows of [{vocab}] fp32 logits per chunk")
 
@@ -220,6 +274,8 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
         why_not = separable
         if why_not is None and linear == "kernel":
             why_not = "the fused Triton kernel is not a chunk walk"
+        if why_not is None and linear == "blocked":
+            why_not = "the vocabulary-blocked walk forms a row's d logits only once all its blocks are seen"
         if why_not is None and vocab_parallel:
             why_not = "vocab_parallel_group (the log-prob op owns the collectives)"
         if why_not is None and n_rows == 0:
@@ -243,4 +299,19 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
         if proxy_kl:
             reasons.append(f"Lp-Reg: a walk over the policy head for KL(proxy || p), {kl_rows} rows per chunk")
     return Plan(op, name, linear, passes, gemm, chunk_rows, pad_rows, asked_bytes, kl_rows, vocab_parallel,
-                tuple(reasons), sampler)
+                block_cols, tuple(reasons), sampler)
+
+
+def _why_not_blocked(op, backend, gemm, linear, sampler, vocab_parallel) -> Optional[str]:
+    """Why the vocabulary-blocked walk cannot run a call (None: it can)."""
+    if op not in ("fused_linear_logprobs", "fused_linear_policy_loss", "fused_linear_preference_loss"):
+        return f"{op} walks its heads in token chunks"
+    if backend not in ("torch", "cpp"):
+        return f"the {backend} row body has no per-block row stats (torch and cpp have)"
+    if linear != "chunked" or gemm != "acc":
+        return "it runs GEMMs in the accumulation dtype only (gemm='acc')"
+    if sampler:
+        return f"{sampler} needs each row's whole vocabulary at once"
+    if vocab_parallel:
+        return "vocab_parallel_group splits the vocabulary across ranks already"
+    return None

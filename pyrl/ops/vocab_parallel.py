@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from pyrl._validate import FLOAT_DTYPES, check_bool, check_chunk_bytes, check_linear_args, check_same_device, \
     check_targets
-from pyrl.kernels.reference import RowParams, RowStats
+from pyrl.kernels.reference import RowParams, RowStats, rescale_stats
 from pyrl.ops.logprobs import LinearCall, run_linear_logprobs
 from pyrl.ops.plan import DEFAULT_CHUNK_BYTES, make_plan
 
@@ -91,12 +91,7 @@ class VocabShards:
     def merge(self, st: RowStats) -> RowStats:
         m = st.m.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
-        m_safe = torch.where(torch.isfinite(m), m, 0.0)
-        # A shard whose row is all -inf (s_r = 0) contributes nothing; its offset is set to 0 so that
-        # -inf - -inf or 0 * inf never appear.
-        d = torch.where(torch.isfinite(st.m), st.m - m_safe, 0.0)
-        a = d.exp()
-        packed = torch.stack([st.s * a, a * (st.t + st.s * d), st.zy])
+        packed = torch.stack([*rescale_stats(st, m), st.zy])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
         return RowStats(m, packed[0], packed[1], packed[2])
 

@@ -9,7 +9,20 @@
 
 Log-prob forward and backward, the one-pass policy loss, the exact KL and the vocabulary-parallel
 log-probs all run on ``walk``; only their ``step`` differs. At most one chunk of logits (per head)
-is alive at a time. The bodies:
+is alive at a time.
+
+The vocabulary-blocked plan (``Plan.linear == "blocked"``, ``Blocks.walk``) turns the loops round:
+
+    for each tile [s, e) of tokens (Plan.chunk_rows, thousands of rows):
+        for each block [c0, c1) of the vocabulary (Plan.block_cols):
+            z = h[s:e] @ W[c0:c1].T      GEMM into one reused [rows, block] fp32 buffer
+            step(s, e, c0, c1, z)        forward: merge the block's row stats (online log-sum-exp);
+                                         backward: z -> d logits, then d_hidden[s:e] += dz @ W[c0:c1]
+                                         and d_weight[c0:c1] += dz.T @ h[s:e]
+
+Every GEMM has a large M, N and K (no chunk of a few dozen rows re-streaming the whole head), and
+the tile of logits stays small whatever the batch: four GEMMs in all (forward's is recomputed in
+backward) against the chunk walk's three, which docs/scaling.md weighs. The bodies:
 
 * ``Head``: the GEMMs of one walk, with ``gemm="acc"`` (operands in the accumulation dtype: the
   reference and CPU; fp64 stays fp64) or ``"lowp"`` (bf16/fp16 operands on the tensor cores, fp32
@@ -25,10 +38,10 @@ from typing import Callable, Optional
 
 import torch
 
-from pyrl.kernels.reference import TorchRows, acc_dtype
+from pyrl.kernels.reference import RowStats, TorchRows, acc_dtype
 from pyrl.ops.plan import Plan
 
-__all__ = ["Head", "walk", "rows_body", "fused_kernel", "CppRows"]
+__all__ = ["Head", "walk", "Blocks", "block_targets", "rows_body", "fused_kernel", "CppRows"]
 
 
 class CppRows:
@@ -43,6 +56,14 @@ class CppRows:
         return torch.ops.pyrl.sampler_cutoff(logits, float(p.temperature), p.top_k or 0,
                                              1.0 if p.top_p is None else p.top_p, p.min_p or 0.0,
                                              p.sampler_order == "vllm", sort_top_p)
+
+    @staticmethod
+    def stats(logits, targets, p, tau=None):
+        """One vocabulary block's ``RowStats`` (``TorchRows.stats``; a target id outside the block is 0 here)."""
+        if tau is not None:
+            raise ValueError("CppRows.stats: truncated rows are never split into vocabulary blocks")
+        return RowStats(*torch.ops.pyrl.logprobs_stats(logits, targets, float(p.temperature), int(p.ignore_index),
+                                                       bool(p.need_entropy)))
 
     @staticmethod
     def fwd(logits, targets, p, tau=None):
@@ -216,3 +237,84 @@ def walk(head: Head, chunk_rows: int, step: Callable, *, ref: Optional[Head] = N
         if ref is not None:
             ref.release()
     return head.grads()
+
+
+def block_targets(targets: torch.Tensor, c0: int, c1: int, ignore_index: int) -> torch.Tensor:
+    """Targets as ids local to the vocabulary block ``[c0, c1)``: ``y - c0`` inside it; a valid target
+    elsewhere becomes an id >= the block's width (valid, not here, never equal to ``ignore_index``);
+    ignored rows keep ``ignore_index``. The row bodies take these (``TorchRows`` contract)."""
+    width = c1 - c0
+    elsewhere = width if ignore_index != width else width + 1
+    local = targets - c0
+    valid = targets != ignore_index
+    local = torch.where(valid & (local >= 0) & (local < width), local, elsewhere)
+    return torch.where(valid, local, ignore_index)
+
+
+class Blocks:
+    """The GEMMs of the vocabulary-blocked plan (module docstring): ``hidden [N, H]`` in token tiles
+    of ``tile_rows`` (each GEMM zero-padded to a multiple of ``pad_rows`` rows, for batch invariance
+    as ``Head``), against blocks of ``block_cols`` rows of ``weight [V, H]`` (+ ``bias``). GEMM
+    operands in the accumulation dtype (``gemm="acc"`` only). The block boundaries depend on
+    ``block_cols`` alone, never on N, so a row's reduction order is the same in any batch.
+
+    ``need``: which of (d_hidden, d_weight, d_bias) a backward walk accumulates."""
+
+    def __init__(self, hidden, weight, bias, *, tile_rows: int, block_cols: int, pad_rows: int,
+                 need=(False, False, False)):
+        acc = acc_dtype(hidden.dtype)
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.tile_rows, self.block_cols, self.pad_rows = tile_rows, block_cols, pad_rows
+        self.w = weight.to(acc)
+        self.b = None if bias is None else bias.to(acc)
+        need_h, need_w, need_b = need
+        self.need_h = need_h
+        self.d_hidden = torch.zeros_like(hidden) if need_h else None
+        self.d_weight = torch.zeros_like(self.w) if need_w else None
+        self.d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None \
+            else None
+
+    @classmethod
+    def of(cls, plan: Plan, hidden, weight, bias, **kw) -> "Blocks":
+        return cls(hidden, weight, bias, tile_rows=plan.chunk_rows, block_cols=plan.block_cols, pad_rows=plan.pad_rows,
+                   **kw)
+
+    def walk(self, step: Callable, active: Optional[torch.Tensor] = None):
+        """Run ``step(s, e, c0, c1, z)`` on every (token tile, vocabulary block); ``z`` is the tile's
+        ``[e - s, c1 - c0]`` logits (a view of one reused buffer). Where ``step`` returns True, ``z``
+        now holds d logits and the block's gradient GEMMs consume it. ``active`` [N] bool: tiles
+        with no active row are skipped (their gradient is exactly zero). Returns the gradients as
+        ``Head.grads``."""
+        n, V = self.hidden.shape[0], self.w.shape[0]
+        buf = None
+        for s in range(0, n, self.tile_rows):
+            e = min(n, s + self.tile_rows)
+            if active is not None and not bool(active[s:e].any()):
+                continue
+            rows = e - s
+            h = self.hidden[s:e].to(self.w.dtype)
+            pad = -rows % self.pad_rows
+            hp = torch.cat([h, h.new_zeros(pad, h.shape[1])]) if pad else h
+            if buf is None:  # one buffer for every tile and block: no allocation inside the loop
+                buf = hp.new_empty(hp.shape[0] * min(V, self.block_cols))
+            dh = hp.new_zeros(hp.shape) if self.need_h else None
+            for c0 in range(0, V, self.block_cols):
+                c1 = min(V, c0 + self.block_cols)
+                z = buf[: hp.shape[0] * (c1 - c0)].view(hp.shape[0], c1 - c0)
+                torch.mm(hp, self.w[c0:c1].t(), out=z)
+                if self.b is not None:
+                    z += self.b[c0:c1]
+                if not step(s, e, c0, c1, z[:rows]):
+                    continue
+                if pad:
+                    z[rows:] = 0
+                if self.d_bias is not None:
+                    self.d_bias[c0:c1] += z[:rows].sum(0)
+                if dh is not None:
+                    dh.addmm_(z, self.w[c0:c1])  # all padded rows: the rounding of a row is batch-invariant
+                if self.d_weight is not None:
+                    self.d_weight[c0:c1].addmm_(z[:rows].t(), h)
+            if dh is not None:
+                self.d_hidden[s:e] = dh[:rows].to(self.hidden.dtype)
+        return (self.d_hidden, None if self.d_weight is None else self.d_weight.to(self.weight.dtype),
+                None if self.d_bias is None else self.d_bias.to(self.bias.dtype))

@@ -1,0 +1,147 @@
+"""The vocabulary-blocked walk (``Plan.linear == "blocked"``, docs/formulas.md §10.1): the row
+bodies on one block of each row's vocabulary (block-local target ids), the online merge of the
+blocks' stats, and the whole walk against the float64 oracle with several blocks."""
+import math
+
+import pytest
+import torch
+
+import pyrl
+from pyrl.kernels.reference import RowParams, RowStats, TorchRows, merge_stats
+from pyrl.ops import plan as plan_mod
+from pyrl.ops.walk import CppRows, block_targets
+from _ref import linear_logprobs_ref
+from conftest import CPP
+
+BODIES = [TorchRows] + ([CppRows] if CPP else [])
+IDS = ["torch"] + (["cpp"] if CPP else [])
+
+
+def _rows(dtype, V=300, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = (3 * torch.randn(n, V, generator=g, dtype=torch.float64)).to(dtype)
+    z[4] = float("-inf")  # a row with no finite logit in this block
+    z[5, ::2] = float("-inf")
+    # in the block, elsewhere (an id >= V), ignored, in the block, -inf row, in the block
+    y = torch.tensor([3, V + 7, -100, V - 1, 0, 1])
+    return z, y
+
+
+@pytest.mark.parametrize("rows", BODIES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_block_stats_match_the_float64_definition(rows, dtype):
+    z, y = _rows(dtype)
+    p = RowParams(temperature=0.7, ignore_index=-100, need_entropy=True)
+    st = rows.stats(z, y, p)
+    zz = z.double() / 0.7
+    m = zz.amax(-1)
+    ms = torch.where(torch.isfinite(m), m, 0.0)
+    e = (zz - ms[:, None]).exp()
+    d = torch.where(e > 0, zz - ms[:, None], 0.0)
+    here = (y >= 0) & (y < z.shape[1])
+    zy = torch.where(here, zz.gather(1, y.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), 0.0)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.m.double(), m, **tol)
+    torch.testing.assert_close(st.s.double(), e.sum(-1), **tol)
+    torch.testing.assert_close(st.t.double(), (e * d).sum(-1), **tol)
+    torch.testing.assert_close(st.zy.double(), zy, **tol)
+    assert st.s[4] == 0 and st.zy[1] == 0 and st.zy[2] == 0
+
+
+@pytest.mark.parametrize("rows", BODIES, ids=IDS)
+def test_bwd_with_a_target_in_another_block_has_no_one_hot_term(rows):
+    z, y = _rows(torch.float64)
+    z[4] = torch.randn(z.shape[1], dtype=torch.float64)  # the backward needs a finite lse per row
+    p = RowParams(temperature=1.3, ignore_index=-100, need_entropy=True)
+    zz = z / 1.3
+    lse = torch.logsumexp(zz, -1) + 0.25  # as if the rest of the row were elsewhere: p sums to < 1 here
+    prob = (zz - lse[:, None]).exp()
+    mu = torch.full_like(lse, 0.4)
+    ent = lse - mu
+    g1, g2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    got = rows.bwd(z.clone(), y, lse, ent, g1, g2, p)
+    here = (y >= 0) & (y < z.shape[1])
+    onehot = torch.zeros_like(z)
+    onehot[here.nonzero().squeeze(1), y[here]] = 1.0
+    zc = torch.where(torch.isfinite(zz), zz, 0.0)
+    want = (g1[:, None] * (onehot - prob) - g2[:, None] * prob * (zc - mu[:, None])) / 1.3
+    want[y == -100] = 0
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_merged_block_stats_equal_the_whole_rows():
+    z, y = _rows(torch.float64, V=300)
+    p = RowParams(temperature=1.0, ignore_index=-100, need_entropy=True)
+    whole = TorchRows.stats(z, y, p)
+    st = RowStats(torch.full((6,), float("-inf"), dtype=torch.float64), *torch.zeros(3, 6, dtype=torch.float64))
+    for c0, c1 in ((0, 64), (64, 128), (128, 299), (299, 300)):  # uneven blocks, one of a single column
+        st = merge_stats(st, TorchRows.stats(z[:, c0:c1], block_targets(y, c0, c1, -100), p))
+    for a, b in zip(st, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_block_targets_never_collide_with_ignore_index():
+    y = torch.tensor([0, 63, 64, 127, 128, -100, 5])
+    assert block_targets(y, 64, 128, -100).tolist() == [64, 64, 0, 63, 64, -100, 64]
+    # a block as wide as ignore_index: "elsewhere" moves one further
+    assert block_targets(torch.tensor([0, 9, 4]), 0, 4, 4).tolist() == [0, 5, 4]
+
+
+@pytest.mark.parametrize("backend", IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_blocked_fused_linear_logprobs_matches_float64(backend, dtype, monkeypatch):
+    """Several tiles and blocks (the last block partial), a bias, a temperature, ignored rows and
+    a row whose target is the last vocabulary id: values and gradients against the float64 oracle."""
+    monkeypatch.setenv("PYRL_LINEAR", "blocked")
+    monkeypatch.setattr(plan_mod, "BLOCK_COLS", 128)
+    monkeypatch.setattr(plan_mod, "MIN_TILE_ROWS", 1)
+    g = torch.Generator().manual_seed(1)
+    n, h, V = 45, 24, 1000
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(V, h, generator=g) / math.sqrt(h)).to(dtype)
+    bias = (0.1 * torch.randn(V, generator=g)).to(dtype)
+    y = torch.randint(0, V, (n,), generator=g)
+    y[[3, 17]] = -100
+    y[5] = V - 1
+    cb = 16 * 128 * 4  # tiles of 16 tokens: three tiles, the last one partial
+    text = pyrl.explain("fused_linear_logprobs", hidden, weight, y, bias=bias, backend=backend, chunk_bytes=cb)
+    assert "linear=blocked" in text and "tile_rows=16 x block_cols=128" in text, text
+    hs, ws, bs = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+    logp, ent = pyrl.fused_linear_logprobs(hs, ws, y, bias=bs, temperature=0.8, return_entropy=True, backend=backend,
+                                           chunk_bytes=cb)
+    g1, g2 = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    ((logp * g1).sum() + (ent * g2).sum()).backward()
+    hd, wd, bd = (x.double().requires_grad_() for x in (hidden, weight, bias))
+    lp64, en64 = linear_logprobs_ref(hd, wd, y, bias=bd, temperature=0.8)
+    ((lp64 * g1.double()).sum() + (en64 * g2.double()).sum()).backward()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(logp.double(), lp64.detach(), **tol)
+    torch.testing.assert_close(ent.double(), en64.detach(), **tol)
+    for got, want in ((hs.grad, hd.grad), (ws.grad, wd.grad), (bs.grad, bd.grad)):
+        assert got.dtype == dtype
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double() / scale, want / scale, **tol)
+    assert (hs.grad[[3, 17]] == 0).all(), "an ignored row gets no gradient"
+
+
+@pytest.mark.parametrize("backend", IDS)
+def test_the_preference_loss_runs_on_the_blocked_walk(backend, monkeypatch):
+    """The preference loss's two passes take the blocked walk too and agree with the chunk walk."""
+    g = torch.Generator().manual_seed(2)
+    N, T, h, V = 4, 6, 16, 700
+    hidden = torch.randn(N, T, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, h, generator=g, dtype=torch.float64) / 4
+    y = torch.randint(0, V, (N, T), generator=g)
+    y[1, 4:] = -100
+    ref_logps = torch.randn(N, generator=g, dtype=torch.float64) - 5
+    out = {}
+    for linear in ("chunked", "blocked"):
+        monkeypatch.setenv("PYRL_LINEAR", linear)
+        hs, ws = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        kw = dict(backend=backend, chunk_bytes=8 * V * 8, ref_logps=ref_logps)
+        assert f"linear={linear}" in pyrl.explain("fused_linear_preference_loss", hs, ws, y, **kw)
+        loss = pyrl.fused_linear_preference_loss(hs, ws, y, **kw)[0]
+        loss.backward()
+        out[linear] = (loss.detach(), hs.grad, ws.grad)
+    for a, b in zip(out["chunked"], out["blocked"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
