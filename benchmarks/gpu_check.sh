@@ -39,7 +39,7 @@ run_stage() {
   say "END $name rc=$rc"
   return 0
 }
-STAGES=${GPU_CHECK_STAGES:-install gpu-tests bench-grpo bench-logprobs train-tiny}
+STAGES=${GPU_CHECK_STAGES:-install gpu-tests bench-grpo bench-logprobs bench-sweep train-tiny}
 
 say "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1)"
 $PY - <<'PY' 2>&1 | tee -a "$log"
@@ -78,11 +78,17 @@ run_stage bench-logprobs 120 8 bench --ops linear_logprobs logits_logprobs \
   --shapes 16384,896,151936 16384,4096,151936 --impls 'pyrl*' torch cut-cross-entropy \
   --warmup 2 --repeats 5 --no-plots --out "$out/logprobs"
 
-# 4. The trainer on one GPU (tiny preset, built-in model and task).
+# 4. Issue 15's sweep: GRPO loss time and memory against N, H and V (plots drawn), pyrl's default and
+#    1 GiB chunks beside the GEMM floor: no cliff up to N = 131072 (grid limits, int32 offsets).
+run_stage bench-sweep 150 10 bench --ops grpo_loss --impls 'pyrl[[]triton[]]*' \
+  --shapes 2048,896,151936 16384,896,151936 131072,896,151936 16384,4096,32000 16384,4096,131072 \
+  16384,4096,262144 16384,8192,151936 65536,4096,151936 --warmup 1 --repeats 3 --out "$out/sweep"
+
+# 5. The trainer on one GPU (tiny preset, built-in model and task).
 run_stage train-tiny 40 0 $PY -m pyrl.cli train --preset tiny --device cuda --max-steps 40 --out /tmp/pyrl-tiny \
   --no-progress
 ls /tmp/pyrl-tiny >>"$log" 2>&1
 cp /tmp/pyrl-tiny/metrics.jsonl "$out/train_tiny.jsonl" 2>/dev/null || true
 
-for f in "$out/grpo/results.md" "$out/logprobs/results.md"; do [ -f "$f" ] && cat "$f"; done
+for f in "$out/grpo/results.md" "$out/logprobs/results.md" "$out/sweep/results.md"; do [ -f "$f" ] && cat "$f"; done
 say "done"

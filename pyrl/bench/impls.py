@@ -388,6 +388,8 @@ register(Impl("grpo_loss", "pyrl[cpp]/chunked", _pyrl_grpo_loss("cpp", linear="c
               requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="PYRL_LINEAR=chunked (the chunk walk)"))
 register(Impl("grpo_loss", "pyrl[cpp]/chunk=64MiB", _pyrl_grpo_loss("cpp", 64 * 2**20),
               requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="chunk_bytes=64 MiB"))
+register(Impl("grpo_loss", "pyrl[cpp]/chunk=256MiB", _pyrl_grpo_loss("cpp", 256 * 2**20),
+              requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="chunk_bytes=256 MiB"))
 # CUDA: the same backend with 1 GiB chunks (fewer, larger chunk GEMMs for more working memory).
 register(Impl("linear_logprobs", "pyrl[triton]/chunk=1GiB", _pyrl_linear_logprobs("triton", 2**30),
               requires=_pyrl_backend("triton"), note="chunk_bytes=1 GiB"))

@@ -333,8 +333,9 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         vocab_parallel_group: a ``torch.distributed`` group across which ``weight`` is split by
             vocabulary (see ``pyrl.ops.vocab_parallel``, docs/formulas.md §11).
         backend: ``"auto" | "triton" | "cpp" | "torch"``.
-        chunk_bytes: the fp32 logits of one token chunk, in bytes (default: 32 MiB on CPU,
-            160 MiB on CUDA, where the chunk GEMMs need more rows to fill the GPU).
+        chunk_bytes: the fp32 logits of one token chunk (or one tile of the vocabulary-blocked walk,
+            docs/formulas.md §10.1), in bytes (default: 32 MiB on CPU, 160 MiB on CUDA, where the
+            chunk GEMMs need more rows to fill the GPU).
 
     Returns:
         ``logp [...]`` fp32 (fp64 for fp64 input), or ``(logp, entropy)``. Formulas and gradients:
