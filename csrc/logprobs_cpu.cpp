@@ -156,6 +156,33 @@ void logprobs_bwd_inplace_cpu(const at::Tensor& grad_logp, const std::optional<a
   bwd_into(grad_logp, grad_entropy, logits, out, targets, lse, ent, temperature, ignore_index, tau);
 }
 
+at::Tensor divergence_rows_inplace_cpu(const at::Tensor& zs, const at::Tensor& zt, const std::optional<at::Tensor>& grad,
+                                       double temperature, int64_t kind, double beta) {
+  TORCH_CHECK(zs.dim() == 2 && zt.sizes() == zs.sizes(), "pyrl: z_student and z_teacher must both be [N, V], got ",
+              zs.sizes(), " and ", zt.sizes());
+  TORCH_CHECK(zs.scalar_type() == zt.scalar_type() && (zs.scalar_type() == at::kFloat || zs.scalar_type() == at::kDouble),
+              "pyrl: divergence_rows_ takes fp32 or fp64 logits of one dtype, got ", zs.scalar_type(), " and ",
+              zt.scalar_type());
+  const int64_t N = zs.size(0), V = zs.size(1);
+  TORCH_CHECK((zs.stride(1) == 1 || V <= 1 || N == 0) && (zt.stride(1) == 1 || V <= 1 || N == 0),
+              "pyrl: logits rows must be contiguous");
+  TORCH_CHECK(kind >= 0 && kind <= 2, "pyrl: kind must be 0 (forward_kl), 1 (reverse_kl) or 2 (jsd), got ", kind);
+  TORCH_CHECK(temperature > 0, "pyrl: temperature must be > 0, got ", temperature);
+  at::Tensor g;
+  if (grad.has_value() && grad->defined()) {
+    TORCH_CHECK(grad->dim() == 1 && grad->size(0) == N, "pyrl: grad must have shape [N] = [", N, "], got ",
+                grad->sizes());
+    g = grad->to(zs.scalar_type()).contiguous();
+  }
+  auto value = at::empty({N}, zs.options());
+  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "divergence_rows_", [&] {
+    pyrl::divergence_rows<scalar_t>(zs.mutable_data_ptr<scalar_t>(), zt.mutable_data_ptr<scalar_t>(), N, V,
+                                    zs.stride(0), zt.stride(0), g.defined() ? g.const_data_ptr<scalar_t>() : nullptr,
+                                    scalar_t(1.0 / temperature), kind, scalar_t(beta), value.mutable_data_ptr<scalar_t>());
+  });
+  return value;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyrl, CPU, m) {
@@ -164,4 +191,5 @@ TORCH_LIBRARY_IMPL(pyrl, CPU, m) {
   m.impl("logprobs_bwd_", &logprobs_bwd_inplace_cpu);
   m.impl("sampler_cutoff", &sampler_cutoff_cpu);
   m.impl("logprobs_stats", &logprobs_stats_cpu);
+  m.impl("divergence_rows_", &divergence_rows_inplace_cpu);
 }

@@ -30,6 +30,10 @@ namespace pyrl {
   void cutoff_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, int64_t stride,        \
                    acc_t inv_t, int64_t top_k, acc_t top_p, acc_t log_min_p, bool min_p_first,           \
                    bool sort_top_p, acc_t* tau, acc_t* scratch);                                         \
+  template <typename acc_t>                                                                             \
+  void divergence_rows(int64_t begin, int64_t end, acc_t* zs, acc_t* zt, int64_t V, int64_t s_stride,   \
+                       int64_t t_stride, const acc_t* g, acc_t inv_t, int64_t kind, acc_t beta,         \
+                       acc_t* value);                                                                    \
   }
 PYRL_DECLARE_ROWS(isa_base)   // every dtype (csrc/rows_base.cpp)
 PYRL_DECLARE_ROWS(isa_avx2)   // fp32 and fp64 only (csrc/rows_avx2.cpp)
@@ -98,6 +102,18 @@ inline void bwd_rows(const acc_t* g_logp, const acc_t* g_ent, const scalar_t* lo
     }
     isa_base::bwd_rows<scalar_t, acc_t>(begin, end, g_logp, g_ent, logits, out, V, in_stride, out_stride, tgt, lse,
                                         ent, inv_t, ignore_index, tau);
+  });
+}
+
+// The divergence between two heads' rows (forward KL, reverse KL, JSD): values [rows], and with g
+// the student's rows overwritten by g * d value / d z_s (the teacher's rows are then scratch).
+template <typename acc_t>
+inline void divergence_rows(acc_t* zs, acc_t* zt, int64_t rows, int64_t V, int64_t s_stride, int64_t t_stride,
+                            const acc_t* g, acc_t inv_t, int64_t kind, acc_t beta, acc_t* value) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    if (use_avx2_rows())
+      return isa_avx2::divergence_rows<acc_t>(begin, end, zs, zt, V, s_stride, t_stride, g, inv_t, kind, beta, value);
+    isa_base::divergence_rows<acc_t>(begin, end, zs, zt, V, s_stride, t_stride, g, inv_t, kind, beta, value);
   });
 }
 

@@ -350,6 +350,140 @@ void cutoff_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, 
 }
 
 
+
+// ---------------------------------------------------------------------------------------------
+// Divergence between two heads' logits, one row at a time (docs/formulas.md §14): the student's
+// and the teacher's rows (V values each, a few hundred KB) stay in cache across the passes, where
+// the PyTorch reference makes a dozen passes over whole [rows, V] blocks.
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+// log(1 + u) for u in [0, 1] (Cephes' logf on the mantissa of 1 + u), vectorisable; fp64: libm.
+inline float vlog1p01(float u) {
+  float x = 1.0f + u;
+  const bool big = x > 1.41421356f;
+  x = big ? 0.5f * x : x;
+  const float e = big ? 1.0f : 0.0f;
+  const float f = x - 1.0f, z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return (f + y) + 0.693359375f * e;
+}
+inline double vlog1p01(double u) { return std::log1p(u); }
+
+// max_v x[v] * inv_t (inv_t > 0) and sum_v exp(x[v] * inv_t - max), each over fixed blocks.
+template <typename acc_t>
+inline acc_t row_lse(const acc_t* x, int64_t V, acc_t inv_t) {
+  constexpr acc_t NEG_INF = -std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t LOWEST = std::numeric_limits<acc_t>::lowest();
+  acc_t m = NEG_INF;
+  for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
+    const int64_t v1 = min_(V, v0 + BLOCK);
+    acc_t bm = NEG_INF;
+#pragma omp simd reduction(max : bm)
+    for (int64_t v = v0; v < v1; ++v) bm = x[v] > bm ? x[v] : bm;
+    m = bm > m ? bm : m;
+  }
+  m *= inv_t;
+  if (!(m > NEG_INF) || !(m - m == 0)) return m;  // all -inf (or +inf / NaN): no distribution
+  acc_t s = 0;
+  for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
+    const int64_t v1 = min_(V, v0 + BLOCK);
+    acc_t bs = 0;
+#pragma omp simd reduction(+ : bs)
+    for (int64_t v = v0; v < v1; ++v) bs += vexp(max_(x[v] * inv_t, LOWEST) - m);
+    s += bs;
+  }
+  return m + std::log(s);
+}
+}  // namespace
+
+// kind: 0 forward_kl KL(q || p), 1 reverse_kl KL(p || q), 2 jsd (teacher weight beta). With g,
+// the student's row is overwritten by g * d value / d z_s and the teacher's row is scratch.
+// -inf logits are clamped to the lowest finite value (exp gives exactly 0, 0 * finite = 0).
+template <typename acc_t>
+void divergence_rows(int64_t begin, int64_t end, acc_t* zs, acc_t* zt, int64_t V, int64_t s_stride,
+                     int64_t t_stride, const acc_t* g, acc_t inv_t, int64_t kind, acc_t beta, acc_t* value) {
+  constexpr acc_t LOWEST = std::numeric_limits<acc_t>::lowest();
+  const acc_t log_b = kind == 2 ? std::log(beta) : acc_t(0), log_1b = kind == 2 ? std::log1p(-beta) : acc_t(0);
+  for (int64_t n = begin; n < end; ++n) {
+    acc_t* s = zs + n * s_stride;
+    acc_t* t = zt + n * t_stride;
+    const acc_t ls0 = row_lse(s, V, inv_t), lt0 = row_lse(t, V, inv_t);
+    const acc_t coef = g ? g[n] * inv_t : acc_t(0);
+    if (!(ls0 - ls0 == 0) || !(lt0 - lt0 == 0)) {  // a row with no finite distribution: no divergence
+      value[n] = std::numeric_limits<acc_t>::quiet_NaN();
+      if (g) for (int64_t v = 0; v < V; ++v) s[v] = acc_t(0);
+      continue;
+    }
+    const bool grad = g != nullptr && coef != 0;
+    acc_t a1 = 0, a2 = 0;  // forward/reverse: the KL; jsd: KL(p || m), KL(q || m)
+    for (int64_t v0 = 0; v0 < V; v0 += BLOCK) {
+      const int64_t v1 = min_(V, v0 + BLOCK);
+      acc_t b1 = 0, b2 = 0;
+      if (kind == 0) {
+#pragma omp simd reduction(+ : b1)
+        for (int64_t v = v0; v < v1; ++v) {
+          const acc_t ls = max_(s[v] * inv_t, LOWEST) - ls0, lt = max_(t[v] * inv_t, LOWEST) - lt0;
+          const acc_t p = vexp(ls), q = vexp(lt);
+          b1 += q * (lt - ls);
+          if (grad) s[v] = coef * (p - q);
+        }
+      } else if (kind == 1) {
+#pragma omp simd reduction(+ : b1)
+        for (int64_t v = v0; v < v1; ++v) {
+          const acc_t ls = max_(s[v] * inv_t, LOWEST) - ls0, lt = max_(t[v] * inv_t, LOWEST) - lt0;
+          const acc_t p = vexp(ls), d = ls - lt;
+          b1 += p * d;
+          if (grad) {
+            s[v] = p;
+            t[v] = d;
+          }
+        }
+      } else {
+#pragma omp simd reduction(+ : b1, b2)
+        for (int64_t v = v0; v < v1; ++v) {
+          const acc_t ls = max_(s[v] * inv_t, LOWEST) - ls0, lt = max_(t[v] * inv_t, LOWEST) - lt0;
+          const acc_t p = vexp(ls), q = vexp(lt);
+          const acc_t x = ls + log_1b, y = lt + log_b;  // log of the mixture's two parts
+          const acc_t hi = max_(x, y), lo = min_(x, y);
+          const acc_t lm = hi + vlog1p01(vexp(lo - hi));
+          const acc_t d = ls - lm;
+          b1 += p * d;
+          b2 += q * (lt - lm);
+          if (grad) {
+            s[v] = p;
+            t[v] = d;
+          }
+        }
+      }
+      a1 += b1;
+      a2 += b2;
+    }
+    value[n] = max_<acc_t>(kind == 2 ? beta * a2 + (1 - beta) * a1 : a1, 0);
+    if (g == nullptr) continue;
+    if (!grad) {
+      for (int64_t v = 0; v < V; ++v) s[v] = acc_t(0);
+      continue;
+    }
+    if (kind == 0) continue;
+    // reverse: g p (log p - log q - KL) / T; jsd: g (1 - beta) p (log p - log m - KL(p || m)) / T
+    const acc_t c = kind == 2 ? coef * (1 - beta) : coef;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) s[v] = c * s[v] * (t[v] - a1);
+  }
+}
+
 }  // namespace PYRL_ROWS_ISA
 }  // namespace pyrl
 
@@ -364,3 +498,7 @@ void cutoff_rows(int64_t begin, int64_t end, const scalar_t* logits, int64_t V, 
                                  A*, A*, A*, A*);                                                              \
   template void cutoff_rows<S, A>(int64_t, int64_t, const S*, int64_t, int64_t, A, int64_t, A, A, bool, bool, A*, \
                                   A*);
+
+// The divergence kernel, for the accumulation dtypes only (float, double): the chunk walk's logits.
+#define PYRL_INSTANTIATE_DIVERGENCE(A) \
+  template void divergence_rows<A>(int64_t, int64_t, A*, A*, int64_t, int64_t, int64_t, const A*, A, int64_t, A, A*);

@@ -35,6 +35,14 @@ TORCH_LIBRARY(pyrl, m) {
   m.def(
       "sampler_cutoff(Tensor logits, float temperature, int top_k, float top_p, float min_p, "
       "bool min_p_first, bool sort_top_p) -> Tensor");
+  // The per-row divergence between a student's and a teacher's logits [N, V] (fp32 or fp64, the
+  // same dtype) at `temperature` (docs/formulas.md §14): kind 0 forward KL(q || p), 1 reverse
+  // KL(p || q), 2 the generalised JSD with teacher weight beta. Returns value [N]; with grad [N]
+  // the student's logits are overwritten by grad * d value / d z_student and the teacher's are
+  // left as scratch (without grad neither is written).
+  m.def(
+      "divergence_rows_(Tensor(a!) z_student, Tensor(b!) z_teacher, Tensor? grad, float temperature, int kind, "
+      "float beta) -> Tensor");
 }
 
 namespace {
@@ -72,6 +80,11 @@ at::Tensor sampler_cutoff_meta(const at::Tensor& logits, double, int64_t, double
   return at::empty_symint({logits.sym_size(0)}, logits.options().dtype(acc_type(logits.scalar_type())));
 }
 
+at::Tensor divergence_rows_meta(const at::Tensor& zs, const at::Tensor&, const std::optional<at::Tensor>&, double,
+                                int64_t, double) {
+  return at::empty_symint({zs.sym_size(0)}, zs.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyrl, Meta, m) {
@@ -80,6 +93,7 @@ TORCH_LIBRARY_IMPL(pyrl, Meta, m) {
   m.impl("logprobs_bwd_", &logprobs_bwd_inplace_meta);
   m.impl("sampler_cutoff", &sampler_cutoff_meta);
   m.impl("logprobs_stats", &logprobs_stats_meta);
+  m.impl("divergence_rows_", &divergence_rows_meta);
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -7,5 +7,7 @@ namespace pyrl {
 namespace isa_avx2 {
 PYRL_INSTANTIATE_ROWS(float, float)
 PYRL_INSTANTIATE_ROWS(double, double)
+PYRL_INSTANTIATE_DIVERGENCE(float)
+PYRL_INSTANTIATE_DIVERGENCE(double)
 }  // namespace isa_avx2
 }  // namespace pyrl

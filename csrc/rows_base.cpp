@@ -10,6 +10,8 @@ namespace pyrl {
 namespace isa_base {
 PYRL_INSTANTIATE_ROWS(float, float)
 PYRL_INSTANTIATE_ROWS(double, double)
+PYRL_INSTANTIATE_DIVERGENCE(float)
+PYRL_INSTANTIATE_DIVERGENCE(double)
 PYRL_INSTANTIATE_ROWS(c10::BFloat16, float)
 PYRL_INSTANTIATE_ROWS(c10::Half, float)
 }  // namespace isa_base

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import pyrl
-from conftest import CPU_BACKENDS, triton_on_cpu
+from conftest import CPP, CPU_BACKENDS, triton_on_cpu
+from pyrl.ops.plan import DISTILL_CHUNK_SHARE, DISTILL_CPP_CHUNK_SHARE
 
 TRITON = triton_on_cpu()
 ALL_BACKENDS = CPU_BACKENDS + [pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="no triton"))]
@@ -61,6 +62,11 @@ def _reference(hs, ws, bs, ht, wt, bt, y, divergence, beta, temperature, soft_w,
     return soft_w * soft + hard_w * hard, soft, hard
 
 
+def _share(backend):
+    """The plan's split of chunk_bytes per head (so that ``7 * V * 4 * _share(b)`` gives chunks of 7 rows)."""
+    return DISTILL_CPP_CHUNK_SHARE if backend == "cpp" else DISTILL_CHUNK_SHARE
+
+
 def _close_grads(got, want, tol):
     for gg, gw in zip(got, want):
         scale = gw.abs().max().clamp(min=1e-30)
@@ -74,13 +80,58 @@ def test_matches_float64(divergence, beta, backend):
     leaves = [x.clone().requires_grad_() for x in (hs, ws, bs)]
     loss, out = pyrl.fused_linear_distillation_loss(
         leaves[0], leaves[1], ht, wt, y, student_bias=leaves[2], teacher_bias=bt, divergence=divergence, beta=beta,
-        temperature=1.7, soft_weight=0.8, hard_weight=0.3, backend=backend, chunk_bytes=7 * V * 4 * 6)
+        temperature=1.7, soft_weight=0.8, hard_weight=0.3, backend=backend, chunk_bytes=7 * V * 4 * _share(backend))
     leaves64 = [x.double().clone().requires_grad_() for x in (hs, ws, bs)]
     want, soft, hard = _reference(*leaves64, ht, wt, bt, y, divergence, beta, 1.7, 0.8, 0.3)
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=2e-5)
     assert float(out["soft_loss"]) == pytest.approx(float(soft.detach()), rel=2e-5, abs=1e-7)
     assert float(out["hard_loss"]) == pytest.approx(float(hard.detach()), rel=2e-5)
     _close_grads(torch.autograd.grad(loss * 2.5, leaves), torch.autograd.grad(want * 2.5, leaves64), 1e-4)
+
+
+def _div64_masked(ls, lt, divergence, beta):
+    """``_div64`` where a zero-probability entry adds exactly 0 (a -inf logit in both heads)."""
+    fin = lambda x: torch.where(x.isinf(), -1e300, x)  # noqa: E731
+    ls, lt = fin(ls), fin(lt)
+    ps, pt = ls.exp(), lt.exp()
+    x = lambda p, d: torch.where(p > 0, p * d, 0.0)  # noqa: E731
+    if divergence == "forward_kl":
+        return x(pt, lt - ls).sum(-1)
+    if divergence == "reverse_kl":
+        return x(ps, ls - lt).sum(-1)
+    lm = torch.logaddexp(ls + math.log1p(-beta), lt + math.log(beta))
+    return beta * x(pt, lt - lm).sum(-1) + (1 - beta) * x(ps, ls - lm).sum(-1)
+
+
+@pytest.mark.skipif(not CPP, reason="pyrl._C not built")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("kind,divergence,beta", [(0, "forward_kl", 0.5), (1, "reverse_kl", 0.5), (2, "jsd", 0.5),
+                                                  (2, "jsd", 0.1)])
+def test_cpp_divergence_rows_match_float64(kind, divergence, beta, dtype, tol):
+    """torch.ops.pyrl.divergence_rows_ (the cpp backend's divergence, one row at a time) against the
+    float64 definitions: rows longer than its 2048-entry blocks, a -inf logit in both heads, a row
+    with g = 0 (exactly zero gradient), and each row's result independent of the other rows."""
+    g = torch.Generator().manual_seed(3)
+    n, v, temp = 5, 4099, 0.7
+    zs, zt = (3 * torch.randn(n, v, generator=g, dtype=torch.float64) for _ in range(2))
+    zs[:, 7] = zt[:, 7] = -math.inf
+    gr = torch.tensor([1.0, -0.5, 0.0, 2.0, 0.25], dtype=torch.float64)
+    ls, lt = (zs / temp).log_softmax(-1), (zt / temp).log_softmax(-1)
+    want = _div64_masked(ls, lt, divergence, beta)
+    leaf = zs.clone().requires_grad_()
+    d = _div64_masked((leaf / temp).log_softmax(-1), lt, divergence, beta)
+    (want_dz,) = torch.autograd.grad((d * gr).sum(), leaf)
+    a, b = zs.to(dtype, copy=True), zt.to(dtype, copy=True)  # both are written over
+    value = torch.ops.pyrl.divergence_rows_(a, b, gr.to(dtype), temp, kind, beta)
+    torch.testing.assert_close(value.double(), want, rtol=tol, atol=tol)
+    assert float((a.double() - want_dz).abs().max() / want_dz.abs().max()) < tol
+    assert torch.isfinite(a).all() and (a[2] == 0).all() and (a[:, 7] == 0).all()
+    alone = torch.ops.pyrl.divergence_rows_(zs[3:4].to(dtype, copy=True), zt[3:4].to(dtype, copy=True), None, temp,
+                                            kind, beta)
+    assert torch.equal(alone, value[3:4])  # batch-invariant; without g nothing is written
+    c = zs.to(dtype, copy=True)
+    torch.ops.pyrl.divergence_rows_(c, zt.to(dtype, copy=True), None, temp, kind, beta)
+    assert torch.equal(c, zs.to(dtype))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

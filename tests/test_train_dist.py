@@ -3,7 +3,8 @@
 One launch checks, for DDP and for FSDP2 (``fully_shard`` works on CPU with gloo):
 - the data-parallel update equals the single-process update on the whole batch (token counts are
   summed over ranks, so the token mean is exact), with gradient accumulation over micro-batches;
-- the training loop runs end to end, writes metrics and checkpoints, and resumes.
+- the training loop runs end to end, writes metrics and checkpoints, and resumes;
+- preference mode (DPO) gives the one-process run's metrics and weights.
 The launch has a hard timeout and its whole process group is killed on expiry, so it never hangs.
 """
 import contextlib
@@ -87,7 +88,20 @@ def _worker(out: str) -> None:
     cfg = apply_overrides(get_preset("tiny"), base + ["data_parallel=ddp", "max_steps=2", "save_every=0",
                                                       "algo.dynamic_sampling=true", "algo.max_sample_rounds=3"])
     train(cfg, os.path.join(out, "ddp-dynamic"))
+    # preference mode (DPO): each rank takes half of every batch and of the held-out rows
+    train(_preference_config("data_parallel=ddp"), os.path.join(out, "ddp-preference"))
     distributed.teardown()
+
+
+def _preference_config(*extra):
+    """tiny-dpo in fp64 (the two runs then differ only by rounding far below the tolerances): 3 steps
+    of 16 pairs in micro-batches of 4, 40 held-out pairs (an even split over 2 ranks)."""
+    from pyrl.train import apply_overrides, get_preset
+
+    return apply_overrides(get_preset("tiny-dpo"), [
+        "model.dtype=float64", "max_steps=3", "save_every=3", "eval_every=1", "task.eval_size=40",
+        "preference.batch_size=16", "preference.micro_batch_size=4", "progress=false", "tensorboard=false",
+        "plot=false", "threads=1", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +158,34 @@ def test_two_process_dynamic_sampling(launch):
     records = read_metrics(os.path.join(launch, "ddp-dynamic", "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2]
     assert all(1 <= r["sample_rounds"] <= 3 and 0 <= r["groups_kept_frac"] <= 1 for r in records)
+
+
+def test_two_process_preference_mode_equals_single_process(launch, tmp_path):
+    """DPO over 2 ranks: the loss is each rank's mean over its half of the pairs, DDP averages the
+    gradients, so with equal halves the update is the one-process update on the whole batch: the
+    same losses, reward metrics and held-out metrics at every step, and the same weights after 3."""
+    from pyrl.train import checkpoint, train
+    from pyrl.train.metrics import read_metrics
+
+    torch.set_num_threads(1)
+    one = str(tmp_path / "one")
+    train(_preference_config(), one)
+    two = os.path.join(launch, "ddp-preference")
+    r1, r2 = read_metrics(os.path.join(one, "metrics.jsonl")), read_metrics(os.path.join(two, "metrics.jsonl"))
+    assert [r["step"] for r in r2] == [1, 2, 3]
+    keys = ["loss", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp", "grad_norm",
+            "eval_loss", "eval_reward_accuracy", "eval_reward_margin"]
+    for a, b in zip(r1, r2):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), (a["step"], k)
+    assert r2[-1]["eval_reward_accuracy"] > r2[0]["eval_reward_accuracy"] or r2[-1]["eval_reward_margin"] > 0
+    assert json.load(open(os.path.join(two, "summary.json")))["world_size"] == WORLD
+    w1 = checkpoint.load_weights(os.path.join(one, "checkpoints", "step-000003"), {})
+    w2 = checkpoint.load_weights(os.path.join(two, "checkpoints", "step-000003"), {})
+    assert set(w1) == set(w2)
+    for name, w in w1.items():
+        assert w2[name].dtype == torch.float64, name
+        torch.testing.assert_close(w2[name], w, atol=1e-12, rtol=1e-10, msg=name)
 
 
 if __name__ == "__main__":

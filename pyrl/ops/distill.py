@@ -5,6 +5,7 @@ two LM heads, chunked so that neither model's logits ever exist whole (docs/form
         z_s = h_s W_s^T (+ b_s),  z_t = h_t W_t^T (+ b_t)            [c, V] fp32 scratch each
         soft  += D(p_s, p_t) per valid token        forward_kl | reverse_kl | jsd (divergence_rows)
         hard  += -log softmax(z_s)[y] per valid token   (the plan's row body: torch | cpp | triton)
+                 (backend cpp: the divergence too, one row at a time in C++, torch.ops.pyrl.divergence_rows_)
         d z_s  = soft_weight d soft + hard_weight d hard, consumed by the d_hidden/d_weight GEMMs now
 
 The loss is ``soft_weight * soft / n + hard_weight * hard / n`` over the ``n`` valid tokens (those
@@ -28,6 +29,9 @@ from pyrl.ops.plan import Plan, make_plan
 from pyrl.ops.walk import Head, rows_body, walk
 
 __all__ = ["fused_linear_distillation_loss", "plan_fused_linear_distillation_loss", "DistillParams"]
+
+# the ``kind`` of torch.ops.pyrl.divergence_rows_ (csrc/ops.cpp)
+_KIND = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class _Distill(torch.autograd.Function):
         g_soft = torch.where(valid, p.soft_weight / count, 0.0)
         g_hard = torch.where(valid, -p.hard_weight / count, 0.0)
         sums = hidden.new_zeros(2, dtype=acc)  # soft, hard
+        cpp_rows = plan.backend == "cpp" and not p.sparse and plan.gemm == "acc"
 
         def step(s, e, z, z_t):
             v, t = valid[s:e], targets[s:e]
@@ -67,6 +72,16 @@ class _Distill(torch.autograd.Function):
             if any(need) and p.hard_weight != 0:
                 d_hard = rows.bwd(z, t, lse, torch.zeros_like(lse), g_hard[s:e], None, hard_params)
             g = g_soft[s:e] if any(need) else None
+            if cpp_rows:
+                # one row at a time in C++: the value, and g * d value / d z written over z (z_t is scratch);
+                # rows without a valid target have g = 0 and get exactly zero
+                value = torch.ops.pyrl.divergence_rows_(z, z_t, g, p.temperature, _KIND[p.divergence], p.beta)
+                sums[0] += torch.where(v, value, 0.0).sum()
+                if g is None:
+                    return False
+                if d_hard is not None:
+                    z.add_(d_hard)  # zero on rows without a valid target
+                return True
             if p.sparse:
                 value, dz = sparse_forward_kl_rows(z, topk_ids[s:e], topk_logprobs[s:e], p.temperature, g=g, out=z)
             else:
@@ -88,7 +103,11 @@ class _Distill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        grads = [None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads]
+        # loss.backward() passes 1: the gradients kept from forward are then returned as they are
+        if bool(g_loss == 1):
+            grads = list(ctx.grads)
+        else:
+            grads = [None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
         return (*grads, None, None, None, None, None, None, None, None)
 
@@ -155,7 +174,7 @@ def plan_fused_linear_distillation_loss(student_hidden, student_weight, teacher_
                       targets=targets, teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs)
     n = targets.numel()
     plan = make_plan("fused_linear_distillation_loss", device=student_hidden.device, dtype=student_hidden.dtype,
-                     n_rows=n, vocab=V, backend=backend, chunk_bytes=chunk_bytes)
+                     n_rows=n, vocab=V, backend=backend, chunk_bytes=chunk_bytes, sparse_teacher=sparse)
     params = DistillParams(divergence, float(beta), temperature, ignore_index, soft_weight, hard_weight, sparse)
     k = None if not sparse else teacher_topk_ids.shape[-1]
     return _DistillCall(plan, params, targets.reshape(-1), None if not sparse else teacher_topk_ids.reshape(n, k).long(),

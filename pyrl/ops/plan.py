@@ -18,7 +18,8 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
   batch, logits recomputed in backward), docs/formulas.md §10;
   the preference loss always takes ``"two"`` (a sequence's loss needs its whole sum), the
   distillation loss ``"one"`` (its divergence is per token; always a chunk walk over both heads,
-  whose rows get ``1 / DISTILL_CHUNK_SHARE`` of ``chunk_bytes``);
+  whose rows get ``1 / DISTILL_CHUNK_SHARE`` of ``chunk_bytes``, ``1 / DISTILL_CPP_CHUNK_SHARE``
+  with the cpp backend's divergence kernel);
 * ``gemm``: ``"acc"`` (GEMM operands in the accumulation dtype, fp32 or fp64) or ``"lowp"``
   (bf16/fp16 tensor-core GEMMs with fp32 output, CUDA);
 * ``chunk_rows`` / ``pad_rows``: tokens per chunk (per tile, when blocked), and the multiple every
@@ -79,8 +80,10 @@ CHUNKED_MIN_ROWS = 96
 _OPS = ("logprobs_from_logits", "fused_linear_logprobs", "fused_linear_policy_loss", "fused_linear_preference_loss",
         "fused_linear_distillation_loss")
 # A distillation chunk holds two heads' fp32 logits and ~4 more [rows, V] temporaries of the
-# divergence maths: its rows get this fraction of the chunk budget.
+# divergence maths in PyTorch: its rows get this fraction of the chunk budget. The C++ row kernel
+# (backend cpp) works inside the two heads' chunks, which then get half the budget each.
 DISTILL_CHUNK_SHARE = 6
+DISTILL_CPP_CHUNK_SHARE = 2
 
 
 @dataclass(frozen=True)
@@ -173,10 +176,11 @@ def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
 def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int = 0, vocab: int = 0,
               backend: str = "auto", chunk_bytes: Optional[int] = None, separable: Optional[str] = None,
               full_kl: bool = False, vocab_parallel: bool = False, proxy_kl: bool = False,
-              sampler: str = "") -> Plan:
+              sampler: str = "", sparse_teacher: bool = False) -> Plan:
     """The plan of one call. ``separable``: for the policy loss, ``None`` when the loss is
     token-separable, else the reason it is not (which rules out the one-pass plan). ``sampler``:
-    the sampler's truncation as text (``"top_p=0.9"``), ``""`` when off."""
+    the sampler's truncation as text (``"top_p=0.9"``), ``""`` when off. ``sparse_teacher``: the
+    distillation loss's teacher is given as top-k log-probs (its divergence stays in PyTorch)."""
     if op not in _OPS:
         raise ValueError(f"op must be one of {_OPS}, got {op!r}")
     knobs = env_knobs()
@@ -210,9 +214,12 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
     linear, gemm = "chunked", "acc"
     if op == "fused_linear_distillation_loss":
         # two heads in lockstep: only a chunk walk can hold both chunks' logits side by side
-        reasons.append(f"distillation: student and teacher heads walked in lockstep, 1/{DISTILL_CHUNK_SHARE} of "
-                       f"chunk_bytes per head chunk; d logits formed in forward (one pass)")
-        chunk_bytes //= DISTILL_CHUNK_SHARE
+        share = DISTILL_CPP_CHUNK_SHARE if name == "cpp" and not sparse_teacher else DISTILL_CHUNK_SHARE
+        how = ("the divergence in C++ one row at a time, inside the two chunks" if share == DISTILL_CPP_CHUNK_SHARE
+               else "the divergence maths in PyTorch")
+        reasons.append(f"distillation: student and teacher heads walked in lockstep, 1/{share} of chunk_bytes per "
+                       f"head chunk ({how}); d logits formed in forward (one pass)")
+        chunk_bytes //= share
     if name == "triton" and op == "fused_linear_distillation_loss":
         gemm = "lowp" if low and device.type == "cuda" else "acc"
         reasons.append("triton: GEMMs per token chunk around the Triton row kernel (hard-label term)")

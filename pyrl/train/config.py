@@ -33,7 +33,8 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     """A GGUF file inside ``name`` (a directory), loaded with ``from_pretrained(name, gguf_file=...)``."""
     dtype: str = "float32"
-    """Parameter dtype (``"float32"`` or ``"bfloat16"``); autocast adds bf16 compute on GPU."""
+    """Parameter dtype (``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"float64"``: no rounding to
+    speak of, for tests); autocast adds bf16 compute on GPU."""
     attn_implementation: str = "auto"
     """``"auto"``: ``flash_attention_2`` on CUDA when flash-attn is installed, else ``"sdpa"``."""
     tiny: dict = field(default_factory=dict)
@@ -469,13 +470,14 @@ def _validate_teacher(cfg: TrainConfig) -> None:
         raise ValueError(f"config key 'algo.teacher_beta' must be in (0, 1), got {a.teacher_beta!r}")
 
 
-def teacher_model_config(spec) -> ModelConfig:
-    """The ``ModelConfig`` of ``algo.teacher`` (a ``model.name``, or a mapping of ``model`` keys).
-    A local path that does not exist is refused here, before any model loads."""
+def teacher_model_config(spec, dtype: str = "float32") -> ModelConfig:
+    """The ``ModelConfig`` of ``algo.teacher`` (a ``model.name``, or a mapping of ``model`` keys);
+    ``dtype`` (the policy's ``model.dtype``) unless the mapping sets its own. A local path that does
+    not exist is refused here, before any model loads."""
     if isinstance(spec, str):
-        mc = ModelConfig(name=spec)
+        mc = ModelConfig(name=spec, dtype=dtype)
     elif isinstance(spec, dict):
-        mc = merge(ModelConfig(), spec, where="algo.teacher")
+        mc = merge(ModelConfig(dtype=dtype), spec, where="algo.teacher")
     else:
         raise ValueError(f"config key 'algo.teacher' must be a model name or path, or a mapping of model keys, "
                          f"got {spec!r}")

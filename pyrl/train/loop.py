@@ -800,10 +800,10 @@ def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Rewa
         if loss_cfg.exact_kl is not None:
             raise ValueError(f"kl_type={loss_cfg.kl_type!r} needs the reference LM head outside its forward, which FSDP2 "
                              "keeps sharded: use kl_type 'k1'/'k2'/'k3', or data_parallel='ddp'")
+        ref = distributed.wrap(ref, dist, "fsdp")
     if teacher is not None and distributed.is_fsdp(model):
         raise ValueError("algo.teacher needs the policy's LM head outside its forward, which FSDP2 keeps sharded: "
                          "use data_parallel='ddp'")
-        ref = distributed.wrap(ref, dist, "fsdp")
     named = [(n, p) for n, p in distributed.unwrap(model).named_parameters() if p.requires_grad]  # LoRA: adapters
     critic = [p for n, p in named if n.startswith(("value_head", "critic_backbone"))]
     actor = [p for n, p in named if not n.startswith(("value_head", "critic_backbone"))]
@@ -821,7 +821,7 @@ def _load_teacher(cfg: TrainConfig, lm, loss_cfg, device) -> Policy:
     """``algo.teacher``, frozen, on ``device``: a model folder, a run's ``checkpoints/`` folder (its
     newest checkpoint), or any ``model.name``. It must share the policy's vocabulary and logit
     scale (the divergence takes one temperature for both heads)."""
-    mc = teacher_model_config(cfg.algo.teacher)
+    mc = teacher_model_config(cfg.algo.teacher, cfg.model.dtype)
     if os.path.isdir(mc.name) and not os.path.exists(os.path.join(mc.name, "config.json")):
         newest = checkpoint.latest(mc.name)
         if newest is None:

@@ -187,14 +187,19 @@ def plot_curves(out_dir: str, *, window: int = 0, initial_eval: float | None = N
     if not records or plt is None:
         return None
     window = window or max(1, len(records) // 20)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    distill = any(r.get("teacher_div_mean") is not None for r in records)
+    fig, axes = plt.subplots(1, 3 if distill else 2, figsize=(16 if distill else 11, 4))
+    ax1, ax2 = axes[0], axes[1]
     _curve(ax1, records, "reward_mean", f"reward ({window}-step mean of the batch means)", window)
     _evals(ax1, records, "eval_accuracy", "greedy eval accuracy", initial_eval, eval_n)
     if teacher_eval is not None:
         ax1.axhline(teacher_eval, color="tab:red", linestyle="--", label="the teacher's greedy eval accuracy")
     _curve(ax2, records, "completion_len_mean", f"{window}-step mean", window, color="tab:green")
-    return _finish(plt, fig, (ax1, ax2), ("reward", "completion length (tokens)"),
-                   path or os.path.join(out_dir, "curves.png"))
+    labels = ["reward", "completion length (tokens)"]
+    if distill:  # on-policy distillation (algo.teacher): the divergence to the teacher per token
+        _curve(axes[2], records, "teacher_div_mean", f"{window}-step mean", window, color="tab:purple")
+        labels.append("divergence to the teacher per token")
+    return _finish(plt, fig, axes, labels, path or os.path.join(out_dir, "curves.png"))
 
 
 def plot_preference_curves(out_dir: str, *, window: int = 0, initial: dict | None = None,

