@@ -87,6 +87,10 @@ class RolloutConfig:
     """Keep the tokens with ``p >= min_p * p_max`` (``None`` or 0: off); as ``top_k``."""
     batch_size: int = 0
     """Sequences per ``generate`` call (0: all of this rank's at once)."""
+    share_prefill: bool = True
+    """Prefill each distinct prompt once per ``generate`` call and copy its KV cache to the group's
+    rows (engine ``hf``); off: every row prefills its own copy. Same tokens, log-probs equal to
+    rounding; models whose cache is not a ``DynamicCache`` take the old path (logged once)."""
 
 
 @dataclass

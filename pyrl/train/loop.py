@@ -416,7 +416,7 @@ def _generate_round(run: Run, start: int, count: int, step: int) -> tuple[dict, 
         with distributed.gathered_for_generation(run.model):
             roll = generate(run.policy.lm, run.tokenizer, prompts, max_new_tokens=r.max_new_tokens,
                             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
-                            batch_size=r.batch_size)
+                            batch_size=r.batch_size, share_prefill=r.share_prefill)
     t = time.time()
     rewards = run.reward(roll.texts, answers, prompts, lengths=roll.completion_mask.sum(1),
                          prompt_index=torch.tensor([run.task.example_id(i) for i in range(start, start + count)])
