@@ -1,6 +1,7 @@
-"""The rollout's shared prefill (rollout.share_prefill): a group's copies of a prompt are prefilled
-once. On a float64 model, so that rounding cannot flip an argmax or a sampled token: the same
-tokens as the per-row prefill, the same log-probs to 1e-9, valid masks, and the fallback path."""
+"""A group's copies of a prompt computed once: in the rollout (rollout.share_prefill, the prefill)
+and in the update (algo.share_prompt, the forward/backward). On a float64 model, so that rounding
+cannot flip an argmax or a sampled token: the same tokens as the per-row prefill, the same
+log-probs to 1e-9, valid masks, the fallback path; the same hidden states and gradients."""
 import copy
 import logging
 
@@ -15,6 +16,7 @@ from pyrl.train.config import TrainConfig  # noqa: E402
 from pyrl.train.models import backbone, build_tiny_model, char_tokenizer  # noqa: E402
 from pyrl.train.policy import Policy, make_batch  # noqa: E402
 from pyrl.train.rollout import _eos_ids, completion_mask_from_ids, generate, shared_prefill_cache  # noqa: E402
+from pyrl.train.shared_prompt import share_prompt_problem, shared_prompt_hidden  # noqa: E402
 from test_train import _one_thread  # noqa: E402,F401  (fixture)
 
 # Prompts of different lengths (left padding), one of a single token, in groups of 3.
@@ -153,3 +155,108 @@ def test_shared_prefill_falls_back_and_says_why(tiny64, counted, monkeypatch, ca
 def test_share_prefill_is_a_config_key():
     assert TrainConfig().rollout.share_prefill is True
     assert apply_overrides(TrainConfig(), ["rollout.share_prefill=false"]).rollout.share_prefill is False
+
+
+# ------------------------------------------------------------------------------------------------
+# the update: algo.share_prompt
+
+def _rl_batch(lm, tok, seed=0):
+    torch.manual_seed(seed)
+    roll = generate(lm, tok, PROMPTS, max_new_tokens=6, temperature=1.0)
+    g = torch.Generator().manual_seed(seed)
+    adv = torch.randn(len(PROMPTS), 1, generator=g, dtype=torch.float64).expand(-1, roll.completion_ids.shape[1])
+    return make_batch(roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
+                      advantages=adv.contiguous(), old_logp=roll.rollout_logp + 0.05)
+
+
+def _loss_and_grads(lm, batch, share, checkpointing=False):
+    m = copy.deepcopy(lm)
+    if checkpointing:
+        enable = getattr(m, "activation_checkpointing_enable", None)  # the transformers 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.train()
+    policy = Policy(m, pyrl.PolicyLossConfig(loss_type="ppo", eps_low=0.2, eps_high=0.2), share_prompt=share)
+    with torch.no_grad():
+        logp = policy(batch, mode="logprobs")["logp"]
+        hidden = policy(batch, mode="hidden")
+    loss, _ = policy(batch, mode="loss")
+    loss.backward()
+    return loss.detach(), logp, hidden, {n: p.grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_update_has_the_same_states_and_gradients(tiny64, monkeypatch, checkpointing):
+    """The update's forward with each prompt computed once gives the full forward's hidden states,
+    log-probs and loss, and its gradients. Llama's RMSNorm computes in float32 even in a float64
+    model, and the shared path sums a prompt's G gradients before that norm's backward instead of
+    after, so the gradients agree to float32 rounding (relative 1e-5; a missing or doubled path
+    would be off by O(1))."""
+    lm, tok = tiny64
+    assert share_prompt_problem(backbone(lm)) is None
+    batch = _rl_batch(lm, tok)
+    used = []
+    import pyrl.train.policy as policy_mod
+
+    inner = policy_mod.shared_prompt_hidden
+    monkeypatch.setattr(policy_mod, "shared_prompt_hidden", lambda *a: used.append(1) or inner(*a))
+    ref = _loss_and_grads(lm, batch, share=False)
+    assert not used
+    got = _loss_and_grads(lm, batch, share=True, checkpointing=checkpointing)
+    assert len(used) == 3  # logprobs, hidden, loss
+    torch.testing.assert_close(got[2], ref[2], atol=1e-12, rtol=0)  # hidden states
+    torch.testing.assert_close(got[1], ref[1], atol=1e-9, rtol=0)   # log-probs (the fused op's fp32)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-9, rtol=0)   # loss
+    for name, g in ref[3].items():
+        scale = g.abs().max().clamp(min=1e-3)
+        assert (got[3][name] - g).abs().max() <= 1e-5 * scale, name
+
+
+def test_shared_prompt_hidden_edges(tiny64):
+    lm, tok = tiny64
+    batch = _rl_batch(lm, tok)
+    dec, P, T = backbone(lm), batch["prompt_len"], batch["completion_ids"].shape[1]
+    rows = torch.arange(0, len(PROMPTS), 3)  # one row per prompt: nothing to share
+    assert shared_prompt_hidden(dec, batch["input_ids"][rows], batch["attention_mask"][rows], P, T) is None
+    # one completion token: only the prompt pass
+    with torch.no_grad():
+        one = shared_prompt_hidden(dec, batch["input_ids"][:, :P + 1], batch["attention_mask"][:, :P + 1], P, 1)
+        full = Policy(lm)._hidden({**batch, "input_ids": batch["input_ids"][:, :P + 1],
+                                   "attention_mask": batch["attention_mask"][:, :P + 1],
+                                   "completion_ids": batch["completion_ids"][:, :1]})[0]
+    torch.testing.assert_close(one, full, atol=1e-12, rtol=0)
+    # a sliding-window model is not given the shared forward
+    cfg = copy.deepcopy(lm.config)
+    cfg.layer_types = ["sliding_attention"] * cfg.num_hidden_layers
+    assert "full attention" in share_prompt_problem(types_only(cfg))
+
+
+class types_only(torch.nn.Module):
+    """A stand-in backbone with only a config (what share_prompt_problem reads first)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+
+def test_micro_batches_keep_a_prompts_rows_together():
+    from pyrl.train.config import AlgoConfig
+    from pyrl.train.loop import micro_batches
+
+    G, n = 4, 4
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(5, 30, (n, 3), generator=g).repeat_interleave(G, 0)
+    c_len = torch.randint(1, 6, (n * G,), generator=g)
+    data = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids),
+            "completion_mask": (torch.arange(6)[None] < c_len[:, None]).long()}
+    parts = micro_batches(data, torch.arange(n * G), AlgoConfig(micro_batch_size=8))
+    for part in parts:  # two whole groups each, longest completion first within a group
+        assert len({int(i) // G for i in part}) == 2
+        for grp in {int(i) // G for i in part}:
+            lens = [int(c_len[i]) for i in part if int(i) // G == grp]
+            assert lens == sorted(lens, reverse=True)
+    parts = micro_batches(data, torch.arange(n * G), AlgoConfig(micro_batch_size=8, share_prompt=False))
+    lens = [int(c_len[i]) for p in parts for i in p]
+    assert lens == sorted(lens, reverse=True)  # without it: by length over the whole minibatch

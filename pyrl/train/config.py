@@ -115,6 +115,12 @@ class AlgoConfig:
     """A token budget per micro-batch instead (0: off): sequences sorted by length are packed while
     ``sequences x longest (prompt + completion)`` stays within it (a longer sequence goes alone),
     so little padding is computed. The loss is the same exact token mean."""
+    share_prompt: bool = True
+    """The update's forward computes each distinct prompt of a micro-batch once and runs the
+    completions against its keys/values (``pyrl.train.shared_prompt``): the same hidden states and
+    gradients, about half the decoder tokens with GRPO groups. Micro-batches then keep a group's rows
+    together. Used with SDPA/eager full-attention models in one process, not with ``packed``; the
+    ordinary forward otherwise."""
     packed: bool = False
     """A padding-free update: each micro-batch's sequences run as one packed row (position ids
     restart per sequence, no attention mask), for the behaviour/reference log-probs too. With
