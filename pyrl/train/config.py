@@ -88,6 +88,10 @@ class RolloutConfig:
     """Keep the tokens with ``p >= min_p * p_max`` (``None`` or 0: off); as ``top_k``."""
     batch_size: int = 0
     """Sequences per ``generate`` call (0: all of this rank's at once)."""
+    share_prefill: bool = True
+    """Prefill each distinct prompt once per ``generate`` call and copy its KV cache to the group's
+    rows (engine ``hf``); off: every row prefills its own copy. Same tokens, log-probs equal to
+    rounding; models whose cache is not a ``DynamicCache`` take the old path (logged once)."""
 
 
 @dataclass
@@ -112,6 +116,12 @@ class AlgoConfig:
     """A token budget per micro-batch instead (0: off): sequences sorted by length are packed while
     ``sequences x longest (prompt + completion)`` stays within it (a longer sequence goes alone),
     so little padding is computed. The loss is the same exact token mean."""
+    share_prompt: bool = True
+    """The update's forward computes each distinct prompt of a micro-batch once and runs the
+    completions against its keys/values (``pyrl.train.shared_prompt``): the same hidden states and
+    gradients, about half the decoder tokens with GRPO groups. Micro-batches then keep a group's rows
+    together. Used with SDPA/eager full-attention models in one process, not with ``packed``; the
+    ordinary forward otherwise."""
     packed: bool = False
     """A padding-free update: each micro-batch's sequences run as one packed row (position ids
     restart per sequence, no attention mask), for the behaviour/reference log-probs too. With

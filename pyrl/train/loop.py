@@ -166,11 +166,26 @@ def model_batch(rows: dict) -> dict:
                       **extra)
 
 
+def _by_prompt(data: dict, idx: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """An order of the rows ``idx`` that keeps the rows of one prompt together (``algo.share_prompt``
+    computes a prompt once per micro-batch): prompts by their longest row, longest first, then the
+    rows of each by length. With no prompt repeated it is the plain sort by length."""
+    ids = data["prompt_ids"][idx]
+    key = torch.unique(torch.cat([ids, data["prompt_mask"][idx].to(ids.dtype)], 1), dim=0, return_inverse=True)[1]
+    n = int(key.max()) + 1
+    first = torch.full((n,), len(idx), dtype=torch.long).scatter_reduce_(0, key, torch.arange(len(idx)), reduce="amin")
+    longest = torch.zeros(n, dtype=length.dtype).scatter_reduce_(0, key, length, reduce="amax")
+    order = torch.sort(length, descending=True, stable=True).indices  # least significant key first
+    order = order[torch.sort(first[key][order], stable=True).indices]
+    return order[torch.sort(longest[key][order], descending=True, stable=True).indices]
+
+
 def micro_batches(data: dict, idx: torch.Tensor, algo) -> list[torch.Tensor]:
     """The rows ``idx`` of ``data`` split into micro-batches: ``algo.micro_batch_size`` rows each,
     sorted by length first (prompt + completion, longest first) so that each pads to rows of similar
-    length; in order for the losses that compare a prompt's completions (``GROUPED_LOSSES``: a group
-    must stay in one micro-batch). Or, with ``algo.max_tokens_per_micro_batch``, rows sorted by length
+    length (with ``algo.share_prompt``, a prompt's rows kept together, ``_by_prompt``); in order for
+    the losses that compare a prompt's completions (``GROUPED_LOSSES``: a group must stay in one
+    micro-batch). Or, with ``algo.max_tokens_per_micro_batch``, rows sorted by length
     and packed while ``rows x (longest prompt + longest completion)``, the padded size
     ``make_batch`` computes, stays within the budget (a row longer than it goes alone). With
     ``algo.packed`` the budget counts real tokens (the sum of the rows' lengths), which is what the
@@ -179,8 +194,11 @@ def micro_batches(data: dict, idx: torch.Tensor, algo) -> list[torch.Tensor]:
     p_len, c_len = data["prompt_mask"][idx].sum(1), data["completion_mask"][idx].sum(1)
     order = torch.sort(p_len + c_len, descending=True, stable=True).indices
     if not budget:
-        grouped = algo.loss.get("loss_type") in GROUPED_LOSSES
-        return list((idx if grouped else idx[order]).split(algo.micro_batch_size))
+        if algo.loss.get("loss_type") in GROUPED_LOSSES:
+            return list(idx.split(algo.micro_batch_size))
+        if getattr(algo, "share_prompt", False) and not algo.packed:
+            order = _by_prompt(data, idx, p_len + c_len)
+        return list(idx[order].split(algo.micro_batch_size))
     out, current, p_max, c_max, used = [], [], 0, 0, 0
     for j in order.tolist():
         p, c = max(p_max, int(p_len[j])), max(c_max, max(int(c_len[j]), 1))
@@ -416,7 +434,7 @@ def _generate_round(run: Run, start: int, count: int, step: int) -> tuple[dict, 
         with distributed.gathered_for_generation(run.model):
             roll = generate(run.policy.lm, run.tokenizer, prompts, max_new_tokens=r.max_new_tokens,
                             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
-                            batch_size=r.batch_size)
+                            batch_size=r.batch_size, share_prefill=r.share_prefill)
     t = time.time()
     rewards = run.reward(roll.texts, answers, prompts, lengths=roll.completion_mask.sum(1),
                          prompt_index=torch.tensor([run.task.example_id(i) for i in range(start, start + count)])
@@ -788,13 +806,13 @@ def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Rewa
         # the reference's log-probs stay under the full softmax: a truncated one could exclude a sampled token
         ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False),
                      dataclasses.replace(loss_cfg, top_k=None, top_p=None, min_p=None), backend=cfg.backend,
-                     packed=a.packed)
+                     packed=a.packed, share_prompt=a.share_prompt and cfg.mode == "rl")
     teacher = _load_teacher(cfg, lm, loss_cfg, dev) if a.teacher is not None else None
     policy = Policy(lm, loss_cfg, value_head=a.advantage == "gae" and cfg.mode == "rl",
                     separate_critic=a.critic == "separate", vf_coef=a.vf_coef, value_clip=a.value_clip,
                     policy_coef=a.policy_coef, teacher_term=TeacherTerm(a.teacher_coef, a.teacher_divergence,
                                                                         a.teacher_beta), backend=cfg.backend,
-                    packed=a.packed)
+                    packed=a.packed, share_prompt=a.share_prompt and cfg.mode == "rl")
     model = distributed.wrap(policy, dist, cfg.data_parallel)
     if ref is not None and distributed.is_fsdp(model):  # shard the reference model the same way
         if loss_cfg.exact_kl is not None:

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 import pyrl
-from pyrl.integrations.hf import completion_hidden_states, packed_hidden_states
+from pyrl.integrations.hf import LMHead, _same_dtype, completion_hidden_states, lm_head, packed_hidden_states
 from pyrl.train.models import backbone
+from pyrl.train.shared_prompt import share_prompt_problem, shared_prompt_hidden
 
 __all__ = ["Policy", "LossScale", "TeacherTerm", "clipped_value_loss", "make_batch"]
 
@@ -107,14 +108,17 @@ class Policy(nn.Module):
         backend: the pyrl op backend.
         packed: run the decoder padding-free, each micro-batch's sequences concatenated into one row
             (``pyrl.integrations.hf.packed_hidden_states``; ``algo.packed``).
+        share_prompt: compute each distinct prompt of a batch once (``pyrl.train.shared_prompt``;
+            ``algo.share_prompt``), where the backbone allows it; the same states and gradients.
     """
 
     def __init__(self, lm, loss_config: pyrl.PolicyLossConfig = pyrl.PolicyLossConfig(), *, value_head=False,
                  separate_critic=False, vf_coef=0.5, value_clip=0.2, policy_coef=1.0, teacher_term=None,
-                 backend="auto", packed=False):
+                 backend="auto", packed=False, share_prompt=False):
         super().__init__()
         self.lm = lm
         self.packed = packed
+        self.share_prompt = share_prompt and not packed
         self.loss_config = loss_config
         self.policy_coef, self.teacher_term = policy_coef, teacher_term
         self.backend = backend
@@ -133,10 +137,21 @@ class Policy(nn.Module):
         mask, T = batch["attention_mask"], batch["completion_ids"].shape[1]
         if self.packed:
             return completion_hidden_states(self.lm, batch["input_ids"], mask, logits_to_keep=T, packed=True)
+        if self.share_prompt and self._share_problem() is None:
+            h = shared_prompt_hidden(backbone(self.lm), batch["input_ids"], mask, batch["prompt_len"], T)
+            if h is not None:
+                head = lm_head(self.lm)
+                h, weight, bias = _same_dtype(h, head)
+                return h, LMHead(weight, bias, head.logit_scale, head.vocab_parallel_group)
         # Position ids from the mask, exactly as `generate` computes them for left-padded prompts.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return completion_hidden_states(self.lm, batch["input_ids"], mask, position_ids=position_ids,
                                         logits_to_keep=T)
+
+    def _share_problem(self):
+        if not hasattr(self, "_share_why"):
+            self._share_why = share_prompt_problem(backbone(self.lm))
+        return self._share_why
 
     def _values(self, h, batch):
         if self.critic_backbone is not None and self.packed:

@@ -13,18 +13,30 @@ truncated distribution (``PolicyLossConfig.top_k/top_p/min_p``, docs/formulas.md
 (``PolicyLossConfig(is_level=...)``, TIS/MIS), which matters with vLLM; with ``generate`` the two
 agree to rounding.
 
+Prompts that repeat (a group's G copies) share their prefill (``share_prefill``, on by default): the
+distinct prompts of each ``generate`` call run through the decoder once, all but their last token,
+into a ``DynamicCache`` that is then copied to every row asking for that prompt; ``generate`` starts
+from it and computes only the last prompt token and the new ones. Same tokens, same log-probs up to
+rounding (the shared rows are computed in a smaller batch); models whose cache is not a
+``DynamicCache`` of plain attention layers take the ordinary path, with the reason logged once.
+
 ``VLLMEngine`` is an optional colocated engine (needs ``vllm``; weights are pushed to it after
 each update). It is detected, never required.
 """
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Rollout", "generate", "SamplerLogprobs", "sampler_warpers", "VLLMEngine", "vllm_available"]
+__all__ = ["Rollout", "generate", "SamplerLogprobs", "sampler_warpers", "shared_prefill_cache", "VLLMEngine",
+           "vllm_available"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,13 +117,101 @@ def _eos_ids(tokenizer, lm) -> list[int]:
     return ids
 
 
+_FALLBACK_LOGGED: set = set()
+
+
+def _fall_back(reason: str) -> None:
+    if reason not in _FALLBACK_LOGGED:
+        _FALLBACK_LOGGED.add(reason)
+        log.warning("pyrl rollout: prompts prefilled one copy per row (no shared prefill): %s", reason)
+
+
+def _cache_kwarg(module) -> str | None:
+    """The name under which ``module.forward`` takes a KV cache (``cache`` from transformers 5.x on,
+    ``past_key_values`` before), or ``None``."""
+    params = inspect.signature(module.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def _empty_cache(lm):
+    """The cache ``generate`` itself would make for ``lm`` (tests swap this to exercise the fallback)."""
+    from transformers import DynamicCache
+
+    cfg = lm.config.get_text_config(decoder=True) if hasattr(lm.config, "get_text_config") else lm.config
+    return DynamicCache(config=cfg)
+
+
+def _cache_problem(lm, gen_cfg) -> str | None:
+    """Why ``lm`` cannot take a pre-filled shared cache in ``generate``, or ``None``."""
+    from pyrl.train.models import backbone
+
+    if getattr(lm.config, "is_encoder_decoder", False):
+        return f"{type(lm).__name__} is an encoder-decoder model"
+    impl = gen_cfg.cache_implementation or getattr(lm.generation_config, "cache_implementation", None)
+    if impl not in (None, "dynamic"):
+        return f"the generation config asks for cache_implementation={impl!r}, not a DynamicCache"
+    supports = getattr(lm, "_supports_default_dynamic_cache", None)
+    if supports is not None and not supports():
+        return f"{type(lm).__name__} does not use a DynamicCache"
+    try:
+        dec = backbone(lm)
+    except TypeError as e:
+        return str(e)
+    if _cache_kwarg(dec) is None or _cache_kwarg(lm) is None:
+        return f"{type(dec).__name__}.forward takes no cache argument"
+    return None
+
+
+@torch.no_grad()
+def shared_prefill_cache(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """``(cache, reason)``: the KV cache of all but the last column of the left-padded ``input_ids``
+    ``[B, P]``, computed once per distinct row (ids and mask) and copied to every row that repeats it:
+    a ``DynamicCache`` of ``B`` rows and ``P - 1`` positions, what ``generate``'s own prefill would
+    have left there before the last prompt token. ``(None, None)`` when there is nothing to share
+    (every row distinct, ``P < 2``); ``(None, reason)`` when the model's cache is not a
+    ``DynamicCache`` of attention layers. Position ids follow the attention mask as in ``generate``
+    (pads are masked for every query, so theirs do not matter)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from pyrl.train.models import backbone
+
+    B, P = input_ids.shape
+    if P < 2:
+        return None, None
+    ids, am = input_ids[:, :P - 1], attention_mask[:, :P - 1]
+    # rows by ids and mask: with pad == eos a leading real EOS and a pad have the same id
+    uniq, inverse = torch.unique(torch.cat([ids, am.to(ids.dtype)], 1), dim=0, return_inverse=True)
+    if uniq.shape[0] == B:
+        return None, None
+    ids, am = uniq[:, :P - 1], uniq[:, P - 1:].to(attention_mask.dtype)
+    dec = backbone(lm)
+    cache = _empty_cache(lm)
+    pos = (am.long().cumsum(-1) - 1).clamp_(min=0)
+    out = dec(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **{_cache_kwarg(dec): cache})
+    for name in ("cache", "past_key_values"):  # the cache is filled in place; take the returned one if any
+        if getattr(out, name, None) is not None:
+            cache = getattr(out, name)
+            break
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or not layers or not all(isinstance(x, DynamicLayer) for x in layers):
+        return None, f"the prefill left a {type(cache).__name__}, not a DynamicCache of attention layers"
+    if cache.get_seq_length() != P - 1:
+        return None, f"the prefill cached {cache.get_seq_length()} positions, not {P - 1}"
+    cache.batch_select_indices(inverse)
+    return cache, None
+
+
 @torch.no_grad()
 def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
-             top_k=None, top_p=None, min_p=None, greedy: bool = False, batch_size: int = 0) -> Rollout:
+             top_k=None, top_p=None, min_p=None, greedy: bool = False, batch_size: int = 0,
+             share_prefill: bool = True) -> Rollout:
     """Sample one completion per prompt with ``lm.generate`` (repeat prompts for groups). Sampling is
     ancestral sampling at ``temperature``, truncated by ``top_k``/``top_p``/``min_p`` only where
     given (whatever the model's generation config says), so the recorded log-probs are those of the
-    distribution each token was drawn from."""
+    distribution each token was drawn from. ``batch_size`` rows per ``generate`` call (0: all);
+    with ``share_prefill`` the prompts repeated within a call are prefilled once
+    (``shared_prefill_cache``)."""
     from transformers import GenerationConfig
 
     device = lm.get_output_embeddings().weight.device
@@ -127,11 +227,27 @@ def generate(lm, tokenizer, prompts: list[str], *, max_new_tokens: int, temperat
     lm.eval()
     chunks = []
     step = batch_size or len(prompts)
+    if share_prefill and len(set(prompts)) < len(prompts):
+        problem = _cache_problem(lm, gen_cfg)
+        if problem:
+            _fall_back(problem)
+            share_prefill = False
+    else:
+        share_prefill = False
     try:
         for s in range(0, len(prompts), step):
             ids, am = enc["input_ids"][s:s + step], enc["attention_mask"][s:s + step]
+            kw = {}
+            if share_prefill:
+                cache, why = shared_prefill_cache(lm, ids, am)
+                if cache is not None:
+                    kw[_cache_kwarg(lm)] = cache
+                elif why is not None:  # the model's cache, not this chunk: the old path from here on
+                    _fall_back(why)
+                    share_prefill = False
             proc = SamplerLogprobs(temperature, top_k, top_p, min_p)
-            out = lm.generate(input_ids=ids, attention_mask=am, generation_config=gen_cfg, logits_processor=[proc])
+            out = lm.generate(input_ids=ids, attention_mask=am, generation_config=gen_cfg, logits_processor=[proc],
+                              **kw)
             new = out[:, ids.shape[1]:]
             chunks.append((new, proc.finish(new[:, -1]) if new.shape[1] else torch.zeros(new.shape, device=device)))
     finally:
