@@ -267,6 +267,18 @@ def test_policy_never_calls_the_lm_head_and_matches_full_logits(tiny, monkeypatc
     lm.zero_grad(set_to_none=True)
 
 
+def _one_update(model, data, cfg):
+    """One trainer update (behaviour log-probs, then SGD at lr 1) of ``model`` on ``data``: the
+    flattened parameters after it and the update's stats."""
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    d = dict(data)
+    d.update(_score_old(model, None, d, cfg, need_old=True, need_values=False, autocast=contextlib.nullcontext))
+    stats = update(model, opt, sched, d, cfg=cfg, dist=CPU, params=list(model.parameters()),
+                   autocast=contextlib.nullcontext)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), stats
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batching_is_exact(tiny, agg):
     """One micro-batch of 8 or eight of 1 (gradient accumulation): the same update."""
@@ -276,14 +288,8 @@ def test_micro_batching_is_exact(tiny, agg):
     for micro in (8, 1):
         cfg = apply_overrides(TrainConfig(), [f"algo.micro_batch_size={micro}", "algo.ppo_epochs=2",
                                               f'algo.loss={{"agg": "{agg}"}}'])
-        model = Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(**cfg.algo.loss))
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        d = dict(data)
-        d.update(_score_old(model, None, d, cfg, need_old=True, need_values=False, autocast=contextlib.nullcontext))
-        stats = update(model, opt, sched, d, cfg=cfg, dist=CPU, params=list(model.parameters()),
-                       autocast=contextlib.nullcontext)
-        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        flat, stats = _one_update(Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(**cfg.algo.loss)), data, cfg)
+        params.append(flat)
         assert {"loss", "clip_frac", "entropy_mean", "grad_norm", "ratio_max"} <= set(stats)
     torch.testing.assert_close(params[0], params[1], atol=2e-6, rtol=1e-5)
 

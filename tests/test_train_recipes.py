@@ -1,5 +1,4 @@
 """pyrl.train for real work: config fixes, your data and rewards, the recipes, the memory options."""
-import contextlib
 import copy
 import json
 import os
@@ -17,11 +16,11 @@ from pyrl.train import apply_overrides, cli, load_config, train  # noqa: E402
 from pyrl.train import loop, recipes, tasks  # noqa: E402
 from pyrl.train.config import ModelConfig, TrainConfig, validate  # noqa: E402
 from pyrl.train.distributed import DistInfo  # noqa: E402
-from pyrl.train.loop import _score_old, micro_batches, update  # noqa: E402
+from pyrl.train.loop import micro_batches  # noqa: E402
 from pyrl.train.metrics import REQUIRED_FIELDS, read_metrics  # noqa: E402
 from pyrl.train.models import load_model  # noqa: E402
 from pyrl.train.policy import LossScale, Policy, make_batch  # noqa: E402
-from test_train import FAST, _one_thread, fast_config, seed_resume_dir, synthetic_data, tiny  # noqa: E402,F401  (fixtures)
+from test_train import FAST, _one_thread, _one_update, fast_config, seed_resume_dir, synthetic_data, tiny  # noqa: E402,F401  (fixtures)
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -433,18 +432,6 @@ def test_token_budget_micro_batches_pack_by_length(tiny):
     assert all(a >= b for m in lengths for a, b in zip(m, m[1:]))  # grouped by length, longest first
 
 
-def _one_update(model, data, cfg):
-    """One trainer update (behaviour log-probs, then SGD at lr 1) of ``model`` on ``data``: the
-    flattened parameters after it and the update's ``padding_frac``."""
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    d = dict(data)
-    d.update(_score_old(model, None, d, cfg, need_old=True, need_values=False, autocast=contextlib.nullcontext))
-    stats = update(model, opt, sched, d, cfg=cfg, dist=CPU, params=list(model.parameters()),
-                   autocast=contextlib.nullcontext)
-    return torch.cat([p.detach().flatten() for p in model.parameters()]), stats["padding_frac"]
-
-
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_token_budget_update_is_exact(tiny, agg):
     """One micro-batch of 8 sequences, or micro-batches by a token budget: the same update."""
@@ -453,9 +440,9 @@ def test_token_budget_update_is_exact(tiny, agg):
     params, padding = [], []
     for item in ("algo.micro_batch_size=8", "algo.max_tokens_per_micro_batch=20"):
         cfg = apply_overrides(TrainConfig(), [item, "algo.ppo_epochs=2", f'algo.loss={{"agg": "{agg}"}}'])
-        p, pad = _one_update(Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(**cfg.algo.loss)), data, cfg)
+        p, stats = _one_update(Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(**cfg.algo.loss)), data, cfg)
         params.append(p)
-        padding.append(pad)
+        padding.append(stats["padding_frac"])
     torch.testing.assert_close(params[0], params[1], atol=2e-6, rtol=1e-5)
     assert 0 <= padding[1] < padding[0]  # grouped by length: less padding computed
 
@@ -538,9 +525,9 @@ def test_packed_update_matches_the_padded_one(tiny):
     params, padding = [], []
     for on in (False, True):
         cfg = apply_overrides(TrainConfig(), ["algo.max_tokens_per_micro_batch=40", f"algo.packed={str(on).lower()}"])
-        p, pad = _one_update(Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(), packed=on), data, cfg)
+        p, stats = _one_update(Policy(copy.deepcopy(lm), pyrl.PolicyLossConfig(), packed=on), data, cfg)
         params.append(p)
-        padding.append(pad)
+        padding.append(stats["padding_frac"])
     torch.testing.assert_close(params[1], params[0], atol=2e-5, rtol=1e-4)
     assert padding[1] == 0.0 < padding[0]
 
