@@ -140,6 +140,12 @@ def apply_lora(model, options: dict):
     return peft.get_peft_model(model, lora_cfg).get_base_model()
 
 
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows from their attention mask, as ``generate`` computes them:
+    the count of real tokens before each one (0 on the padding, which every query masks out)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def backbone(lm):
     """The decoder stack of a causal LM (``LlamaModel`` inside ``LlamaForCausalLM``): it returns the
     last hidden states without applying the LM head."""

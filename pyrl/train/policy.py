@@ -24,7 +24,7 @@ from torch import nn
 
 import pyrl
 from pyrl.integrations.hf import LMHead, _same_dtype, completion_hidden_states, lm_head, packed_hidden_states
-from pyrl.train.models import backbone
+from pyrl.train.models import backbone, mask_positions
 from pyrl.train.shared_prompt import share_prompt_problem, shared_prompt_hidden
 
 __all__ = ["Policy", "LossScale", "TeacherTerm", "clipped_value_loss", "make_batch"]
@@ -144,7 +144,7 @@ class Policy(nn.Module):
                 h, weight, bias = _same_dtype(h, head)
                 return h, LMHead(weight, bias, head.logit_scale, head.vocab_parallel_group)
         # Position ids from the mask, exactly as `generate` computes them for left-padded prompts.
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = mask_positions(mask)
         return completion_hidden_states(self.lm, batch["input_ids"], mask, position_ids=position_ids,
                                         logits_to_keep=T)
 
@@ -160,7 +160,7 @@ class Policy(nn.Module):
         elif self.critic_backbone is not None:
             mask = batch["attention_mask"]
             out = self.critic_backbone(input_ids=batch["input_ids"], attention_mask=mask,
-                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+                                       position_ids=mask_positions(mask), use_cache=False)
             T = batch["completion_ids"].shape[1]
             h = out.last_hidden_state[:, -T - 1:-1]
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()

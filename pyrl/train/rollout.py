@@ -174,7 +174,7 @@ def shared_prefill_cache(lm, input_ids: torch.Tensor, attention_mask: torch.Tens
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    from pyrl.train.models import backbone
+    from pyrl.train.models import backbone, mask_positions
 
     B, P = input_ids.shape
     if P < 2:
@@ -187,7 +187,7 @@ def shared_prefill_cache(lm, input_ids: torch.Tensor, attention_mask: torch.Tens
     ids, am = uniq[:, :P - 1], uniq[:, P - 1:].to(attention_mask.dtype)
     dec = backbone(lm)
     cache = _empty_cache(lm)
-    pos = (am.long().cumsum(-1) - 1).clamp_(min=0)
+    pos = mask_positions(am)
     out = dec(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **{_cache_kwarg(dec): cache})
     for name in ("cache", "past_key_values"):  # the cache is filled in place; take the returned one if any
         if getattr(out, name, None) is not None:

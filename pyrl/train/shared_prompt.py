@@ -106,6 +106,8 @@ def shared_prompt_hidden(backbone, input_ids, attention_mask, prompt_len: int, T
     distinct prompt computed once; ``None`` when no prompt repeats (nothing to gain)."""
     from transformers import DynamicCache
 
+    from pyrl.train.models import mask_positions
+
     P = prompt_len
     if T < 1 or P < 1:
         return None
@@ -119,7 +121,7 @@ def shared_prompt_hidden(backbone, input_ids, attention_mask, prompt_len: int, T
     record = DynamicCache()
     record.layers = [Record() for _ in range(n)]
     with _keep_cache_under_checkpointing(backbone.layers):
-        pos = (p_mask.long().cumsum(-1) - 1).clamp(min=0)
+        pos = mask_positions(p_mask)
         out = backbone(input_ids=p_ids, attention_mask=p_mask, position_ids=pos, **{name: record}, **kw)
         h_prompt = out.last_hidden_state[:, -1]  # predicts completion token 0 (prompts are left-padded)
         prefix = DynamicCache()
@@ -127,7 +129,7 @@ def shared_prompt_hidden(backbone, input_ids, attention_mask, prompt_len: int, T
         hidden = [h_prompt[inverse][:, None]]
         if T > 1:  # completion tokens 0..T-2 predict tokens 1..T-1
             mask = attention_mask[:, :P + T - 1]
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+            pos = mask_positions(mask)[:, P:]
             out = backbone(input_ids=input_ids[:, P:P + T - 1], attention_mask=mask, position_ids=pos,
                            **{name: prefix}, **kw)
             hidden.append(out.last_hidden_state)
