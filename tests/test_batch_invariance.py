@@ -20,6 +20,7 @@ import torch
 
 import pyrl
 from pyrl.ops import plan as plan_mod
+from pyrl.ops import walk as walk_mod
 from conftest import CPP, triton_on_cpu
 
 TRITON = triton_on_cpu()
@@ -127,10 +128,13 @@ def test_fused_linear_logprobs_batch_invariant(backend, dtype, h, vocab, use_bia
 
 @pytest.mark.parametrize("backend", CPU)
 @pytest.mark.parametrize("chunk_rows", [1, 5, 16, 20, 48])
-def test_fused_linear_logprobs_invariant_to_chunking(backend, chunk_rows, monkeypatch):
+@pytest.mark.parametrize("col_block", [4096, 64], ids=["one-gemm", "col-blocks"])
+def test_fused_linear_logprobs_invariant_to_chunking(backend, chunk_rows, col_block, monkeypatch):
     """The chunk walk's chunk sizes (from chunk_bytes) change how the batch is cut, never a token's
-    bits: the same as the default (one chunk) and as the token alone."""
+    bits: the same as the default (one chunk) and as the token alone; also with each chunk's logits
+    GEMM cut into column blocks of the head (``LOGITS_COL_BLOCK``; 300 = 4 x 64 + 44)."""
     monkeypatch.setenv("PYRL_LINEAR", "chunked")
+    monkeypatch.setattr(walk_mod, "LOGITS_COL_BLOCK", col_block)
     g = torch.Generator().manual_seed(3)
     n, h, vocab = 53, 32, 300
     pool = torch.randn(n, h, generator=g)

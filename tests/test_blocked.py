@@ -9,6 +9,7 @@ import torch
 import pyrl
 from pyrl.kernels.reference import RowParams, RowStats, TorchRows, merge_stats
 from pyrl.ops import plan as plan_mod
+from pyrl.ops import walk as walk_mod
 from pyrl.ops.walk import CppRows, block_targets
 from _ref import linear_logprobs_ref
 from conftest import CPP
@@ -89,12 +90,16 @@ def test_block_targets_never_collide_with_ignore_index():
 
 @pytest.mark.parametrize("backend", IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_blocked_fused_linear_logprobs_matches_float64(backend, dtype, monkeypatch):
+@pytest.mark.parametrize("linear", ["blocked", "chunked"])
+def test_fused_linear_logprobs_walks_match_float64(backend, dtype, linear, monkeypatch):
     """Several tiles and blocks (the last block partial), a bias, a temperature, ignored rows and
-    a row whose target is the last vocabulary id: values and gradients against the float64 oracle."""
-    monkeypatch.setenv("PYRL_LINEAR", "blocked")
+    a row whose target is the last vocabulary id: values and gradients against the float64 oracle.
+    On the chunk walk the same 128-column blocks cut each chunk's logits GEMM (``LOGITS_COL_BLOCK``,
+    4096 columns by default: the tests' vocabularies would fit in one)."""
+    monkeypatch.setenv("PYRL_LINEAR", linear)
     monkeypatch.setattr(plan_mod, "BLOCK_COLS", 128)
     monkeypatch.setattr(plan_mod, "MIN_TILE_ROWS", 1)
+    monkeypatch.setattr(walk_mod, "LOGITS_COL_BLOCK", 128)
     g = torch.Generator().manual_seed(1)
     n, h, V = 45, 24, 1000
     hidden = torch.randn(n, h, generator=g).to(dtype)
@@ -103,9 +108,11 @@ def test_blocked_fused_linear_logprobs_matches_float64(backend, dtype, monkeypat
     y = torch.randint(0, V, (n,), generator=g)
     y[[3, 17]] = -100
     y[5] = V - 1
-    cb = 16 * 128 * 4  # tiles of 16 tokens: three tiles, the last one partial
+    # tiles (chunks) of 16 tokens: three, the last one partial
+    cb = 16 * 4 * (128 if linear == "blocked" else V)
     text = pyrl.explain("fused_linear_logprobs", hidden, weight, y, bias=bias, backend=backend, chunk_bytes=cb)
-    assert "linear=blocked" in text and "tile_rows=16 x block_cols=128" in text, text
+    shape = "tile_rows=16 x block_cols=128" if linear == "blocked" else "chunk_rows=16"
+    assert f"linear={linear}" in text and shape in text, text
     hs, ws, bs = (x.clone().requires_grad_() for x in (hidden, weight, bias))
     logp, ent = pyrl.fused_linear_logprobs(hs, ws, y, bias=bs, temperature=0.8, return_entropy=True, backend=backend,
                                            chunk_bytes=cb)
