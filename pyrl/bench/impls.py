@@ -381,13 +381,14 @@ for _backend in ("torch", "cpp", "triton"):
     for _op, _fn in (("dpo_loss", "fused_linear_preference_loss"), ("distill_loss", "fused_linear_distillation_loss")):
         register(Impl(_op, f"pyrl[{_backend}]", _pyrl_pair_loss(_op, _backend), requires=_pyrl_backend(_backend, _fn)))
 
-# CPU: the default budget on the chunk walk (what the vocabulary-blocked walk replaced where the budget
-# holds fewer than 96 rows of logits), and 64 MiB chunks (twice the default: the chunk walk with 96 rows
-# at V=151936, fewer passes over the weight, twice the chunk memory).
-register(Impl("grpo_loss", "pyrl[cpp]/chunked", _pyrl_grpo_loss("cpp", linear="chunked"),
-              requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="PYRL_LINEAR=chunked (the chunk walk)"))
-register(Impl("grpo_loss", "pyrl[cpp]/chunk=64MiB", _pyrl_grpo_loss("cpp", 64 * 2**20),
-              requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="chunk_bytes=64 MiB"))
+# CPU: the default budget on the vocabulary-blocked walk (four large GEMMs in a small tile), half the
+# default budget (the chunk walk with 48 rows at V=151936: more passes over the weight, half the chunk
+# memory), and 256 MiB chunks.
+register(Impl("grpo_loss", "pyrl[cpp]/blocked", _pyrl_grpo_loss("cpp", linear="blocked"),
+              requires=_pyrl_backend("cpp", "fused_linear_policy_loss"),
+              note="PYRL_LINEAR=blocked (the vocabulary-blocked walk)"))
+register(Impl("grpo_loss", "pyrl[cpp]/chunk=32MiB", _pyrl_grpo_loss("cpp", 32 * 2**20),
+              requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="chunk_bytes=32 MiB"))
 register(Impl("grpo_loss", "pyrl[cpp]/chunk=256MiB", _pyrl_grpo_loss("cpp", 256 * 2**20),
               requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="chunk_bytes=256 MiB"))
 # CUDA: the same backend with 1 GiB chunks (fewer, larger chunk GEMMs for more working memory).

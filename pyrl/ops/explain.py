@@ -46,7 +46,7 @@ def explain(op: Union[str, Callable], *args, **kwargs) -> str:
     """Which plan ``op(*args, **kwargs)`` takes, and why, as text::
 
         >>> print(pyrl.explain("fused_linear_policy_loss", hidden, weight, ids, mask, adv, config=cfg))
-        fused_linear_policy_loss: backend=cpp, linear=blocked, gemm=acc, tile_rows=2048 x block_cols=2048 (...), passes=two
+        fused_linear_policy_loss: backend=cpp, linear=chunked, gemm=acc, chunk_rows=96 (...), passes=one
           - backend='auto' on cpu -> the cpp row body
           - ...
 

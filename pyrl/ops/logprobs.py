@@ -334,7 +334,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
             vocabulary (see ``pyrl.ops.vocab_parallel``, docs/formulas.md §11).
         backend: ``"auto" | "triton" | "cpp" | "torch"``.
         chunk_bytes: the fp32 logits of one token chunk (or one tile of the vocabulary-blocked walk,
-            docs/formulas.md §10.1), in bytes (default: 32 MiB on CPU, 160 MiB on CUDA, where the
+            docs/formulas.md §10.1), in bytes (default: 64 MiB on CPU, 160 MiB on CUDA, where the
             chunk GEMMs need more rows to fill the GPU).
 
     Returns:

@@ -38,7 +38,7 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
 |---|---|---|
 | ``PYRL_TRITON_LINEAR`` | ``chunked`` \\| ``fused`` | the ``linear`` of ``backend="triton"`` (default: chunked for bf16/fp16 on CUDA, the fused kernel otherwise) |
 | ``PYRL_PASSES`` | ``one`` \\| ``two`` | force the policy loss's plan (``one`` is refused where it cannot run) |
-| ``PYRL_LINEAR`` | ``chunked`` \\| ``blocked`` | force the walk of the ``torch``/``cpp`` bodies (default: blocked on CPU when ``chunk_bytes`` holds fewer than 96 rows of logits; ``blocked`` is refused where it cannot run) |
+| ``PYRL_LINEAR`` | ``chunked`` \\| ``blocked`` | force the walk of the ``torch``/``cpp`` bodies (default: blocked on CPU when ``chunk_bytes`` holds fewer than 32 rows of logits; ``blocked`` is refused where it cannot run) |
 | ``PYRL_TRITON_CONFIG`` | a config name | pin one tiling of the fused Triton kernel (read by ``pyrl.kernels.fused_linear``) |
 """
 from __future__ import annotations
@@ -54,8 +54,11 @@ from pyrl._backend import BACKENDS, resolve_backend
 __all__ = ["Plan", "EnvKnobs", "env_knobs", "make_plan", "chunk_bytes_default", "GEMM_ROW_QUANTUM",
            "DEFAULT_CHUNK_BYTES", "DEFAULT_CUDA_CHUNK_BYTES", "BLOCK_COLS"]
 
-# Rows per chunk are chosen so one chunk of fp32 logits stays under this many bytes (CPU).
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+# Rows per chunk are chosen so one chunk of fp32 logits stays under this many bytes (CPU). 64 MiB is
+# 96 rows at V=151936: the GRPO loss at 2048 x 896 x 151936 fp32 (2 EPYC cores) runs at the speed of
+# its three GEMMs alone in 56 MB of working memory, against 1.28x in 28 MB at 32 MiB (48-row
+# chunks) and 0.93x in 252 MB at 256 MiB (docs/scaling.md section 7).
+DEFAULT_CHUNK_BYTES = 64 * 2**20
 # On CUDA a chunk must be large for the GEMMs to fill the GPU: 160 MB of fp32 logits is 256 rows at
 # V=151936 (with the chunk's bf16 copy, ~240 MB of working memory).
 DEFAULT_CUDA_CHUNK_BYTES = 160 * 2**20
@@ -74,9 +77,9 @@ BLOCK_COLS = 2048
 MIN_TILE_ROWS = 256
 # The chunk walk re-reads the whole head for every chunk; when chunk_bytes holds fewer rows than
 # this, its three small-M GEMMs cost more than the blocked walk's four large ones (2 EPYC cores, fp32,
-# 2048 x 896 x 151936: chunks of 48 rows 21.5-24 s, of 96 rows 18-19 s, blocked 20.4 s; GEMMs
-# alone in docs/scaling.md), so on CPU the blocked walk takes over below it.
-CHUNKED_MIN_ROWS = 96
+# GRPO loss at 2048 x 896 x 151936: chunks of 16 rows 27-33 s, of 32 rows 19-20 s, of 48 rows 19.2 s,
+# the blocked walk 20-21 s; docs/scaling.md section 7), so on CPU the blocked walk takes over below it.
+CHUNKED_MIN_ROWS = 32
 _OPS = ("logprobs_from_logits", "fused_linear_logprobs", "fused_linear_policy_loss", "fused_linear_preference_loss",
         "fused_linear_distillation_loss")
 # A distillation chunk holds two heads' fp32 logits and ~4 more [rows, V] temporaries of the
