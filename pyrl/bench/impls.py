@@ -381,7 +381,7 @@ for _backend in ("torch", "cpp", "triton"):
     for _op, _fn in (("dpo_loss", "fused_linear_preference_loss"), ("distill_loss", "fused_linear_distillation_loss")):
         register(Impl(_op, f"pyrl[{_backend}]", _pyrl_pair_loss(_op, _backend), requires=_pyrl_backend(_backend, _fn)))
 
-# CPU: the default budget on the vocabulary-blocked walk (four large GEMMs in a small tile), half the
+# CPU: the vocabulary-blocked walk at the default budget (four large GEMMs in a small tile), half the
 # default budget (the chunk walk with 48 rows at V=151936: more passes over the weight, half the chunk
 # memory), and 256 MiB chunks.
 register(Impl("grpo_loss", "pyrl[cpp]/blocked", _pyrl_grpo_loss("cpp", linear="blocked"),

@@ -55,9 +55,9 @@ __all__ = ["Plan", "EnvKnobs", "env_knobs", "make_plan", "chunk_bytes_default", 
            "DEFAULT_CHUNK_BYTES", "DEFAULT_CUDA_CHUNK_BYTES", "BLOCK_COLS"]
 
 # Rows per chunk are chosen so one chunk of fp32 logits stays under this many bytes (CPU). 64 MiB is
-# 96 rows at V=151936: the GRPO loss at 2048 x 896 x 151936 fp32 (2 EPYC cores) runs at the speed of
-# its three GEMMs alone in 56 MB of working memory, against 1.28x in 28 MB at 32 MiB (48-row
-# chunks) and 0.93x in 252 MB at 256 MiB (docs/scaling.md section 7).
+# 96 rows at V=151936: the GRPO loss at 2048 x 896 x 151936 fp32 (2 EPYC cores) runs at 0.99-1.13x
+# its three GEMMs alone (three runs) in 56 MB of working memory, against 1.19-1.28x in 28 MB at
+# 32 MiB (48-row chunks) and 0.91-0.93x in 252 MB at 256 MiB (docs/scaling.md section 7).
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 # On CUDA a chunk must be large for the GEMMs to fill the GPU: 160 MB of fp32 logits is 256 rows at
 # V=151936 (with the chunk's bf16 copy, ~240 MB of working memory).
