@@ -26,7 +26,7 @@ from pyrl._validate import (check_chunk_bytes, check_float, check_linear_args, c
                             check_same_device, check_shape, check_targets, check_tensor, shape_str)
 from pyrl.kernels.reference import DIVERGENCES, RowParams, acc_dtype, divergence_rows, sparse_forward_kl_rows
 from pyrl.ops.plan import Plan, make_plan
-from pyrl.ops.walk import Head, rows_body, walk
+from pyrl.ops.walk import Head, rows_body, scale_forward_grads, walk
 
 __all__ = ["fused_linear_distillation_loss", "plan_fused_linear_distillation_loss", "DistillParams"]
 
@@ -103,11 +103,7 @@ class _Distill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        # loss.backward() passes 1: the gradients kept from forward are then returned as they are
-        if bool(g_loss == 1):
-            grads = list(ctx.grads)
-        else:
-            grads = [None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads]
+        grads = scale_forward_grads(ctx.grads, g_loss)
         ctx.grads = None
         return (*grads, None, None, None, None, None, None, None, None)
 

@@ -32,7 +32,7 @@ from pyrl.kernels.reference import RowParams, acc_dtype, divergence_rows, row_su
 from pyrl.ops.logprobs import LinearCall, fused_linear_logprobs, row_params, run_linear_logprobs
 from pyrl.ops.plan import GEMM_ROW_QUANTUM, Plan, make_plan
 from pyrl.ops.policy_loss import agg_weights, check_policy_args, not_token_separable, policy_loss_core
-from pyrl.ops.walk import Head, rows_body, walk
+from pyrl.ops.walk import Head, rows_body, scale_forward_grads, walk
 
 __all__ = ["fused_linear_policy_loss", "plan_fused_linear_policy_loss", "proxy_kl_rows_fwd", "proxy_kl_rows_bwd"]
 
@@ -184,7 +184,7 @@ class _OnePassPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *_):
         # The buffers are ours alone: scale them in place instead of allocating a second d_weight.
-        grads = [None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads]
+        grads = scale_forward_grads(ctx.grads, g_loss)
         ctx.grads = None
         return (*grads, None, None, None, None)
 

@@ -41,7 +41,7 @@ import torch
 from pyrl.kernels.reference import RowStats, TorchRows, acc_dtype
 from pyrl.ops.plan import Plan
 
-__all__ = ["Head", "walk", "Blocks", "block_targets", "rows_body", "fused_kernel", "CppRows"]
+__all__ = ["Head", "walk", "Blocks", "block_targets", "rows_body", "fused_kernel", "CppRows", "scale_forward_grads"]
 
 
 class CppRows:
@@ -167,8 +167,7 @@ class Head:
         multiple of ``pad_rows`` rows (kept for ``backprop``, which may overwrite it)."""
         self.release()  # drop the last chunk before the next is allocated
         h = self.hidden[s:e] if self.gemm == "lowp" else self.hidden[s:e].to(self.w.dtype)
-        pad = -h.shape[0] % self.pad_rows
-        hp = torch.cat([h, h.new_zeros(pad, h.shape[1])]) if pad else h
+        hp = _padded(h, self.pad_rows)
         if self.gemm == "lowp":
             full = _mm_fp32(hp, self.w.t())
             full = full.add_(self.b) if self.b is not None else full
@@ -250,8 +249,28 @@ class Head:
         if self.d_weight is not None and not self._d_weight_written:  # no chunk had a gradient
             self.d_weight.zero_()
             self._d_weight_written = True
-        return (self.d_hidden, None if self.d_weight is None else self.d_weight.to(self.weight.dtype),
-                None if self.d_bias is None else self.d_bias.to(self.bias.dtype))
+        return _as_inputs(self.d_hidden, self.d_weight, self.d_bias, self.weight, self.bias)
+
+
+def _padded(h: torch.Tensor, pad_rows: int) -> torch.Tensor:
+    """``h`` with zero rows appended up to a multiple of ``pad_rows`` (the GEMMs' batch invariance)."""
+    pad = -h.shape[0] % pad_rows
+    return torch.cat([h, h.new_zeros(pad, h.shape[1])]) if pad else h
+
+
+def _as_inputs(d_hidden, d_weight, d_bias, weight, bias):
+    """(d_hidden, d_weight, d_bias) in the dtypes of weight and bias (None where not computed)."""
+    return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype))
+
+
+def scale_forward_grads(grads, g_loss: torch.Tensor) -> list:
+    """The gradients a one-pass walk formed in forward (the op's own buffers), times the upstream
+    gradient of its scalar loss, in place; returned as they are when it is 1 (``loss.backward()``),
+    which spares a pass over the whole d_weight."""
+    if bool(g_loss == 1):
+        return list(grads)
+    return [None if g is None else g.mul_(g_loss.to(g.dtype)) for g in grads]
 
 
 def walk(head: Head, chunk_rows: int, step: Callable, *, ref: Optional[Head] = None,
@@ -330,8 +349,8 @@ class Blocks:
                 continue
             rows = e - s
             h = self.hidden[s:e].to(self.w.dtype)
-            pad = -rows % self.pad_rows
-            hp = torch.cat([h, h.new_zeros(pad, h.shape[1])]) if pad else h
+            hp = _padded(h, self.pad_rows)
+            pad = hp.shape[0] - rows
             if buf is None:  # one buffer for every tile and block: no allocation inside the loop
                 buf = hp.new_empty(hp.shape[0] * min(V, self.block_cols))
             dh = hp.new_zeros(hp.shape) if self.need_h else None
@@ -353,5 +372,4 @@ class Blocks:
                     self.d_weight[c0:c1].addmm_(z[:rows].t(), h)
             if dh is not None:
                 self.d_hidden[s:e] = dh[:rows].to(self.hidden.dtype)
-        return (self.d_hidden, None if self.d_weight is None else self.d_weight.to(self.weight.dtype),
-                None if self.d_bias is None else self.d_bias.to(self.bias.dtype))
+        return _as_inputs(self.d_hidden, self.d_weight, self.d_bias, self.weight, self.bias)
