@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from pyrl._backend import BACKENDS
-from pyrl._validate import NumberTypeError, check_bool, check_linear_args, check_number, check_positive, shape_str
+from pyrl._validate import (NumberTypeError, check_bool, check_chunk_bytes, check_linear_args, check_number,
+                            check_positive, shape_str)
 from pyrl.config import EXACT_KL_KINDS, PolicyLossConfig
 from pyrl.losses.aliases import LIGER_LOSS_TYPES, liger_config_kwargs
 from pyrl.losses.vespo import vespo_log_weight, vespo_weight
@@ -23,6 +24,15 @@ __all__ = ["FusedLinearGRPOLoss", "FusedLinearLogProbs", "FusedLinearDPOLoss", "
            "FusedLinearCPOLoss", "FusedLinearSimPOLoss", "FusedLinearKTOLoss", "FusedLinearJSDLoss"]
 
 
+def _check_backend(backend: str, chunk_bytes=None) -> None:
+    """The two engine arguments every module takes: ``backend`` and ``chunk_bytes`` (None: the
+    device's default; an int; or ``"auto"``, sized from free memory: docs/scaling.md section 8)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if chunk_bytes is not None:
+        check_chunk_bytes(chunk_bytes)
+
+
 class FusedLinearLogProbs(torch.nn.Module):
     """Module form of :func:`pyrl.fused_linear_logprobs`.
 
@@ -31,24 +41,23 @@ class FusedLinearLogProbs(torch.nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", chunk_bytes=None):
         super().__init__()
         # checked here, not only at the first forward, so a bad module fails where it is built
         check_positive("temperature", temperature)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
         check_bool("return_entropy", return_entropy)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        _check_backend(backend, chunk_bytes)
         self.temperature = temperature
         self.ignore_index = ignore_index
         self.return_entropy = return_entropy
-        self.backend = backend
+        self.backend, self.chunk_bytes = backend, chunk_bytes
 
     def forward(self, hidden, weight, targets, bias=None):
         return fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
                                      ignore_index=self.ignore_index, return_entropy=self.return_entropy,
-                                     backend=self.backend)
+                                     backend=self.backend, chunk_bytes=self.chunk_bytes)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
@@ -120,7 +129,10 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     it), ``beta``/``use_bias_correction_kl``/``temperature`` -> the same fields, ``vllm_is_ratio`` ->
     ``policy_weight`` of ``fused_linear_policy_loss`` (multiplies the policy term, not the KL),
     ``num_items_in_batch`` -> ``num_items_in_batch`` (after Liger's ``/ W`` and clamp to ``>= 1``).
-    ``compiled`` and ``chunk_size`` are accepted and ignored (pyrl's kernels chunk by themselves).
+    ``compiled`` and ``chunk_size`` are accepted and ignored (pyrl's kernels chunk by themselves);
+    pyrl's own keywords ``backend`` and ``chunk_bytes`` (the memory budget of one chunk of logits: None
+    for the device's default, bytes, or ``"auto"`` from free memory, docs/scaling.md section 8) pass
+    to ``fused_linear_policy_loss``.
     With ``use_ref_model=False`` the KL term is zero, as in Liger (which then takes the policy itself
     as the reference). ``ref_per_token_logps`` wins over ``ref_input``/``ref_weight`` when both are
     given (with Liger's warning), except for ``kl_type="full"``, which needs the reference head.
@@ -188,6 +200,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         top_entropy_quantile: float = 1.0,
         kl_type: str = "k3",
         backend: str = "auto",
+        chunk_bytes=None,
     ):
         super().__init__()
         if loss_type not in LIGER_LOSS_TYPES:
@@ -240,8 +253,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 expect="in (0, 1] (the fraction of highest-entropy tokens kept)")
         if kl_type not in _KL_TYPES:
             raise ValueError(f"kl_type must be one of {', '.join(map(repr, _KL_TYPES))}, got {kl_type!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        _check_backend(backend, chunk_bytes)
 
         # Liger's attribute names, for code that reads them.
         self.beta = beta
@@ -265,7 +277,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.entropy_coef = entropy_coef
         self.top_entropy_quantile = top_entropy_quantile
         self.kl_type = kl_type
-        self.backend = backend
+        self.backend, self.chunk_bytes = backend, chunk_bytes
         self.last_metrics: dict = {}
 
         # Without a reference model Liger takes the policy itself as the reference: the KL is 0.
@@ -358,7 +370,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             old_logp=old_per_token_logps, ref_logp=ref_logp, ref_hidden=ref_hidden,
             ref_weight=ref_weight if ref_hidden is not None else None,
             ref_bias=ref_bias if ref_hidden is not None else None,
-            policy_weight=policy_weight, config=config, backend=self.backend)
+            policy_weight=policy_weight, config=config, backend=self.backend, chunk_bytes=self.chunk_bytes)
         self.last_metrics = metrics
         if self.beta != 0:
             return loss, (metrics["kl_mean"], metrics["clip_frac"])
@@ -373,7 +385,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         if old_logp is not None:
             logp = fused_linear_logprobs(_input.detach(), lin_weight.detach(), torch.where(valid, targets, -100),
                                          bias=None if bias is None else bias.detach(), temperature=self.temperature,
-                                         backend=self.backend)
+                                         backend=self.backend, chunk_bytes=self.chunk_bytes)
             log_ratio = logp - old_logp.float()
         log_w = vespo_log_weight(valid, log_ratio, vllm_is_ratio)
         return vespo_weight(log_w, advantages, k_pos=self.vespo_k_pos, lambda_pos=self.vespo_lambda_pos,
@@ -422,11 +434,6 @@ LIGER_DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "b
                         "apo_down", "discopop")
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-
-
 def _paired(module, loss_type, lin_weight, _input, target, bias, *, alpha, compute_nll_loss, extra=(), **kw):
     """Liger's paired return ``(loss, (chosen_logps, rejected_logps, chosen_logits_mean,
     rejected_logits_mean, nll_loss, chosen_rewards, rejected_rewards, *extra))``; the NLL term is
@@ -434,7 +441,8 @@ def _paired(module, loss_type, lin_weight, _input, target, bias, *, alpha, compu
     check_linear_args(_input, lin_weight, bias, 1.0, module.ignore_index, names=("_input", "lin_weight", "bias"))
     loss, out = fused_linear_preference_loss(_input, lin_weight, target, bias=bias, loss_type=loss_type,
                                              beta=module.beta, alpha=alpha if compute_nll_loss else 0.0,
-                                             ignore_index=module.ignore_index, backend=module.backend, **kw)
+                                             ignore_index=module.ignore_index, backend=module.backend,
+                                             chunk_bytes=module.chunk_bytes, **kw)
     nll = out["nll_loss"] if compute_nll_loss else torch.zeros_like(out["nll_loss"])
     keys = ("chosen_logps", "rejected_logps", "chosen_logits_mean", "rejected_logits_mean")
     return loss, (*(out[k] for k in keys), nll, out["chosen_rewards"], out["rejected_rewards"],
@@ -458,14 +466,15 @@ class FusedLinearDPOLoss(torch.nn.Module):
     bias=None, ref_input=None, ref_weight=None, ref_bias=None)`` with ``_input`` ``[2B, T, H]`` (the
     chosen completions, then the rejected ones) and the same return ``(loss, (chosen_logps,
     rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss, chosen_rewards,
-    rejected_rewards))``. ``compiled`` and ``chunk_size`` are accepted and ignored; ``backend`` is
-    pyrl's. With ``use_ref_model=True`` the reference's ``ref_input``/``ref_weight`` are required.
+    rejected_rewards))``. ``compiled`` and ``chunk_size`` are accepted and ignored; ``backend`` and
+    ``chunk_bytes`` (as :class:`FusedLinearGRPOLoss`; every module here takes both) are pyrl's. With ``use_ref_model=True`` the reference's ``ref_input``/``ref_weight`` are required.
     """
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
                  compute_nll_loss: bool = False, compiled: bool = True, use_ref_model: bool = True,
                  average_log_prob: bool = False, chunk_size: int = 1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, discopop_tau: float = 0.05, *, backend: str = "auto"):
+                 label_smoothing: float = 0.0, discopop_tau: float = 0.05, *, backend: str = "auto",
+                 chunk_bytes=None):
         super().__init__()
         if loss_type not in LIGER_DPO_LOSS_TYPES:
             raise ValueError(f"Unsupported loss_type: {loss_type}. Supported types are: {set(LIGER_DPO_LOSS_TYPES)}")
@@ -473,7 +482,8 @@ class FusedLinearDPOLoss(torch.nn.Module):
             raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'. The EXO paper recommends 1e-3.")
         if loss_type == "robust" and not (0.0 <= label_smoothing < 0.5):
             raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust'. Got {label_smoothing}.")
-        _check_backend(backend)
+        _check_backend(backend, chunk_bytes)
+        self.chunk_bytes = chunk_bytes
         self.ignore_index, self.beta, self.alpha = ignore_index, beta, alpha
         self.compute_nll_loss, self.compiled, self.use_ref_model = compute_nll_loss, compiled, use_ref_model
         self.average_log_prob, self.chunk_size, self.loss_type = average_log_prob, chunk_size, loss_type
@@ -494,9 +504,10 @@ class FusedLinearORPOLoss(torch.nn.Module):
     means, the NLL weight is 1 (docs/formulas.md §13). ``compiled``/``chunk_size`` are ignored."""
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
-                 compiled: bool = True, chunk_size: int = 1, *, backend: str = "auto"):
+                 compiled: bool = True, chunk_size: int = 1, *, backend: str = "auto", chunk_bytes=None):
         super().__init__()
-        _check_backend(backend)
+        _check_backend(backend, chunk_bytes)
+        self.chunk_bytes = chunk_bytes
         self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, beta, compute_nll_loss
         self.compiled, self.chunk_size, self.backend = compiled, chunk_size, backend
 
@@ -513,9 +524,10 @@ class FusedLinearCPOLoss(torch.nn.Module):
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
                  label_smoothing: float = 0.0, compute_nll_loss: bool = True, compiled: bool = True,
-                 average_log_prob: bool = False, chunk_size: int = 1, *, backend: str = "auto"):
+                 average_log_prob: bool = False, chunk_size: int = 1, *, backend: str = "auto", chunk_bytes=None):
         super().__init__()
-        _check_backend(backend)
+        _check_backend(backend, chunk_bytes)
+        self.chunk_bytes = chunk_bytes
         self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
         self.compute_nll_loss, self.compiled, self.average_log_prob = compute_nll_loss, compiled, average_log_prob
         self.chunk_size, self.backend = chunk_size, backend
@@ -534,9 +546,10 @@ class FusedLinearSimPOLoss(torch.nn.Module):
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
                  label_smoothing: float = 0.0, compute_nll_loss: bool = True, compiled: bool = True,
-                 gamma: float = 0.5, chunk_size: int = 1, *, backend: str = "auto"):
+                 gamma: float = 0.5, chunk_size: int = 1, *, backend: str = "auto", chunk_bytes=None):
         super().__init__()
-        _check_backend(backend)
+        _check_backend(backend, chunk_bytes)
+        self.chunk_bytes = chunk_bytes
         self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
         self.compute_nll_loss, self.compiled, self.gamma = compute_nll_loss, compiled, gamma
         self.chunk_size, self.backend = chunk_size, backend
@@ -556,9 +569,10 @@ class FusedLinearKTOLoss(torch.nn.Module):
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True,
                  use_ref_model: bool = False, average_log_prob: bool = False, chunk_size: int = 1, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", chunk_bytes=None):
         super().__init__()
-        _check_backend(backend)
+        _check_backend(backend, chunk_bytes)
+        self.chunk_bytes = chunk_bytes
         self.ignore_index, self.beta, self.compiled, self.use_ref_model = ignore_index, beta, compiled, use_ref_model
         self.average_log_prob, self.chunk_size, self.backend = average_log_prob, chunk_size, backend
 
@@ -568,7 +582,7 @@ class FusedLinearKTOLoss(torch.nn.Module):
         loss, out = fused_linear_preference_loss(
             _input, lin_weight, target, bias=bias, loss_type="kto", beta=self.beta,
             preference_labels=preference_labels, kl=kl, average_log_prob=self.average_log_prob,
-            ignore_index=self.ignore_index, backend=self.backend,
+            ignore_index=self.ignore_index, backend=self.backend, chunk_bytes=self.chunk_bytes,
             **_reference_model(self.use_ref_model, ref_input, ref_weight, ref_bias))
         keys = ("chosen_logps_sum", "rejected_logps_sum", "chosen_logits_sum", "rejected_logits_sum",
                 "chosen_rewards_sum", "rejected_rewards_sum")
@@ -589,11 +603,12 @@ class FusedLinearJSDLoss(torch.nn.Module):
 
     def __init__(self, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5, beta: float = 0.5,
                  ignore_index: int = -100, temperature: float = 1.0, compiled: bool = True, chunk_size: int = 1024,
-                 return_soft_hard_loss: bool = False, *, backend: str = "auto"):
+                 return_soft_hard_loss: bool = False, *, backend: str = "auto", chunk_bytes=None):
         super().__init__()
         check_positive("temperature", temperature)
         _number("beta", beta, low=0.0, high=1.0)
-        _check_backend(backend)
+        _check_backend(backend, chunk_bytes)
+        self.chunk_bytes = chunk_bytes
         self.weight_hard_loss, self.weight_soft_loss, self.beta = weight_hard_loss, weight_soft_loss, beta
         self.ignore_index, self.temperature, self.compiled = ignore_index, temperature, compiled
         self.chunk_size, self.return_soft_hard_loss, self.backend = chunk_size, return_soft_hard_loss, backend
@@ -605,5 +620,5 @@ class FusedLinearJSDLoss(torch.nn.Module):
             student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias=student_bias,
             teacher_bias=teacher_bias, divergence=divergence, beta=self.beta if divergence == "jsd" else 0.5,
             temperature=self.temperature, ignore_index=self.ignore_index, soft_weight=self.weight_soft_loss,
-            hard_weight=self.weight_hard_loss, backend=self.backend)
+            hard_weight=self.weight_hard_loss, backend=self.backend, chunk_bytes=self.chunk_bytes)
         return (loss, out["soft_loss"], out["hard_loss"]) if self.return_soft_hard_loss else loss

@@ -292,3 +292,74 @@ def test_every_plan_matches_float64_on_odd_shapes(case, backend, linear, passes,
     assert_fused_matches_float64(loss, metrics, ref, ((dh, hd.grad), (dw, wd.grad)), dtype)
     if "masked_row" in c:
         assert (dh[c["masked_row"]] == 0).all(), "a masked row gets no gradient"
+
+
+@pytest.mark.parametrize("free,expect_mib", [(0, 64), (600 * 2**20, 64), (2**30, 128), (1536 * 2**20, 128),
+                                              (100 * 2**30, 256)])
+def test_chunk_bytes_auto_is_a_power_of_two_share_of_free_memory(free, expect_mib, monkeypatch):
+    """chunk_bytes="auto" (CPU): 1/AUTO_FREE_SHARE of the free memory, rounded down to a power of two,
+    between the default and AUTO_MAX_CHUNK_BYTES; the plan says how it was chosen."""
+    monkeypatch.setattr(plan_mod, "free_memory", lambda device: free)
+    got, how = plan_mod.resolve_chunk_bytes("auto", torch.device("cpu"))
+    assert got == expect_mib * 2**20 and f"-> {expect_mib} MiB" in how, how
+    assert plan_mod.resolve_chunk_bytes(None, torch.device("cpu")) == (plan_mod.DEFAULT_CHUNK_BYTES, "")
+    assert plan_mod.resolve_chunk_bytes(12345, torch.device("cpu")) == (12345, "")
+    hidden, weight, targets, *_ = _batch()
+    plan = pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch", chunk_bytes="auto")
+    assert f"chunk_bytes='auto': {free / 2**30:.1f} GiB free on cpu -> {expect_mib} MiB" in plan, plan
+
+
+def test_cuda_auto_budget_counts_the_caching_allocators_unused_memory(monkeypatch):
+    """On CUDA the free memory is the driver's plus what PyTorch's caching allocator reserved but
+    does not use; the budget is capped at 4 GiB (faked device queries: no GPU needed)."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 7 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * 2**30)
+    assert plan_mod.free_memory(cuda) == 16 * 2**30
+    assert plan_mod.resolve_chunk_bytes("auto", cuda)[0] == 2 * 2**30  # 16 GiB / 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (140 * 2**30, 141 * 2**30))
+    assert plan_mod.resolve_chunk_bytes("auto", cuda)[0] == plan_mod.AUTO_MAX_CHUNK_BYTES["cuda"]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 141 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1 * 2**30)  # none unused
+    assert plan_mod.resolve_chunk_bytes("auto", cuda)[0] == plan_mod.DEFAULT_CUDA_CHUNK_BYTES  # never below
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_chunk_bytes_auto_runs_the_same_walk_as_its_bytes(backend, monkeypatch):
+    """Every fused op and module takes chunk_bytes="auto" and then computes exactly what the resolved
+    budget computes (a budget small enough here to split the batch into several chunks)."""
+    budget = 16 * V * 4  # the default floor is lowered so that "auto" lands on a multi-chunk budget
+    monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK_BYTES", budget // 4)
+    monkeypatch.setattr(plan_mod, "AUTO_MAX_CHUNK_BYTES", {"cpu": budget, "cuda": budget})
+    monkeypatch.setattr(plan_mod, "free_memory", lambda device: 10**12)
+    assert plan_mod.resolve_chunk_bytes("auto", torch.device("cpu"))[0] == budget
+    hidden, weight, targets, mask, adv, old = _batch()
+    cfg = pyrl.PolicyLossConfig(eps_high=0.28)
+    outs = {}
+    for cb in ("auto", budget):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = pyrl.fused_linear_logprobs(h, w, targets, return_entropy=True, backend=backend, chunk_bytes=cb)
+        loss, _ = pyrl.fused_linear_policy_loss(h, w, targets, mask, adv, old_logp=old, config=cfg, backend=backend,
+                                                chunk_bytes=cb)
+        (logp.sum() + ent.sum() + loss).backward()
+        outs[cb] = (logp, ent, loss, h.grad, w.grad)
+    for a, b in zip(outs["auto"], outs[budget]):
+        assert torch.equal(a, b)
+    seen = []
+    real = plan_mod.resolve_chunk_bytes
+    monkeypatch.setattr(plan_mod, "resolve_chunk_bytes", lambda cb, device: seen.append(cb) or real(cb, device))
+    pyrl.nn.FusedLinearLogProbs(chunk_bytes="auto", backend=backend)(hidden, weight, targets)
+    pyrl.nn.FusedLinearGRPOLoss(beta=0.0, chunk_bytes=budget, backend=backend)(hidden, weight, targets, mask, adv)
+    assert seen == ["auto", budget]
+
+
+@pytest.mark.parametrize("bad", ["big", 0, -1, True, 1.5, "AUTO"])
+def test_bad_chunk_bytes_names_the_argument(bad):
+    hidden, weight, targets, mask, adv, _ = _batch()
+    with pytest.raises(ValueError, match=r"chunk_bytes must be a positive int or 'auto'"):
+        pyrl.fused_linear_logprobs(hidden, weight, targets, chunk_bytes=bad)
+    for module in (pyrl.nn.FusedLinearLogProbs, pyrl.nn.FusedLinearGRPOLoss, pyrl.nn.FusedLinearDPOLoss,
+                   pyrl.nn.FusedLinearKTOLoss, pyrl.nn.FusedLinearJSDLoss):
+        with pytest.raises(ValueError, match=r"chunk_bytes must be a positive int or 'auto'"):
+            module(chunk_bytes=bad)

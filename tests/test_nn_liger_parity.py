@@ -238,7 +238,8 @@ def test_same_signatures_as_liger():
     for name, p in theirs.items():
         assert mine[name].default == p.default, name
     extras = {n: p.default for n, p in list(mine.items())[len(theirs):]}
-    assert extras == dict(entropy_coef=0.0, top_entropy_quantile=1.0, kl_type="k3", backend="auto")
+    assert extras == dict(entropy_coef=0.0, top_entropy_quantile=1.0, kl_type="k3", backend="auto",
+                          chunk_bytes=None)
     assert all(mine[n].kind is inspect.Parameter.KEYWORD_ONLY for n in extras)
     fwd_mine = inspect.signature(FusedLinearGRPOLoss.forward).parameters
     fwd_theirs = inspect.signature(LigerFusedLinearGRPOLoss.forward).parameters

@@ -239,6 +239,25 @@ def test_rollout_sampler_settings_reach_the_loss(tmp_path):
         train(fast_config("rollout.top_p=1.5"), str(tmp_path / "bad"))
 
 
+
+def test_chunk_bytes_reaches_the_ops(tmp_path, monkeypatch):
+    """The config key chunk_bytes (null, bytes or "auto") is the budget of every fused op the update
+    calls; a bad value names its key before anything runs."""
+    from pyrl.ops import plan as plan_mod
+
+    seen = []
+    real = plan_mod.resolve_chunk_bytes
+    monkeypatch.setattr(plan_mod, "resolve_chunk_bytes", lambda cb, device: seen.append(cb) or real(cb, device))
+    cfg = fast_config("max_steps=1", "task.eval_size=0", "plot=false", "save_every=0", "chunk_bytes=auto")
+    assert cfg.chunk_bytes == "auto"
+    train(cfg, str(tmp_path / "run"))
+    assert seen and set(seen) == {"auto"}
+    assert apply_overrides(cfg, ["chunk_bytes=1048576"]).chunk_bytes == 1048576
+    for bad in ("big", "0", "-5", "true"):
+        with pytest.raises(ValueError, match="config key 'chunk_bytes' must be a positive integer, 'auto' or null"):
+            train(fast_config(f"chunk_bytes={bad}"), str(tmp_path / "bad"))
+
+
 # ------------------------------------------------------------------------------------------------
 # policy and update
 

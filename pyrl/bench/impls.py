@@ -391,6 +391,15 @@ register(Impl("grpo_loss", "pyrl[cpp]/chunk=32MiB", _pyrl_grpo_loss("cpp", 32 * 
               requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="chunk_bytes=32 MiB"))
 register(Impl("grpo_loss", "pyrl[cpp]/chunk=256MiB", _pyrl_grpo_loss("cpp", 256 * 2**20),
               requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note="chunk_bytes=256 MiB"))
+# The memory-budget knob: chunk_bytes="auto" sized from free memory (pyrl.ops.plan.resolve_chunk_bytes;
+# 256 MiB on a CPU with 2 GiB or more available, up to 4 GiB on a GPU).
+_AUTO_NOTE = "chunk_bytes='auto' (1/8 of free memory, a power of two; pyrl.explain shows it)"
+register(Impl("grpo_loss", "pyrl[cpp]/auto", _pyrl_grpo_loss("cpp", "auto"),
+              requires=_pyrl_backend("cpp", "fused_linear_policy_loss"), note=_AUTO_NOTE))
+register(Impl("linear_logprobs", "pyrl[triton]/auto", _pyrl_linear_logprobs("triton", "auto"),
+              requires=_pyrl_backend("triton"), note=_AUTO_NOTE))
+register(Impl("grpo_loss", "pyrl[triton]/auto", _pyrl_grpo_loss("triton", "auto"),
+              requires=_pyrl_backend("triton", "fused_linear_policy_loss"), note=_AUTO_NOTE))
 # CUDA: the same backend with 1 GiB chunks (fewer, larger chunk GEMMs for more working memory).
 register(Impl("linear_logprobs", "pyrl[triton]/chunk=1GiB", _pyrl_linear_logprobs("triton", 2**30),
               requires=_pyrl_backend("triton"), note="chunk_bytes=1 GiB"))

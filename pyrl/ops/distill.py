@@ -203,7 +203,8 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidde
             each a mean over the valid tokens; the cross-entropy of the targets uses the student's
             untempered logits (Liger and TRL's GKD do the same).
         backend: ``"auto" | "triton" | "cpp" | "torch"`` (the hard term's row body; the divergence
-            maths is the fp32 reference on every backend). chunk_bytes: the logits budget per chunk.
+            maths is the fp32 reference on every backend). chunk_bytes: the logits budget per chunk
+            (an int, or ``"auto"`` from free memory, docs/scaling.md section 8).
 
     Returns:
         ``loss`` (a scalar, differentiable in the student's hidden, weight and bias) and

@@ -322,7 +322,8 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, bias=
             truncated distribution (docs/formulas.md §1.1, §3.13); the reference log-probs
             (``ref_hidden``) and the exact KL stay under the full softmax.
         chunk_bytes: fp32 logits per token chunk, or per tile of the vocabulary-blocked walk
-            (docs/formulas.md §10.1; default 64 MiB on CPU, 160 MiB on CUDA).
+            (docs/formulas.md §10.1; default 64 MiB on CPU, 160 MiB on CUDA), or ``"auto"``: sized
+            from the device's free memory (docs/scaling.md section 8).
         vocab_parallel_group: a ``torch.distributed`` group across which ``weight`` (and
             ``bias``/``ref_weight``/``ref_bias``) are split by vocabulary, as in
             ``fused_linear_logprobs``; ``targets`` hold global ids. Every rank gets the same loss;

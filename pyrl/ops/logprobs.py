@@ -335,7 +335,8 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         backend: ``"auto" | "triton" | "cpp" | "torch"``.
         chunk_bytes: the fp32 logits of one token chunk (or one tile of the vocabulary-blocked walk,
             docs/formulas.md §10.1), in bytes (default: 64 MiB on CPU, 160 MiB on CUDA, where the
-            chunk GEMMs need more rows to fill the GPU).
+            chunk GEMMs need more rows to fill the GPU), or ``"auto"``: sized from the device's free
+            memory, up to 256 MiB on CPU and 4 GiB on CUDA (docs/scaling.md section 8).
 
     Returns:
         ``logp [...]`` fp32 (fp64 for fp64 input), or ``(logp, entropy)``. Formulas and gradients:

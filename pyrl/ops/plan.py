@@ -32,7 +32,8 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
   so it rules out Triton's fused kernel (which never holds a whole row).
 
 ``make_plan`` is a pure function of its arguments and of the environment knobs, which only
-``env_knobs`` reads. ``pyrl.explain(op, *args, **kwargs)`` shows the plan of a call as text.
+``env_knobs`` reads, and, for ``chunk_bytes="auto"`` only, of the device's free memory
+(``resolve_chunk_bytes``, docs/scaling.md section 8). ``pyrl.explain(op, *args, **kwargs)`` shows the plan of a call as text.
 
 | knob | values | effect |
 |---|---|---|
@@ -51,8 +52,9 @@ import torch
 
 from pyrl._backend import BACKENDS, resolve_backend
 
-__all__ = ["Plan", "EnvKnobs", "env_knobs", "make_plan", "chunk_bytes_default", "GEMM_ROW_QUANTUM",
-           "DEFAULT_CHUNK_BYTES", "DEFAULT_CUDA_CHUNK_BYTES", "BLOCK_COLS"]
+__all__ = ["Plan", "EnvKnobs", "env_knobs", "make_plan", "chunk_bytes_default", "resolve_chunk_bytes",
+           "free_memory", "GEMM_ROW_QUANTUM", "DEFAULT_CHUNK_BYTES", "DEFAULT_CUDA_CHUNK_BYTES", "BLOCK_COLS",
+           "AUTO_FREE_SHARE", "AUTO_MAX_CHUNK_BYTES"]
 
 # Rows per chunk are chosen so one chunk of fp32 logits stays under this many bytes (CPU). 64 MiB is
 # 96 rows at V=151936: the GRPO loss at 2048 x 896 x 151936 fp32 (2 EPYC cores) runs at 0.99-1.13x
@@ -62,6 +64,14 @@ DEFAULT_CHUNK_BYTES = 64 * 2**20
 # On CUDA a chunk must be large for the GEMMs to fill the GPU: 160 MB of fp32 logits is 256 rows at
 # V=151936 (with the chunk's bf16 copy, ~240 MB of working memory).
 DEFAULT_CUDA_CHUNK_BYTES = 160 * 2**20
+# chunk_bytes="auto", the memory-budget knob: 1/AUTO_FREE_SHARE of the memory free on the device
+# (a CUDA chunk holds its fp32 logits and their 16-bit copy, ~1.5x chunk_bytes), rounded down to a
+# power of two (a token's chunking, hence its bits, changes only when free memory halves or doubles),
+# never below the default and at most AUTO_MAX_CHUNK_BYTES: on CPU 256 MiB (0.91x the GEMM floor at
+# 2048 x 896 x 151936 fp32, against ~1.05x at the 64 MiB default; docs/scaling.md section 7); on CUDA
+# 4 GiB (a lowp chunk is at most 4096 rows, 2.5 GB of logits at V=151936).
+AUTO_FREE_SHARE = 8
+AUTO_MAX_CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
 # Batch invariance of the GEMMs. A BLAS may give a row of ``h @ W.T`` other last bits depending on
 # how many rows the call has: MKL (PyTorch's x86 BLAS) does whenever M is not a multiple of 4 (its
 # edge kernels sum in another order). Every "acc" chunk GEMM therefore runs on a multiple of
@@ -152,6 +162,43 @@ def chunk_bytes_default(device: torch.device) -> int:
     return DEFAULT_CUDA_CHUNK_BYTES if device.type == "cuda" else DEFAULT_CHUNK_BYTES
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes the process could still allocate on ``device``: on CUDA the driver's free memory plus what
+    PyTorch's caching allocator holds unused; elsewhere the host's available memory (``MemAvailable``
+    of /proc/meminfo, else the free physical pages)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0  # unknown: "auto" falls back to the default
+
+
+def resolve_chunk_bytes(chunk_bytes, device: torch.device) -> Tuple[int, str]:
+    """The chunk budget of a call as bytes, and how it was chosen: ``None`` is the device's default,
+    ``"auto"`` the memory-budget rule above (AUTO_FREE_SHARE), an int itself."""
+    if chunk_bytes is None:
+        return chunk_bytes_default(device), ""
+    if chunk_bytes != "auto":
+        return chunk_bytes, ""
+    free = free_memory(device)
+    share = free // AUTO_FREE_SHARE
+    pow2 = 1 << (share.bit_length() - 1) if share > 0 else 0
+    cap = AUTO_MAX_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    got = max(chunk_bytes_default(device), min(cap, pow2))
+    return got, (f"chunk_bytes='auto': {free / 2**30:.1f} GiB free on {device.type} -> {got // 2**20} MiB "
+                 f"(1/{AUTO_FREE_SHARE} of it rounded down to a power of two, between the default "
+                 f"{chunk_bytes_default(device) // 2**20} MiB and {cap // 2**20} MiB)")
+
+
 def _acc_chunk_rows(n_rows: int, vocab: int, chunk_bytes: int) -> int:
     rows = chunk_bytes // max(1, vocab * 4)
     if rows >= GEMM_ROW_QUANTUM:
@@ -211,7 +258,9 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
     if op == "logprobs_from_logits":
         return Plan(op, name, reasons=tuple(reasons), sampler=sampler)
 
-    chunk_bytes = chunk_bytes_default(device) if chunk_bytes is None else chunk_bytes
+    chunk_bytes, how = resolve_chunk_bytes(chunk_bytes, device)
+    if how:
+        reasons.append(how)
     asked_bytes = chunk_bytes
     low = dtype in _LOWP
     linear, gemm = "chunked", "acc"

@@ -172,7 +172,8 @@ def fused_linear_preference_loss(hidden, weight, targets, *, bias=None, loss_typ
             ``pyrl.losses.preference.kto_kl_baseline``); default 0.
         desirable_weight, undesirable_weight: KTO's class weights (TRL).
         temperature: > 0, divides the logits of both models.
-        backend: ``"auto" | "triton" | "cpp" | "torch"``; chunk_bytes: fp32 logits per token chunk.
+        backend: ``"auto" | "triton" | "cpp" | "torch"``; chunk_bytes: fp32 logits per token chunk
+            (an int, or ``"auto"`` from free memory, docs/scaling.md section 8).
 
     Returns:
         ``loss`` (a scalar: the mean over pairs, plus ``alpha * nll``; KTO: the mean over

@@ -43,7 +43,7 @@ from pyrl._validate import FLOAT_DTYPES, check_bool, check_chunk_bytes, check_li
     check_targets
 from pyrl.kernels.reference import RowParams, RowStats, rescale_stats
 from pyrl.ops.logprobs import LinearCall, run_linear_logprobs
-from pyrl.ops.plan import DEFAULT_CHUNK_BYTES, make_plan
+from pyrl.ops.plan import DEFAULT_CHUNK_BYTES, make_plan, resolve_chunk_bytes
 
 __all__ = ["vocab_parallel_linear_logprobs", "VocabShards"]
 
@@ -117,7 +117,8 @@ def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None,
         backend: ``"auto"`` or ``"torch"`` (this path always runs the PyTorch body plus collectives).
         chunk_bytes: bound on one chunk of fp32 local logits ``[chunk, V_r]``; the chunk size is
             computed from the largest slice and the smallest ``chunk_bytes`` over the ranks, so every
-            rank runs the same number of chunks.
+            rank runs the same number of chunks (``"auto"``: each rank's own free memory, then the
+            smallest).
         sampler: the sampler's truncation as text (``RowParams.sampler_text``): refused, since a
             row's kept set needs the whole vocabulary (docs/formulas.md §1.1).
 
@@ -132,7 +133,8 @@ def vocab_parallel_linear_logprobs(hidden, weight, targets, *, group, bias=None,
     temperature = check_linear_args(hidden, weight, bias, temperature, ignore_index)
     check_bool("return_entropy", return_entropy)
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    chunk_bytes = check_chunk_bytes(chunk_bytes)
+    # "auto" from this rank's free memory; the ranks then agree on the smallest budget (_gather_meta)
+    chunk_bytes = resolve_chunk_bytes(check_chunk_bytes(chunk_bytes), hidden.device)[0]
     # the plan's backend check runs before any collective, so a bad backend raises on every rank
     make_plan("fused_linear_logprobs", device=hidden.device, dtype=hidden.dtype, backend=backend,
               vocab_parallel=True, sampler=sampler)

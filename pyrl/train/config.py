@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pyrl._validate import check_sampler
 
@@ -251,6 +251,10 @@ class TrainConfig:
     ``true``/``false`` are accepted)."""
     backend: str = "auto"
     """The pyrl op backend (``"auto"``, ``"cpp"``, ``"triton"``, ``"torch"``)."""
+    chunk_bytes: Optional[Union[int, str]] = None
+    """The fused ops' memory budget: bytes of fp32 logits per token chunk; ``null`` for the device's
+    default (64 MiB on CPU, 160 MiB on CUDA) or ``"auto"``, sized from free memory
+    (docs/scaling.md section 8)."""
     threads: int = 0
     """``torch.set_num_threads`` (0: the number of usable cores / local ranks)."""
     data_parallel: str = "auto"
@@ -308,7 +312,7 @@ def merge(cfg, updates: dict, *, where: str = ""):
 
 
 _CHOICES = {"bf16": ("auto", "on", "off"), "mode": MODES}
-_ANY_TYPE = ("algo.teacher", "task.reward")  # a name or a mapping / list: checked where they are built
+_ANY_TYPE = ("algo.teacher", "task.reward", "chunk_bytes")  # several types: checked in validate or where built
 
 
 def _coerce(path: str, current, value):
@@ -419,6 +423,9 @@ def validate(cfg: TrainConfig) -> None:
                    ("algo.dynamic_sampling", a.dynamic_sampling), ("model.gradient_checkpointing", cfg.model.gradient_checkpointing)):
         if not isinstance(v, bool):
             raise ValueError(f"config key {key!r} must be true or false, got {v!r}")
+    if cfg.chunk_bytes is not None and not (cfg.chunk_bytes == "auto" or _is_int(cfg.chunk_bytes)
+                                            and cfg.chunk_bytes > 0):
+        raise ValueError(f"config key 'chunk_bytes' must be a positive integer, 'auto' or null, got {cfg.chunk_bytes!r}")
     r = cfg.rollout
     check_sampler(r.top_k, r.top_p, r.min_p, "hf", prefix="config key rollout.")
     if not _is_number(a.oversample) or a.oversample < 1:

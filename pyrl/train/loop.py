@@ -106,7 +106,7 @@ def warmup_sft(lm, tokenizer, task: Task, cfg: TrainConfig, device) -> list[floa
     log-likelihood from hidden states through ``fused_linear_logprobs``; no full logits). Returns
     the losses."""
     w = cfg.warmup
-    policy = Policy(lm, pyrl.PolicyLossConfig(), backend=cfg.backend)
+    policy = Policy(lm, pyrl.PolicyLossConfig(), backend=cfg.backend, chunk_bytes=cfg.chunk_bytes)
     opt = torch.optim.AdamW(lm.parameters(), lr=w.lr, weight_decay=0.0)
     losses = []
     autocast = _autocast(cfg, device)
@@ -806,12 +806,14 @@ def _build_models(cfg: TrainConfig, out_dir: str, dist, task: Task, reward: Rewa
         # the reference's log-probs stay under the full softmax: a truncated one could exclude a sampled token
         ref = Policy(copy.deepcopy(lm).eval().requires_grad_(False),
                      dataclasses.replace(loss_cfg, top_k=None, top_p=None, min_p=None), backend=cfg.backend,
+                     chunk_bytes=cfg.chunk_bytes,
                      packed=a.packed, share_prompt=a.share_prompt and cfg.mode == "rl")
     teacher = _load_teacher(cfg, lm, loss_cfg, dev) if a.teacher is not None else None
     policy = Policy(lm, loss_cfg, value_head=a.advantage == "gae" and cfg.mode == "rl",
                     separate_critic=a.critic == "separate", vf_coef=a.vf_coef, value_clip=a.value_clip,
                     policy_coef=a.policy_coef, teacher_term=TeacherTerm(a.teacher_coef, a.teacher_divergence,
                                                                         a.teacher_beta), backend=cfg.backend,
+                    chunk_bytes=cfg.chunk_bytes,
                     packed=a.packed, share_prompt=a.share_prompt and cfg.mode == "rl")
     model = distributed.wrap(policy, dist, cfg.data_parallel)
     if ref is not None and distributed.is_fsdp(model):  # shard the reference model the same way
@@ -855,7 +857,7 @@ def _load_teacher(cfg: TrainConfig, lm, loss_cfg, device) -> Policy:
     if t_head.logit_scale != head.logit_scale:
         raise ValueError(f"config key 'algo.teacher': the teacher scales its logits by {t_head.logit_scale}, the "
                          f"policy by {head.logit_scale}; the divergence needs the same scale")
-    return Policy(t_lm, loss_cfg, backend=cfg.backend)
+    return Policy(t_lm, loss_cfg, backend=cfg.backend, chunk_bytes=cfg.chunk_bytes)
 
 
 def _warm_up(cfg: TrainConfig, initial_dir: str, lm, tokenizer, task: Task, dist, *, resuming: bool) -> None:

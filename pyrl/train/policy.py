@@ -105,7 +105,8 @@ class Policy(nn.Module):
         vf_coef, value_clip: weight and clip range of the value loss.
         policy_coef: weight of the policy loss; teacher_term: the distillation term (a
             ``TeacherTerm``), applied when ``forward`` is given the teacher's hidden states.
-        backend: the pyrl op backend.
+        backend: the pyrl op backend; chunk_bytes: the ops' memory budget per chunk of logits (None,
+            bytes, or ``"auto"``: docs/scaling.md section 8).
         packed: run the decoder padding-free, each micro-batch's sequences concatenated into one row
             (``pyrl.integrations.hf.packed_hidden_states``; ``algo.packed``).
         share_prompt: compute each distinct prompt of a batch once (``pyrl.train.shared_prompt``;
@@ -114,14 +115,14 @@ class Policy(nn.Module):
 
     def __init__(self, lm, loss_config: pyrl.PolicyLossConfig = pyrl.PolicyLossConfig(), *, value_head=False,
                  separate_critic=False, vf_coef=0.5, value_clip=0.2, policy_coef=1.0, teacher_term=None,
-                 backend="auto", packed=False, share_prompt=False):
+                 backend="auto", chunk_bytes=None, packed=False, share_prompt=False):
         super().__init__()
         self.lm = lm
         self.packed = packed
         self.share_prompt = share_prompt and not packed
         self.loss_config = loss_config
         self.policy_coef, self.teacher_term = policy_coef, teacher_term
-        self.backend = backend
+        self.backend, self.chunk_bytes = backend, chunk_bytes
         self.vf_coef, self.value_clip = vf_coef, value_clip
         hidden = lm.get_output_embeddings().weight.shape[1]
         self.critic_backbone = copy.deepcopy(backbone(lm)) if value_head and separate_critic else None
@@ -191,7 +192,7 @@ class Policy(nn.Module):
                 loss, outputs = pyrl.fused_linear_preference_loss(
                     h, head.weight, torch.where(mask.bool(), targets, -100), bias=head.bias,
                     ref_logps=batch.get("ref_logp"), preference_labels=batch.get("labels"), temperature=temperature,
-                    backend=self.backend, **(preference or {}))
+                    backend=self.backend, chunk_bytes=self.chunk_bytes, **(preference or {}))
             return loss * scale.loss_scale, outputs
         if mode == "logprobs":
             c = self.loss_config
@@ -199,7 +200,7 @@ class Policy(nn.Module):
                 logp = pyrl.fused_linear_logprobs(h, head.weight, torch.where(mask.bool(), targets, -100),
                                                   bias=head.bias, temperature=temperature, top_k=c.top_k,
                                                   top_p=c.top_p, min_p=c.min_p, sampler_order=c.sampler_order,
-                                                  backend=self.backend)
+                                                  backend=self.backend, chunk_bytes=self.chunk_bytes)
             return {"logp": logp} if values is None else {"logp": logp, "values": values}
         if mode != "loss":
             raise ValueError(f"mode must be 'loss', 'preference', 'logprobs' or 'hidden', got {mode!r}")
@@ -214,7 +215,8 @@ class Policy(nn.Module):
             loss, metrics = pyrl.fused_linear_policy_loss(
                 h, head.weight, targets, mask, batch["advantages"], bias=head.bias, old_logp=batch.get("old_logp"),
                 ref_logp=batch.get("ref_logp"), ref_hidden=ref_hidden, ref_weight=ref_weight,
-                rollout_logp=batch.get("rollout_logp"), config=cfg, backend=self.backend)
+                rollout_logp=batch.get("rollout_logp"), config=cfg, backend=self.backend,
+                chunk_bytes=self.chunk_bytes)
         loss = loss * (scale.loss_scale * self.policy_coef)
         if teacher is not None:
             t_hidden, t_head = teacher
@@ -224,7 +226,7 @@ class Policy(nn.Module):
                 div, _ = pyrl.fused_linear_distillation_loss(
                     h, head.weight, t_hidden, t_head.weight, torch.where(valid, targets, -100), student_bias=head.bias,
                     teacher_bias=t_head.bias, divergence=term.divergence, beta=term.beta, temperature=temperature,
-                    backend=self.backend)
+                    backend=self.backend, chunk_bytes=self.chunk_bytes)
             # the micro-batch's token mean, weighted as its share of the minibatch's tokens
             loss = loss + term.coef * div * (valid.sum() / scale.num_tokens * scale.world_size)
             metrics = {**metrics, "teacher_div_mean": div.detach()}
