@@ -9,6 +9,7 @@ The plain-PyTorch reference of exactly this contract is ``TorchRows`` in ``kerne
 (``pyrl.kernels.reference``), and ``RowParams`` there carries what is not a tensor:
 
     LogprobRows.fwd(logits, targets, p) -> (logp, entropy, lse)                  each [n] fp32
+    LogprobRows.stats(logits, targets, p) -> RowStats (m, s, t, zy)             one vocabulary block
     LogprobRows.bwd(logits, targets, lse, entropy, g_logp, g_ent | None, p, out=None) -> d logits
 
 Every reduction over the vocabulary is online: a row keeps its running max ``m`` and, relative to
@@ -51,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyrl.kernels.reference import RowParams
+from pyrl.kernels.reference import RowParams, RowStats
 
 __all__ = ["LogprobRows", "merge_stats", "finish_row", "softmax_grad", "check_dtype", "INTERPRET"]
 
@@ -133,17 +134,10 @@ def softmax_grad(z, ok, lse, mu, g1, g2, is_target, HAS_G_ENT: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 # Row kernels
 # --------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["n_rows"])
-def _rows_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, ent_ptr, lse_ptr, tau_ptr, n_rows, V, temperature,
-                     ignore_index, NEED_ENTROPY: tl.constexpr, HAS_TAU: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    y = tl.load(y_ptr + row)
-    valid = y != ignore_index
-    zy = tl.load(x_row + tl.where(valid, y, 0)).to(tl.float32) / temperature
-    if HAS_TAU:  # the sampler's kept set: every logit below tau counts as -inf
-        tau = tl.load(tau_ptr + row)
-        zy = tl.where(zy >= tau, zy, float("-inf"))
+@triton.jit
+def _row_summary(x_row, V, temperature, tau, HAS_TAU: tl.constexpr, NEED_ENTROPY: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
+    """One streaming pass over a row of raw logits: its (max, sum-exp, sum-exp*(z-max)) of z = x / T."""
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
@@ -162,10 +156,42 @@ def _rows_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, ent_ptr, lse_ptr, tau_ptr
         else:
             t_b = tl.zeros((), tl.float32)
         m, s, t = merge_stats(m, s, t, m_b, s_b, t_b)
+    return m, s, t
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _rows_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, ent_ptr, lse_ptr, tau_ptr, n_rows, V, temperature,
+                     ignore_index, NEED_ENTROPY: tl.constexpr, HAS_TAU: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    y = tl.load(y_ptr + row)
+    valid = y != ignore_index
+    zy = tl.load(x_row + tl.where(valid, y, 0)).to(tl.float32) / temperature
+    tau = 0.0
+    if HAS_TAU:  # the sampler's kept set: every logit below tau counts as -inf
+        tau = tl.load(tau_ptr + row)
+        zy = tl.where(zy >= tau, zy, float("-inf"))
+    m, s, t = _row_summary(x_row, V, temperature, tau, HAS_TAU, NEED_ENTROPY, BLOCK_V)
     lse, logp, ent = finish_row(m, s, t, zy, valid, NEED_ENTROPY)
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
     tl.store(lse_ptr + row, lse)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _rows_stats_kernel(x_ptr, stride_x, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, n_rows, V, temperature, ignore_index,
+                       NEED_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One vocabulary block's row stats (``RowStats``); a target id outside [0, V) is in another block."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    y = tl.load(y_ptr + row)
+    here = (y != ignore_index) & (y >= 0) & (y < V)
+    zy = tl.load(x_row + tl.where(here, y, 0)).to(tl.float32) / temperature
+    m, s, t = _row_summary(x_row, V, temperature, 0.0, False, NEED_ENTROPY, BLOCK_V)
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(t_ptr + row, t)
+    tl.store(zy_ptr + row, tl.where(here, zy, 0.0))
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -322,6 +348,24 @@ class LogprobRows:
                                float(p.temperature), int(p.ignore_index), NEED_ENTROPY=bool(p.need_entropy),
                                HAS_TAU=tau is not None, BLOCK_V=block, num_warps=warps)
         return logp, ent, lse
+
+    @staticmethod
+    def stats(logits: torch.Tensor, targets: torch.Tensor, p: RowParams, tau=None) -> RowStats:
+        """One vocabulary block's ``RowStats`` (``TorchRows.stats``): block-local target ids, one
+        outside ``[0, V)`` is in another block (zy = 0); each field ``[n]`` fp32."""
+        if tau is not None:
+            raise ValueError("LogprobRows.stats: truncated rows are never split into vocabulary blocks")
+        check_dtype(logits)
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        n, vocab = logits.shape
+        out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
+        if n:
+            block, warps = _row_config(vocab)
+            _rows_stats_kernel[(n,)](logits, logits.stride(0), targets.contiguous(), out[0], out[1], out[2], out[3],
+                                     n, vocab, float(p.temperature), int(p.ignore_index),
+                                     NEED_ENTROPY=bool(p.need_entropy), BLOCK_V=block, num_warps=warps)
+        return RowStats(*out)
 
     @staticmethod
     def bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,

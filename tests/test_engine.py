@@ -228,8 +228,13 @@ def test_the_blocked_walk_is_chosen_from_the_budget_never_the_batch(monkeypatch)
     with pytest.raises(ValueError, match="PYRL_LINEAR=blocked cannot run this call: top_k=5 needs each row's whole"):
         pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch", top_k=5)
     if TRITON:
-        with pytest.raises(ValueError, match="PYRL_LINEAR=blocked cannot run this call: the triton row body"):
+        with pytest.raises(ValueError, match="PYRL_LINEAR=blocked cannot run this call: Triton's fused kernel is a "
+                                             "walk of its own"):
             pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="triton")
+        monkeypatch.setenv("PYRL_TRITON_LINEAR", "chunked")  # the Triton rows on the blocked walk
+        text = pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="triton")
+        assert "backend=triton, linear=blocked" in text, text
+        monkeypatch.delenv("PYRL_TRITON_LINEAR")
     monkeypatch.setenv("PYRL_LINEAR", "tiled")
     with pytest.raises(ValueError, match="PYRL_LINEAR must be 'chunked' or 'blocked'"):
         pyrl.explain("fused_linear_logprobs", hidden, weight, targets, backend="torch")
@@ -244,13 +249,13 @@ ODD = {
     "all-masked-row": dict(B=3, T=4, V=37, masked_row=1),
 }
 PLANS = [("torch", "chunked"), ("torch", "blocked"), ("cpp", "chunked"), ("cpp", "blocked"), ("triton", "fused"),
-         ("triton", "chunked")]
+         ("triton", "chunked"), ("triton", "blocked")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("passes", ["one", "two"])
 @pytest.mark.parametrize("backend,linear", PLANS, ids=["torch", "torch-blocked", "cpp", "cpp-blocked", "triton-kernel",
-                                                       "triton-chunked"])
+                                                       "triton-chunked", "triton-blocked"])
 @pytest.mark.parametrize("case", list(ODD))
 def test_every_plan_matches_float64_on_odd_shapes(case, backend, linear, passes, dtype, monkeypatch):
     if backend == "cpp" and not pyrl.backends()["cpp"]["available"]:
@@ -259,9 +264,9 @@ def test_every_plan_matches_float64_on_odd_shapes(case, backend, linear, passes,
         pytest.skip("no triton")
     if linear in ("fused", "blocked") and passes == "one":
         pytest.skip("the fused Triton kernel and the blocked walk have the two-pass plan only")
-    if backend == "triton":
-        monkeypatch.setenv("PYRL_TRITON_LINEAR", linear)
-    else:
+    if backend == "triton":  # the Triton rows on the blocked walk: with the chunked body's GEMMs
+        monkeypatch.setenv("PYRL_TRITON_LINEAR", "chunked" if linear == "blocked" else linear)
+    if backend != "triton" or linear == "blocked":
         monkeypatch.setenv("PYRL_LINEAR", linear)
         monkeypatch.setattr(plan_mod, "BLOCK_COLS", 64)  # several blocks, the last one partial, at V=129
     monkeypatch.setenv("PYRL_PASSES", passes)
@@ -363,3 +368,24 @@ def test_bad_chunk_bytes_names_the_argument(bad):
                    pyrl.nn.FusedLinearKTOLoss, pyrl.nn.FusedLinearJSDLoss):
         with pytest.raises(ValueError, match=r"chunk_bytes must be a positive int or 'auto'"):
             module(chunk_bytes=bad)
+
+
+@pytest.mark.parametrize("hidden_size,budget,rows", [(4096, 160 * 2**20, 4096), (896, 160 * 2**20, 8192),
+                                                     (8192, 160 * 2**20, 4096), (64, 16 * 2**10, 16),
+                                                     (4096, 4 * 2**30, 8192)])
+def test_lowp_blocked_tiles_fit_the_budget(hidden_size, budget, rows):
+    """The 16-bit blocked plan's tile: a power of two of tokens whose fp32 logits block and fp32
+    d_hidden accumulator fit chunk_bytes, at most LOWP_MAX_TILE_ROWS, every tile padded to it."""
+    got_rows, cols = plan_mod._lowp_block_shape(hidden_size, budget)
+    assert (got_rows, cols) == (rows, plan_mod.BLOCK_COLS)
+    assert got_rows * (4 * cols + 4 * hidden_size) <= max(budget, 16 * (4 * cols + 4 * hidden_size))
+    if TRITON:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("PYRL_LINEAR", "blocked")
+            m.setenv("PYRL_TRITON_LINEAR", "chunked")
+            hidden = torch.zeros(3, hidden_size, dtype=torch.bfloat16)
+            weight = torch.zeros(5000, hidden_size, dtype=torch.bfloat16)
+            text = pyrl.explain("fused_linear_logprobs", hidden, weight, torch.zeros(3, dtype=torch.long),
+                                backend="triton", chunk_bytes=budget)
+            assert (f"linear=blocked, gemm=lowp, tile_rows={rows} x block_cols={cols} (GEMMs padded to a multiple "
+                    f"of {rows})") in text, text

@@ -55,14 +55,22 @@ def norm_err(out, ref) -> float:
 # --------------------------------------------------------------------------------------------
 # Log-probs from hidden states
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["chunked", "fused"])
+def _linear_mode(monkeypatch, mode):
+    """"chunked" / "fused": PYRL_TRITON_LINEAR; "blocked": the Triton rows on the vocabulary-blocked walk."""
+    monkeypatch.setenv("PYRL_TRITON_LINEAR", "chunked" if mode == "blocked" else mode)
+    if mode == "blocked":
+        monkeypatch.setenv("PYRL_LINEAR", "blocked")
+
+
+@pytest.mark.parametrize("mode", ["chunked", "fused", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n,h,v", [(1, 64, 1000), (257, 128, 32003), (600, 896, 151936)])
 @pytest.mark.parametrize("with_bias,temperature", [(False, 1.0), (True, 0.7)], ids=["plain", "bias-temp"])
 def test_fused_linear_logprobs_matches_float64(monkeypatch, mode, dtype, n, h, v, with_bias, temperature):
     # "chunked": cuBLAS GEMMs around the row kernels (the default for bf16); "fused": one Triton
-    # kernel (the default for fp32). n=600 at V=151936 walks three 256-row chunks.
-    monkeypatch.setenv("PYRL_TRITON_LINEAR", mode)
+    # kernel (the default for fp32); "blocked": token tiles x 2048-column vocabulary blocks, the
+    # Triton row kernels on each block. n=600 at V=151936 walks three 256-row chunks.
+    _linear_mode(monkeypatch, mode)
     g = torch.Generator().manual_seed(n * 7 + v)
     hidden = torch.randn(n, h, generator=g).to(dtype)
     weight = (torch.randn(v, h, generator=g) * 2 / math.sqrt(h)).to(dtype)
@@ -90,8 +98,8 @@ def test_fused_linear_logprobs_matches_float64(monkeypatch, mode, dtype, n, h, v
     ignored = (targets == -100).cuda()
     assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all() and (hd.grad[ignored] == 0).all()
     assert hd.grad.dtype == wd.grad.dtype == dtype
-    if mode == "chunked" and dtype == torch.bfloat16:
-        assert norm_err(wd.grad, w64.grad) <= 1e-2, "d_weight (accumulated in bf16 across chunks)"
+    if mode in ("chunked", "blocked") and dtype == torch.bfloat16:
+        assert norm_err(wd.grad, w64.grad) <= 1e-2, "d_weight (accumulated in bf16 across chunks or tiles)"
     assert rel_err(hd.grad, h64.grad) <= tol["grad"], "d_hidden"
     assert rel_err(wd.grad, w64.grad) <= tol["grad"], "d_weight"
     if with_bias:
@@ -235,10 +243,10 @@ def test_policy_loss_all_masked_is_zero_and_finite(agg):
 # --------------------------------------------------------------------------------------------
 # Batch invariance
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["chunked", "fused"])
+@pytest.mark.parametrize("mode", ["chunked", "fused", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_batch_invariance_bitwise(monkeypatch, mode, dtype):
-    monkeypatch.setenv("PYRL_TRITON_LINEAR", mode)
+    _linear_mode(monkeypatch, mode)
     g = torch.Generator(device="cuda").manual_seed(3)
     n, h, v = 3000, 128, 32003  # chunked: 1280-row chunks, so the slices below cross chunks
     hidden = torch.randn(n, h, device="cuda", generator=g).to(dtype)

@@ -203,13 +203,14 @@ def _copy_floor(case: Case) -> Step:
 # --------------------------------------------------------------------------------------------
 # pyrl
 # --------------------------------------------------------------------------------------------
-def _pyrl_linear_logprobs(backend, chunk_bytes=None):
+def _pyrl_linear_logprobs(backend, chunk_bytes=None, linear=None):
     def build(case: Case) -> Step:
         import pyrl
 
         def step():
-            logp, ent = pyrl.fused_linear_logprobs(case.hidden, case.weight, case.targets,
-                                                   return_entropy=True, backend=backend, chunk_bytes=chunk_bytes)
+            with _linear_knob(linear):
+                logp, ent = pyrl.fused_linear_logprobs(case.hidden, case.weight, case.targets,
+                                                       return_entropy=True, backend=backend, chunk_bytes=chunk_bytes)
             return logprob_outputs(case, logp, ent)
         return step
     return build
@@ -400,7 +401,14 @@ register(Impl("linear_logprobs", "pyrl[triton]/auto", _pyrl_linear_logprobs("tri
               requires=_pyrl_backend("triton"), note=_AUTO_NOTE))
 register(Impl("grpo_loss", "pyrl[triton]/auto", _pyrl_grpo_loss("triton", "auto"),
               requires=_pyrl_backend("triton", "fused_linear_policy_loss"), note=_AUTO_NOTE))
-# CUDA: the same backend with 1 GiB chunks (fewer, larger chunk GEMMs for more working memory).
+# CUDA: the Triton rows on the vocabulary-blocked walk (4 large bf16 GEMMs per tile of up to 4096
+# tokens, d logits written in bf16 by the row kernel), and the chunk walk with 1 GiB chunks (fewer,
+# larger chunk GEMMs for more working memory).
+_BLOCKED_NOTE = "PYRL_LINEAR=blocked (token tiles x 2048-column vocabulary blocks)"
+register(Impl("linear_logprobs", "pyrl[triton]/blocked", _pyrl_linear_logprobs("triton", linear="blocked"),
+              requires=_pyrl_backend("triton"), note=_BLOCKED_NOTE))
+register(Impl("grpo_loss", "pyrl[triton]/blocked", _pyrl_grpo_loss("triton", linear="blocked"),
+              requires=_pyrl_backend("triton", "fused_linear_policy_loss"), note=_BLOCKED_NOTE))
 register(Impl("linear_logprobs", "pyrl[triton]/chunk=1GiB", _pyrl_linear_logprobs("triton", 2**30),
               requires=_pyrl_backend("triton"), note="chunk_bytes=1 GiB"))
 register(Impl("grpo_loss", "pyrl[triton]/chunk=1GiB", _pyrl_grpo_loss("triton", 2**30),

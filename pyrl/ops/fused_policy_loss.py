@@ -174,10 +174,11 @@ class _OnePassPolicyLoss(torch.autograd.Function):
             if not any(need):
                 return False
             g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
-            rows.bwd(z, t, lse, ent.detach(), g_lp, g_ent, params, out=z, tau=tau)
+            rows.bwd(z, t, lse, ent.detach(), g_lp, g_ent, params, out=head.d_out(z), tau=tau)
             return True
 
-        ctx.grads = walk(Head.of(plan, hidden, weight, bias, need=need), plan.chunk_rows, step)
+        head = Head.of(plan, hidden, weight, bias, need=need)
+        ctx.grads = walk(head, plan.chunk_rows, step)
         ctx.mark_non_differentiable(*sums.values())
         return (loss, *sums.values())
 
@@ -287,7 +288,7 @@ def plan_fused_linear_policy_loss(hidden, weight, targets, mask, advantages, *, 
     # Padding never enters the log-prob pass: no work, no gradient, and any id is allowed there.
     targets = torch.where(valid, targets, torch.full_like(targets, ignore_index))
     plan = make_plan("fused_linear_policy_loss", device=hidden.device, dtype=hidden.dtype, n_rows=B * T,
-                     vocab=weight.shape[0], backend=backend, chunk_bytes=chunk_bytes,
+                     vocab=weight.shape[0], hidden_size=weight.shape[1], backend=backend, chunk_bytes=chunk_bytes,
                      separable=not_token_separable(config), full_kl=full_kl,
                      vocab_parallel=vocab_parallel_group is not None, proxy_kl=config.lp_reg_min_p is not None,
                      sampler=_row_params(config, ignore_index).sampler_text)

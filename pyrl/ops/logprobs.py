@@ -202,7 +202,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
 
         def step(s, e, z, _):
             rows.bwd(z, targets[s:e], lse[s:e], ent[s:e], g_logp[s:e], None if g_ent is None else g_ent[s:e], p,
-                     out=z, tau=None if tau is None else tau[s:e])
+                     out=head.d_out(z), tau=None if tau is None else tau[s:e])
             return True
 
         active = (targets != p.ignore_index) & torch.isfinite(lse)
@@ -243,7 +243,7 @@ class _BlockedLinearLogprobs(torch.autograd.Function):
 
         def step(s, e, c0, c1, z):
             rows.bwd(z, block_targets(targets[s:e], c0, c1, p.ignore_index), lse[s:e], ent[s:e], g_logp[s:e],
-                     None if g_ent is None else g_ent[s:e], p, out=z)
+                     None if g_ent is None else g_ent[s:e], p, out=blocks.d_out(z))
             return True
 
         active = (targets != p.ignore_index) & torch.isfinite(lse)
@@ -297,7 +297,8 @@ def plan_fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperatur
     targets = check_targets("targets", targets, hidden.shape[:-1], weight.shape[0], ignore_index)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     plan = make_plan("fused_linear_logprobs", device=hidden.device, dtype=hidden.dtype, n_rows=h2.shape[0],
-                     vocab=weight.shape[0], backend=backend, chunk_bytes=chunk_bytes, sampler=params.sampler_text)
+                     vocab=weight.shape[0], hidden_size=weight.shape[1], backend=backend, chunk_bytes=chunk_bytes,
+                     sampler=params.sampler_text)
     return LinearCall(plan, h2, weight, bias, targets.reshape(-1), params, hidden.shape[:-1])
 
 

@@ -10,7 +10,8 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
   (one GEMM per token chunk, then the row body, the chunk's logits dropped after use),
   ``"blocked"`` (the vocabulary-blocked walk, ``pyrl.ops.walk.Blocks``: large token tiles against
   blocks of ``block_cols`` vocabulary rows, row stats merged online; the CPU default when
-  ``chunk_bytes`` holds fewer than ``CHUNKED_MIN_ROWS`` rows of logits, docs/formulas.md §10.1)
+  ``chunk_bytes`` holds fewer than ``CHUNKED_MIN_ROWS`` rows of logits, docs/formulas.md §10.1;
+  on CUDA with 16-bit GEMMs, ``PYRL_LINEAR=blocked``, tiles of up to ``LOWP_MAX_TILE_ROWS`` tokens)
   or ``"kernel"`` (Triton's single fused kernel, ``pyrl.kernels.fused_linear``: logits tiles never
   leave the chip);
 * ``passes`` (the policy loss): ``"one"`` (gradients formed in forward, three GEMMs per chunk; only
@@ -39,7 +40,7 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
 |---|---|---|
 | ``PYRL_TRITON_LINEAR`` | ``chunked`` \\| ``fused`` | the ``linear`` of ``backend="triton"`` (default: chunked for bf16/fp16 on CUDA, the fused kernel otherwise) |
 | ``PYRL_PASSES`` | ``one`` \\| ``two`` | force the policy loss's plan (``one`` is refused where it cannot run) |
-| ``PYRL_LINEAR`` | ``chunked`` \\| ``blocked`` | force the walk of the ``torch``/``cpp`` bodies (default: blocked on CPU when ``chunk_bytes`` holds fewer than 32 rows of logits; ``blocked`` is refused where it cannot run) |
+| ``PYRL_LINEAR`` | ``chunked`` \\| ``blocked`` | force the walk of the ``torch``/``cpp`` bodies and of Triton's chunked body (default: blocked on CPU when ``chunk_bytes`` holds fewer than 32 rows of logits, chunked elsewhere; ``blocked`` is refused where it cannot run) |
 | ``PYRL_TRITON_CONFIG`` | a config name | pin one tiling of the fused Triton kernel (read by ``pyrl.kernels.fused_linear``) |
 """
 from __future__ import annotations
@@ -85,6 +86,9 @@ _LOWP = (torch.bfloat16, torch.float16)
 # tokens x 2048 columns is 16 MB: both stay in a 32 MB L3 between the block's GEMMs.)
 BLOCK_COLS = 2048
 MIN_TILE_ROWS = 256
+# The blocked plan with 16-bit GEMMs (CUDA) pads every tile to its full height: at most this many
+# tokens (at the default 160 MiB: 4096 rows at H=4096, 8192 at H=896; ~100-130 MB per tile).
+LOWP_MAX_TILE_ROWS = 8192
 # The chunk walk re-reads the whole head for every chunk; when chunk_bytes holds fewer rows than
 # this, its three small-M GEMMs cost more than the blocked walk's four large ones (2 EPYC cores, fp32,
 # GRPO loss at 2048 x 896 x 151936: chunks of 16 rows 27-33 s, of 32 rows 19-20 s, of 48 rows 19.2 s,
@@ -217,6 +221,17 @@ def _block_shape(n_rows: int, chunk_bytes: int) -> Tuple[int, int]:
     return max(1, min(n_rows, rows)), cols
 
 
+def _lowp_block_shape(hidden_size: int, chunk_bytes: int) -> Tuple[int, int]:
+    """``(tile_rows, block_cols)`` of the blocked plan with 16-bit GEMMs (CUDA): a tile's fp32 logits
+    ``[rows, BLOCK_COLS]`` and its fp32 d_hidden accumulator ``[rows, H]`` within ``chunk_bytes`` (its
+    16-bit d logits add half the logits), rows a power of two (every tile is padded to the full
+    tile, as the lowp chunks are, so cuBLAS meets one GEMM shape whatever the batch; a power of two
+    divides the usual batch sizes, where padding would waste GEMM work), at most LOWP_MAX_TILE_ROWS
+    (a batch smaller than the tile pays for the whole tile)."""
+    rows = max(GEMM_ROW_QUANTUM, chunk_bytes // (4 * BLOCK_COLS + 4 * max(0, hidden_size)))
+    return min(LOWP_MAX_TILE_ROWS, 1 << (rows.bit_length() - 1)), BLOCK_COLS
+
+
 def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
     """Rows of every lowp chunk GEMM: a multiple of 64 in [64, 4096] (tensor-core tiles)."""
     rows = chunk_bytes // max(1, vocab * 4)
@@ -226,11 +241,13 @@ def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
 def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int = 0, vocab: int = 0,
               backend: str = "auto", chunk_bytes: Optional[int] = None, separable: Optional[str] = None,
               full_kl: bool = False, vocab_parallel: bool = False, proxy_kl: bool = False,
-              sampler: str = "", sparse_teacher: bool = False) -> Plan:
+              sampler: str = "", sparse_teacher: bool = False, hidden_size: int = 0) -> Plan:
     """The plan of one call. ``separable``: for the policy loss, ``None`` when the loss is
     token-separable, else the reason it is not (which rules out the one-pass plan). ``sampler``:
     the sampler's truncation as text (``"top_p=0.9"``), ``""`` when off. ``sparse_teacher``: the
-    distillation loss's teacher is given as top-k log-probs (its divergence stays in PyTorch)."""
+    distillation loss's teacher is given as top-k log-probs (its divergence stays in PyTorch).
+    ``hidden_size``: H, which sizes the blocked plan's tiles with 16-bit GEMMs (their fp32 d_hidden
+    accumulator is ``[tile_rows, H]``)."""
     if op not in _OPS:
         raise ValueError(f"op must be one of {_OPS}, got {op!r}")
     knobs = env_knobs()
@@ -314,10 +331,16 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
         why = ("PYRL_LINEAR=blocked" if knobs.linear else
                f"chunk_bytes holds {budget_rows} rows of [{vocab}] logits (< {CHUNKED_MIN_ROWS}): the chunk walk "
                "would re-read the head for every few dozen tokens")
-        chunk_rows, block_cols = _block_shape(n_rows, asked_bytes)
-        reasons.append(f"vocabulary-blocked walk ({why}): tiles of {chunk_rows} tokens x {block_cols} vocabulary "
-                       f"columns of fp32 logits (chunk_bytes={asked_bytes}); the head streamed once in forward and "
-                       "once in backward, 4 large GEMMs")
+        if gemm == "lowp":
+            chunk_rows, block_cols = _lowp_block_shape(hidden_size, asked_bytes)
+            pad_rows = chunk_rows
+            tile = (f"tiles of {chunk_rows} tokens (each padded to it) x {block_cols} vocabulary columns of fp32 "
+                    f"logits and an fp32 d_hidden accumulator [{chunk_rows}, {hidden_size}]")
+        else:
+            chunk_rows, block_cols = _block_shape(n_rows, asked_bytes)
+            tile = f"tiles of {chunk_rows} tokens x {block_cols} vocabulary columns of fp32 logits"
+        reasons.append(f"vocabulary-blocked walk ({why}): {tile} (chunk_bytes={asked_bytes}); the head streamed "
+                       "once in forward and once in backward, 4 large GEMMs")
     elif gemm == "acc" and linear == "chunked":
         reasons.append(f"GEMMs in {'fp64' if dtype == torch.float64 else 'fp32'}; chunk_bytes={chunk_bytes} "
                        f"-> {chunk_rows} rows of [{vocab}] fp32 logits per chunk")
@@ -365,10 +388,8 @@ def _why_not_blocked(op, backend, gemm, linear, sampler, vocab_parallel) -> Opti
     """Why the vocabulary-blocked walk cannot run a call (None: it can)."""
     if op not in ("fused_linear_logprobs", "fused_linear_policy_loss", "fused_linear_preference_loss"):
         return f"{op} walks its heads in token chunks"
-    if backend not in ("torch", "cpp"):
-        return f"the {backend} row body has no per-block row stats (torch and cpp have)"
-    if linear != "chunked" or gemm != "acc":
-        return "it runs GEMMs in the accumulation dtype only (gemm='acc')"
+    if linear != "chunked":
+        return "Triton's fused kernel is a walk of its own (PYRL_TRITON_LINEAR=chunked puts the Triton rows on a walk)"
     if sampler:
         return f"{sampler} needs each row's whole vocabulary at once"
     if vocab_parallel:

@@ -115,7 +115,7 @@ def plan_fused_linear_preference_loss(hidden, weight, targets, *, bias=None, los
                       ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
                       preference_labels=preference_labels, nll_targets=nll_targets)
     plan = make_plan("fused_linear_preference_loss", device=hidden.device, dtype=hidden.dtype, n_rows=N * T,
-                     vocab=weight.shape[0], backend=backend, chunk_bytes=chunk_bytes)
+                     vocab=weight.shape[0], hidden_size=weight.shape[1], backend=backend, chunk_bytes=chunk_bytes)
     average = loss_type in _MEAN_BY_DEFAULT if average_log_prob is None else average_log_prob
     return _PreferenceCall(plan, targets, average, paired)
 

@@ -34,6 +34,7 @@ backward) against the chunk walk's three, which docs/scaling.md weighs. The bodi
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -107,24 +108,49 @@ def fused_kernel():
 # sized from the batch, so a logit's rounding does not depend on the rest of the batch.
 LOGITS_COL_BLOCK = 4096
 
-_MM_OUT_DTYPE = None  # whether torch.mm takes out_dtype on CUDA; unknown until the first call
+# Whether this torch's CUDA GEMMs take out_dtype (16-bit operands, fp32 result): unknown until the first call.
+_OUT_DTYPE = {"mm": None, "addmm": None}
+
+
+def _with_out_dtype(kind: str, a: torch.Tensor, call: Callable):
+    """``call()`` (a GEMM with ``out_dtype=torch.float32``) on CUDA where this torch has it, else None."""
+    if _OUT_DTYPE[kind] is False or not a.is_cuda:
+        return None
+    try:
+        out = call()
+    except torch.cuda.OutOfMemoryError:
+        raise  # a real failure, not a missing feature: never fall back to widening the weight
+    except (TypeError, RuntimeError, NotImplementedError):
+        _OUT_DTYPE[kind] = False
+        return None
+    _OUT_DTYPE[kind] = True
+    return out
 
 
 def _mm_fp32(a, b):
     """``a @ b`` with an fp32 result from 16-bit operands: cuBLAS accumulates in fp32 and writes fp32
     (``out_dtype``, CUDA); elsewhere, or on a torch without it, the operands are widened first."""
-    global _MM_OUT_DTYPE
-    if _MM_OUT_DTYPE is not False and a.is_cuda:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-        except torch.cuda.OutOfMemoryError:
-            raise  # a real failure, not a missing feature: never fall back to widening the weight
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
-        else:
-            _MM_OUT_DTYPE = True
-            return out
-    return a.float() @ b.float()
+    out = _with_out_dtype("mm", a, lambda: torch.mm(a, b, out_dtype=torch.float32))
+    return a.float() @ b.float() if out is None else out
+
+
+def _reused(owner, attr: str, shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A ``shape`` view into the buffer ``owner.<attr>``, which is (re)allocated like ``like`` only when
+    missing or too small, the old one dropped first: one buffer per walk, not one per chunk or block."""
+    n = math.prod(shape)
+    buf = getattr(owner, attr)
+    if buf is None or buf.numel() < n:
+        setattr(owner, attr, None)
+        buf = like.new_empty(n, dtype=dtype or like.dtype)
+        setattr(owner, attr, buf)
+    return buf[:n].view(shape)
+
+
+def _addmm_fp32_(acc, a, b):
+    """``acc += a @ b`` for an fp32 ``acc`` and 16-bit operands: one cuBLAS GEMM accumulating into
+    ``acc`` (``out_dtype``, CUDA); else the fp32 product of ``_mm_fp32``, added."""
+    out = _with_out_dtype("addmm", a, lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc))
+    return acc.add_(_mm_fp32(a, b)) if out is None else out
 
 
 class Head:
@@ -156,6 +182,8 @@ class Head:
             else None
         self._full = self._h = None
         self._buf = None  # "acc": one logits buffer, reused by every chunk of the walk
+        self._d16 = None  # "lowp": one 16-bit d-logits buffer, reused likewise (``d_out``)
+        self._dz = None   # the current chunk's d logits in it, once ``d_out`` handed it out
         self._col_block = LOGITS_COL_BLOCK if weight.device.type == "cpu" else 0
 
     @classmethod
@@ -183,10 +211,7 @@ class Head:
         while the chunk's rows run through it, where one GEMM over all of V re-reads the head from
         memory in MKL's own panels (see LOGITS_COL_BLOCK)."""
         rows, V = hp.shape[0], self.w.shape[0]
-        if self._buf is None or self._buf.numel() < rows * V:
-            self._buf = None
-            self._buf = hp.new_empty(rows * V)
-        full = self._buf[: rows * V].view(rows, V)
+        full = _reused(self, "_buf", (rows, V), hp)
         step = self._col_block or V
         for c0 in range(0, V, step):
             c1 = min(V, c0 + step)
@@ -196,15 +221,26 @@ class Head:
                 torch.mm(hp, self.w[c0:c1].t(), out=full[:, c0:c1])
         return full
 
+    def d_out(self, z: torch.Tensor) -> torch.Tensor:
+        """Where a ``step`` has the row body write the chunk's d logits: over the logits ``z`` ("acc"),
+        or ("lowp") the 16-bit buffer the gradient GEMMs read, so no fp32 d logits are written and
+        no cast pass runs. A step that writes over ``z`` instead is cast in ``backprop``."""
+        if self.gemm != "lowp":
+            return z
+        self._dz = _reused(self, "_d16", self._full.shape, self._full, self.w.dtype)
+        return self._dz[: z.shape[0]]
+
     def backprop(self, s: int, e: int) -> None:
-        """Accumulate the chunk's gradients from its logits buffer, which now holds d logits (the
-        padding rows are scratch and zeroed here)."""
+        """Accumulate the chunk's gradients from its d logits: in its logits buffer, or in the
+        ``d_out`` buffer (the padding rows are scratch and zeroed here)."""
         full, h, rows = self._full, self._h, e - s
+        if self._dz is not None:
+            full = self._dz
         if full.shape[0] != rows:
             full[rows:] = 0
         dz = full[:rows]
         if self.d_bias is not None:
-            self.d_bias += dz.sum(0)
+            self.d_bias += dz.sum(0, dtype=self.d_bias.dtype)
         if self.gemm == "lowp":
             dz16 = full.to(self.w.dtype)
             want_dh = self.d_hidden is not None or self.reduce_d_hidden is not None
@@ -229,7 +265,7 @@ class Head:
 
     def release(self) -> None:
         """Let the current chunk's buffers go."""
-        self._full = self._h = None
+        self._full = self._h = self._dz = None
 
     def skip(self, s: int, e: int) -> None:
         """A chunk with no gradient: nothing to do, unless d_hidden is reduced across ranks (every
@@ -310,18 +346,22 @@ def block_targets(targets: torch.Tensor, c0: int, c1: int, ignore_index: int) ->
 class Blocks:
     """The GEMMs of the vocabulary-blocked plan (module docstring): ``hidden [N, H]`` in token tiles
     of ``tile_rows`` (each GEMM zero-padded to a multiple of ``pad_rows`` rows, for batch invariance
-    as ``Head``), against blocks of ``block_cols`` rows of ``weight [V, H]`` (+ ``bias``). GEMM
-    operands in the accumulation dtype (``gemm="acc"`` only). The block boundaries depend on
-    ``block_cols`` alone, never on N, so a row's reduction order is the same in any batch.
+    as ``Head``), against blocks of ``block_cols`` rows of ``weight [V, H]`` (+ ``bias``). The block
+    boundaries depend on ``block_cols`` alone, never on N, so a row's reduction order is the same in
+    any batch. ``gemm`` as ``Head``: ``"acc"`` (operands in the accumulation dtype) or ``"lowp"``
+    (16-bit operands on the tensor cores, fp32 logits, 16-bit d logits written by the row body
+    straight into their own buffer (``d_out``), d_hidden accumulated in fp32 per tile, d_weight in
+    the weight's dtype, rounded once per tile).
 
     ``need``: which of (d_hidden, d_weight, d_bias) a backward walk accumulates."""
 
-    def __init__(self, hidden, weight, bias, *, tile_rows: int, block_cols: int, pad_rows: int,
+    def __init__(self, hidden, weight, bias, *, tile_rows: int, block_cols: int, pad_rows: int, gemm: str = "acc",
                  need=(False, False, False)):
         acc = acc_dtype(hidden.dtype)
+        self.lowp = gemm == "lowp"
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.tile_rows, self.block_cols, self.pad_rows = tile_rows, block_cols, pad_rows
-        self.w = weight.to(acc)
+        self.w = weight if self.lowp else weight.to(acc)
         self.b = None if bias is None else bias.to(acc)
         need_h, need_w, need_b = need
         self.need_h = need_h
@@ -329,47 +369,74 @@ class Blocks:
         self.d_weight = torch.zeros_like(self.w) if need_w else None
         self.d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None \
             else None
+        self._buf = self._d16 = None  # the walk's fp32 logits ("acc") and 16-bit d logits ("lowp") buffers
+        self._z = self._dz = None     # the current block's logits, and its d logits once ``d_out`` gave them
 
     @classmethod
     def of(cls, plan: Plan, hidden, weight, bias, **kw) -> "Blocks":
         return cls(hidden, weight, bias, tile_rows=plan.chunk_rows, block_cols=plan.block_cols, pad_rows=plan.pad_rows,
-                   **kw)
+                   gemm=plan.gemm, **kw)
+
+    def d_out(self, z: torch.Tensor) -> torch.Tensor:
+        """Where a backward ``step`` has the row body write the block's d logits: over ``z`` itself
+        ("acc"), or ("lowp") the 16-bit buffer the gradient GEMMs read, so no fp32 d logits are
+        written and no cast pass runs (a step that writes over ``z`` instead is cast here)."""
+        if not self.lowp:
+            return z
+        self._dz = _reused(self, "_d16", self._z.shape, self._z, self.w.dtype)
+        return self._dz[: z.shape[0]]
+
+    def _logits(self, hp: torch.Tensor, c0: int, c1: int):
+        """The block's fp32 logits ``hp @ W[c0:c1].T (+ b)``, in the walk's buffer ("acc") or a new
+        tensor from cuBLAS ("lowp")."""
+        if self.lowp:
+            z = _mm_fp32(hp, self.w[c0:c1].t())
+        else:
+            z = _reused(self, "_buf", (hp.shape[0], c1 - c0), hp)
+            torch.mm(hp, self.w[c0:c1].t(), out=z)
+        if self.b is not None:
+            z += self.b[c0:c1]
+        return z
 
     def walk(self, step: Callable, active: Optional[torch.Tensor] = None):
         """Run ``step(s, e, c0, c1, z)`` on every (token tile, vocabulary block); ``z`` is the tile's
-        ``[e - s, c1 - c0]`` logits (a view of one reused buffer). Where ``step`` returns True, ``z``
-        now holds d logits and the block's gradient GEMMs consume it. ``active`` [N] bool: tiles
-        with no active row are skipped (their gradient is exactly zero). Returns the gradients as
+        ``[e - s, c1 - c0]`` fp32 logits. Where ``step`` returns True it has written d logits (into
+        ``d_out(z)``) and the block's gradient GEMMs consume them. ``active`` [N] bool: tiles with no
+        active row are skipped (their gradient is exactly zero). Returns the gradients as
         ``Head.grads``."""
         n, V = self.hidden.shape[0], self.w.shape[0]
-        buf = None
         for s in range(0, n, self.tile_rows):
             e = min(n, s + self.tile_rows)
             if active is not None and not bool(active[s:e].any()):
                 continue
             rows = e - s
-            h = self.hidden[s:e].to(self.w.dtype)
+            h = self.hidden[s:e] if self.lowp else self.hidden[s:e].to(self.w.dtype)
             hp = _padded(h, self.pad_rows)
             pad = hp.shape[0] - rows
-            if buf is None:  # one buffer for every tile and block: no allocation inside the loop
-                buf = hp.new_empty(hp.shape[0] * min(V, self.block_cols))
-            dh = hp.new_zeros(hp.shape) if self.need_h else None
+            dh = None
+            if self.need_h:
+                dh = hp.new_zeros(hp.shape, dtype=torch.float32 if self.lowp else hp.dtype)
             for c0 in range(0, V, self.block_cols):
                 c1 = min(V, c0 + self.block_cols)
-                z = buf[: hp.shape[0] * (c1 - c0)].view(hp.shape[0], c1 - c0)
-                torch.mm(hp, self.w[c0:c1].t(), out=z)
-                if self.b is not None:
-                    z += self.b[c0:c1]
+                z = self._z = self._logits(hp, c0, c1)
+                self._dz = None
                 if not step(s, e, c0, c1, z[:rows]):
                     continue
+                dz = z if self._dz is None else self._dz  # d logits over z, or in d_out's buffer
                 if pad:
-                    z[rows:] = 0
+                    dz[rows:] = 0
+                if self.lowp and dz is z:
+                    dz = z.to(self.w.dtype)
                 if self.d_bias is not None:
-                    self.d_bias[c0:c1] += z[:rows].sum(0)
-                if dh is not None:
-                    dh.addmm_(z, self.w[c0:c1])  # all padded rows: the rounding of a row is batch-invariant
+                    self.d_bias[c0:c1] += dz[:rows].sum(0, dtype=self.d_bias.dtype)
+                if dh is not None:  # all padded rows: the rounding of a row is batch-invariant
+                    if self.lowp:
+                        _addmm_fp32_(dh, dz, self.w[c0:c1])
+                    else:
+                        dh.addmm_(dz, self.w[c0:c1])
                 if self.d_weight is not None:
-                    self.d_weight[c0:c1].addmm_(z[:rows].t(), h)
+                    self.d_weight[c0:c1].addmm_(dz[:rows].t(), h)
             if dh is not None:
                 self.d_hidden[s:e] = dh[:rows].to(self.hidden.dtype)
+        self._buf = self._d16 = self._z = self._dz = None
         return _as_inputs(self.d_hidden, self.d_weight, self.d_bias, self.weight, self.bias)
