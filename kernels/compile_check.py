@@ -33,9 +33,13 @@ def _signatures(dt: str) -> list[tuple[object, dict, list[dict]]]:
     """(jit function, argument types, [constexpr values of each config]) for every kernel."""
     prec = F._dot_precision(torch.float32 if dt == "fp32" else torch.bfloat16)
     block, warps = R._row_config(151936)
+    block_b, warps_b = R._row_config(2048)  # one vocabulary block of the blocked walk (plan.BLOCK_COLS)
     row_types = dict(x_ptr=f"*{dt}", out_ptr=f"*{dt}", y_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32",
                      lse_ptr="*fp32", g_logp_ptr="*fp32", g_ent_ptr="*fp32", tau_ptr="*fp32", temperature="fp32",
-                     top_k="fp32", top_p="fp32", log_min_p="fp32", **{name: "i32" for name in _ROW_I32})
+                     top_k="fp32", top_p="fp32", log_min_p="fp32", m_ptr="*fp32", s_ptr="*fp32", t_ptr="*fp32",
+                     zy_ptr="*fp32", **{name: "i32" for name in _ROW_I32})
+    # the 16-bit walks' backward: fp32 logits in, d logits written in the GEMMs' 16-bit dtype
+    to_lowp = dict(row_types, x_ptr="*fp32", out_ptr=f"*{dt}")
     fused_types = dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", y_ptr="*i32", zy_ptr="*fp32",
                        m_part_ptr="*fp32", s_part_ptr="*fp32", t_part_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32",
                        logp_ptr="*fp32", g_logp_ptr="*fp32", g_ent_ptr="*fp32", dh_ptr="*fp32", dw_ptr="*fp32",
@@ -51,6 +55,10 @@ def _signatures(dt: str) -> list[tuple[object, dict, list[dict]]]:
                                               num_stages=3) for tau in (True, False)]),
         (R._rows_bwd_kernel, row_types, [dict(HAS_G_ENT=True, HAS_TAU=tau, BLOCK_V=block, num_warps=warps,
                                               num_stages=3) for tau in (True, False)]),
+        (R._rows_bwd_kernel, to_lowp, [dict(HAS_G_ENT=True, HAS_TAU=False, BLOCK_V=block, num_warps=warps,
+                                            num_stages=3)]),
+        (R._rows_stats_kernel, dict(row_types, x_ptr="*fp32"), [dict(NEED_ENTROPY=True, BLOCK_V=block_b,
+                                                                     num_warps=warps_b, num_stages=3)]),
         (R._cutoff_kernel, row_types, [dict(HAS_K=True, HAS_P=True, MIN_P_FIRST=False, BLOCK_V=block, num_warps=warps,
                                             num_stages=3)]),
         (F._fused_fwd_kernel.fn, fused_types,

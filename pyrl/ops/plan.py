@@ -34,7 +34,8 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
 
 ``make_plan`` is a pure function of its arguments and of the environment knobs, which only
 ``env_knobs`` reads, and, for ``chunk_bytes="auto"`` only, of the device's free memory
-(``resolve_chunk_bytes``, docs/scaling.md section 8). ``pyrl.explain(op, *args, **kwargs)`` shows the plan of a call as text.
+(``resolve_chunk_bytes``, docs/scaling.md section 8). ``pyrl.explain(op, *args, **kwargs)`` shows
+the plan of a call as text.
 
 | knob | values | effect |
 |---|---|---|
@@ -68,8 +69,9 @@ DEFAULT_CUDA_CHUNK_BYTES = 160 * 2**20
 # chunk_bytes="auto", the memory-budget knob: 1/AUTO_FREE_SHARE of the memory free on the device
 # (a CUDA chunk holds its fp32 logits and their 16-bit copy, ~1.5x chunk_bytes), rounded down to a
 # power of two (a token's chunking, hence its bits, changes only when free memory halves or doubles),
-# never below the default and at most AUTO_MAX_CHUNK_BYTES: on CPU 256 MiB (0.91x the GEMM floor at
-# 2048 x 896 x 151936 fp32, against ~1.05x at the 64 MiB default; docs/scaling.md section 7); on CUDA
+# never below the default and at most AUTO_MAX_CHUNK_BYTES: on CPU 256 MiB (0.90-1.02x the GEMM floor
+# at 2048 x 896 x 151936 fp32 in 253 MB, the 64 MiB default 0.87-1.13x in 56 MB; docs/scaling.md
+# section 7: more rows buy little there); on CUDA
 # 4 GiB (a lowp chunk is at most 4096 rows, 2.5 GB of logits at V=151936).
 AUTO_FREE_SHARE = 8
 AUTO_MAX_CHUNK_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
@@ -317,7 +319,7 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
     else:
         chunk_rows, pad_rows = _acc_chunk_rows(n_rows, vocab, chunk_bytes), GEMM_ROW_QUANTUM
     block_cols = 0
-    why_not_blocked = _why_not_blocked(op, name, gemm, linear, sampler, vocab_parallel)
+    why_not_blocked = _why_not_blocked(op, linear, sampler, vocab_parallel)
     if knobs.linear == "blocked" and why_not_blocked is not None:
         raise ValueError(f"PYRL_LINEAR=blocked cannot run this call: {why_not_blocked}")
     # automatic: on CPU when chunk_bytes holds fewer than CHUNKED_MIN_ROWS rows of logits, unless
@@ -384,7 +386,7 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
                 block_cols, tuple(reasons), sampler)
 
 
-def _why_not_blocked(op, backend, gemm, linear, sampler, vocab_parallel) -> Optional[str]:
+def _why_not_blocked(op, linear, sampler, vocab_parallel) -> Optional[str]:
     """Why the vocabulary-blocked walk cannot run a call (None: it can)."""
     if op not in ("fused_linear_logprobs", "fused_linear_policy_loss", "fused_linear_preference_loss"):
         return f"{op} walks its heads in token chunks"

@@ -423,9 +423,9 @@ def validate(cfg: TrainConfig) -> None:
                    ("algo.dynamic_sampling", a.dynamic_sampling), ("model.gradient_checkpointing", cfg.model.gradient_checkpointing)):
         if not isinstance(v, bool):
             raise ValueError(f"config key {key!r} must be true or false, got {v!r}")
-    if cfg.chunk_bytes is not None and not (cfg.chunk_bytes == "auto" or _is_int(cfg.chunk_bytes)
-                                            and cfg.chunk_bytes > 0):
-        raise ValueError(f"config key 'chunk_bytes' must be a positive integer, 'auto' or null, got {cfg.chunk_bytes!r}")
+    cb = cfg.chunk_bytes
+    if cb is not None and not (cb == "auto" or _is_int(cb) and cb > 0):
+        raise ValueError(f"config key 'chunk_bytes' must be a positive integer, 'auto' or null, got {cb!r}")
     r = cfg.rollout
     check_sampler(r.top_k, r.top_p, r.min_p, "hf", prefix="config key rollout.")
     if not _is_number(a.oversample) or a.oversample < 1:
