@@ -61,7 +61,7 @@ class FusedLinearLogProbs(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
-                f"return_entropy={self.return_entropy}, backend={self.backend!r}")
+                f"return_entropy={self.return_entropy}, backend={self.backend!r}, chunk_bytes={self.chunk_bytes!r}")
 
 
 # The Liger/TRL loss_type names and what each is in pyrl: pyrl.losses.aliases (docs/formulas.md §12).
@@ -394,7 +394,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon_low={self.epsilon_low}, "
                 f"epsilon_high={self.epsilon_high}, importance_sampling_level={self.importance_sampling_level!r}, "
-                f"temperature={self.temperature}, backend={self.backend!r}")
+                f"temperature={self.temperature}, backend={self.backend!r}, chunk_bytes={self.chunk_bytes!r}")
 
 
 def _dapo_normaliser(attention_mask, num_items_in_batch):

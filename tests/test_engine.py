@@ -357,6 +357,8 @@ def test_chunk_bytes_auto_runs_the_same_walk_as_its_bytes(backend, monkeypatch):
     pyrl.nn.FusedLinearLogProbs(chunk_bytes="auto", backend=backend)(hidden, weight, targets)
     pyrl.nn.FusedLinearGRPOLoss(beta=0.0, chunk_bytes=budget, backend=backend)(hidden, weight, targets, mask, adv)
     assert seen == ["auto", budget]
+    assert "chunk_bytes='auto'" in repr(pyrl.nn.FusedLinearLogProbs(chunk_bytes="auto"))
+    assert f"chunk_bytes={budget}" in repr(pyrl.nn.FusedLinearGRPOLoss(chunk_bytes=budget))
 
 
 @pytest.mark.parametrize("bad", ["big", 0, -1, True, 1.5, "AUTO"])
