@@ -68,7 +68,30 @@ def _cases():
                                    targets=torch.tensor([0, 3, 18, -100, 7, 11])),
         # logits/T in the hundreds (exp overflows fp32 without the max shift), ignored rows included
         "fp32_large_logits": _make_case(torch.float32, lead=(8,), temperature=0.1, weight_scale=8.0),
+        # chunk_bytes="auto" with a different free memory on each rank (_auto_budgets): the ranks
+        # must still agree on one chunking (the smallest budget), or the collectives would mismatch
+        "fp32_auto_ranks_disagree": _make_case(torch.float32, lead=(12,), targets=ignored_block.clone(),
+                                               chunk_bytes="auto"),
     }
+
+
+class _auto_budgets:
+    """chunk_bytes="auto" resolves to 512 bytes (6 rows of a 19-column slice) on rank 0 and to 1024
+    (13 rows: one chunk for N = 12) on rank 1, from faked free memory."""
+
+    def __init__(self, rank):
+        from pyrl.ops import plan
+
+        self.plan, self.rank = plan, rank
+
+    def __enter__(self):
+        p = self.plan
+        self.saved = p.free_memory, p.DEFAULT_CHUNK_BYTES, p.AUTO_MAX_CHUNK_BYTES
+        p.free_memory = lambda device: 512 * p.AUTO_FREE_SHARE * (1 + self.rank)
+        p.DEFAULT_CHUNK_BYTES, p.AUTO_MAX_CHUNK_BYTES = 1, {"cpu": 2**40, "cuda": 2**40}
+
+    def __exit__(self, *exc):
+        self.plan.free_memory, self.plan.DEFAULT_CHUNK_BYTES, self.plan.AUTO_MAX_CHUNK_BYTES = self.saved
 
 
 def _run(case, rank, group):
@@ -83,7 +106,12 @@ def _run(case, rank, group):
     else:
         if case["chunk_bytes"] is not None:
             kw["chunk_bytes"] = case["chunk_bytes"]
-        out = vocab_parallel_linear_logprobs(hidden, weight, case["targets"], group=group, **kw)
+        if case["chunk_bytes"] == "auto":
+            with _auto_budgets(rank):
+                assert pyrl.ops.plan.resolve_chunk_bytes("auto", hidden.device)[0] == 512 * (1 + rank)
+                out = vocab_parallel_linear_logprobs(hidden, weight, case["targets"], group=group, **kw)
+        else:
+            out = vocab_parallel_linear_logprobs(hidden, weight, case["targets"], group=group, **kw)
     return _backward(case, out, hidden, weight, bias)
 
 
@@ -201,7 +229,7 @@ def _single_process(case):
     weight = case["weight"].clone().requires_grad_()
     bias = None if case["bias"] is None else case["bias"].clone().requires_grad_()
     kw = dict(bias=bias, temperature=case["temperature"], return_entropy=case["entropy"], backend="torch")
-    if case["chunk_bytes"] is not None:
+    if case["chunk_bytes"] not in (None, "auto"):
         kw["chunk_bytes"] = case["chunk_bytes"]
     out = pyrl.fused_linear_logprobs(hidden, weight, case["targets"], **kw)
     return _backward(case, out, hidden, weight, bias)
