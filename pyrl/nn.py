@@ -467,7 +467,8 @@ class FusedLinearDPOLoss(torch.nn.Module):
     chosen completions, then the rejected ones) and the same return ``(loss, (chosen_logps,
     rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss, chosen_rewards,
     rejected_rewards))``. ``compiled`` and ``chunk_size`` are accepted and ignored; ``backend`` and
-    ``chunk_bytes`` (as :class:`FusedLinearGRPOLoss`; every module here takes both) are pyrl's. With ``use_ref_model=True`` the reference's ``ref_input``/``ref_weight`` are required.
+    ``chunk_bytes`` (as :class:`FusedLinearGRPOLoss`; every module here takes both) are pyrl's.
+    With ``use_ref_model=True`` the reference's ``ref_input``/``ref_weight`` are required.
     """
 
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0,
