@@ -172,3 +172,31 @@ def test_the_preference_loss_runs_on_the_blocked_walk(backend, monkeypatch):
         out[linear] = (loss.detach(), hs.grad, ws.grad)
     for a, b in zip(out["chunked"], out["blocked"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_out_dtype_gemms_are_probed_once_and_oom_is_not_a_fallback(monkeypatch):
+    """The 16-bit walks call cuBLAS with out_dtype=float32 where the torch has it; a torch without it
+    is detected once per GEMM kind (then the fp32 fallback runs), and an out-of-memory error is raised,
+    never taken for a missing feature (the fallback would widen the weight)."""
+    monkeypatch.setattr(walk_mod, "_OUT_DTYPE", {"mm": None, "addmm": None})
+
+    class FakeCuda:
+        is_cuda = True
+
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
+
+    assert walk_mod._with_out_dtype("addmm", FakeCuda(), missing) is None and walk_mod._OUT_DTYPE["addmm"] is False
+    assert walk_mod._with_out_dtype("addmm", FakeCuda(), missing) is None and calls == [1]  # not probed again
+    assert walk_mod._with_out_dtype("mm", FakeCuda(), lambda: "fp32 out") == "fp32 out"
+    assert walk_mod._OUT_DTYPE["mm"] is True
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        walk_mod._with_out_dtype("mm", FakeCuda(), oom)
+    assert walk_mod._with_out_dtype("mm", torch.zeros(1), missing) is None and calls == [1]  # CPU: never tried
