@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 from pyrl.kernels import fused_linear as F
 from pyrl.kernels import rows as R
 
-_ROW_I32 = ("stride_x", "stride_out", "n_rows", "V", "ignore_index")
+_ROW_I32 = ("stride_x", "stride_out", "n_rows", "V", "c0", "ignore_index")
 
 
 def _signatures(dt: str) -> list[tuple[object, dict, list[dict]]]:

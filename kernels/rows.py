@@ -10,6 +10,7 @@ The plain-PyTorch reference of exactly this contract is ``TorchRows`` in ``kerne
 
     LogprobRows.fwd(logits, targets, p) -> (logp, entropy, lse)                  each [n] fp32
     LogprobRows.stats(logits, targets, p) -> RowStats (m, s, t, zy)             one vocabulary block
+    LogprobRows.merge_block_(st, logits, targets, c0, p)      that block merged into running stats
     LogprobRows.bwd(logits, targets, lse, entropy, g_logp, g_ent | None, p, out=None) -> d logits
 
 Every reduction over the vocabulary is online: a row keeps its running max ``m`` and, relative to
@@ -178,20 +179,24 @@ def _rows_fwd_kernel(x_ptr, stride_x, y_ptr, logp_ptr, ent_ptr, lse_ptr, tau_ptr
     tl.store(lse_ptr + row, lse)
 
 
-@triton.jit(do_not_specialize=["n_rows"])
-def _rows_stats_kernel(x_ptr, stride_x, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, n_rows, V, temperature, ignore_index,
-                       NEED_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One vocabulary block's row stats (``RowStats``); a target id outside [0, V) is in another block."""
+@triton.jit(do_not_specialize=["n_rows", "c0"])
+def _rows_stats_kernel(x_ptr, stride_x, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, n_rows, V, c0, temperature,
+                       ignore_index, NEED_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Merge the row stats (``RowStats``) of one vocabulary block, columns ``[c0, c0 + V)`` of each row,
+    into the running stats at ``m_ptr .. zy_ptr``, in place: one launch per block of the blocked walk
+    (the block's stats, the online merge and the target logit at once). ``y`` holds global ids."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     y = tl.load(y_ptr + row)
-    here = (y != ignore_index) & (y >= 0) & (y < V)
-    zy = tl.load(x_row + tl.where(here, y, 0)).to(tl.float32) / temperature
-    m, s, t = _row_summary(x_row, V, temperature, 0.0, False, NEED_ENTROPY, BLOCK_V)
+    local = y - c0
+    here = (y != ignore_index) & (local >= 0) & (local < V)
+    zy = tl.load(x_row + tl.where(here, local, 0)).to(tl.float32) / temperature
+    m_b, s_b, t_b = _row_summary(x_row, V, temperature, 0.0, False, NEED_ENTROPY, BLOCK_V)
+    m, s, t = merge_stats(tl.load(m_ptr + row), tl.load(s_ptr + row), tl.load(t_ptr + row), m_b, s_b, t_b)
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
     tl.store(t_ptr + row, t)
-    tl.store(zy_ptr + row, tl.where(here, zy, 0.0))
+    tl.store(zy_ptr + row, tl.load(zy_ptr + row) + tl.where(here, zy, 0.0))
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -355,17 +360,27 @@ class LogprobRows:
         outside ``[0, V)`` is in another block (zy = 0); each field ``[n]`` fp32."""
         if tau is not None:
             raise ValueError("LogprobRows.stats: truncated rows are never split into vocabulary blocks")
+        n = logits.shape[0]
+        st = RowStats(torch.full((n,), float("-inf"), device=logits.device), *torch.zeros(3, n, device=logits.device))
+        LogprobRows.merge_block_(st, logits, targets, 0, p)
+        return st
+
+    @staticmethod
+    def merge_block_(st: RowStats, logits: torch.Tensor, targets: torch.Tensor, c0: int, p: RowParams) -> None:
+        """Merge the stats of ``logits`` ``[n, b]``, columns ``[c0, c0 + b)`` of the rows' vocabulary, into
+        the running ``st`` (fp32 ``[n]`` each) in place; ``targets`` are global ids. The same as
+        ``merge_stats(st, stats(logits, block_targets(targets, c0, c0 + b)))``, in one launch."""
         check_dtype(logits)
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
+        if any(x.dtype != torch.float32 or x.stride(0) != 1 for x in st):
+            raise ValueError("LogprobRows.merge_block_ needs fp32 running stats with unit stride")
         n, vocab = logits.shape
-        out = torch.empty(4, n, dtype=torch.float32, device=logits.device)
         if n:
             block, warps = _row_config(vocab)
-            _rows_stats_kernel[(n,)](logits, logits.stride(0), targets.contiguous(), out[0], out[1], out[2], out[3],
-                                     n, vocab, float(p.temperature), int(p.ignore_index),
-                                     NEED_ENTROPY=bool(p.need_entropy), BLOCK_V=block, num_warps=warps)
-        return RowStats(*out)
+            _rows_stats_kernel[(n,)](logits, logits.stride(0), targets.contiguous(), *st, n, vocab, int(c0),
+                                     float(p.temperature), int(p.ignore_index), NEED_ENTROPY=bool(p.need_entropy),
+                                     BLOCK_V=block, num_warps=warps)
 
     @staticmethod
     def bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,

@@ -200,3 +200,21 @@ def test_out_dtype_gemms_are_probed_once_and_oom_is_not_a_fallback(monkeypatch):
     with pytest.raises(torch.cuda.OutOfMemoryError):
         walk_mod._with_out_dtype("mm", FakeCuda(), oom)
     assert walk_mod._with_out_dtype("mm", torch.zeros(1), missing) is None and calls == [1]  # CPU: never tried
+
+
+@pytest.mark.parametrize("rows", BODIES, ids=IDS)
+def test_merge_block_over_uneven_blocks_equals_the_whole_rows(rows):
+    """``walk.merge_block_`` with each body (Triton: its one-launch kernel, the block's stats and the
+    online merge in place; the others: stats on block-local ids, then merge_stats), block by block
+    with global target ids, gives the whole rows' stats: -inf rows, a target in each block, ignored."""
+    z, _ = _rows(torch.float32, V=300)
+    y = torch.tensor([3, 70, -100, 299, 0, 130])
+    p = RowParams(temperature=0.7, ignore_index=-100, need_entropy=True)
+    st = RowStats(torch.full((6,), float("-inf")), *torch.zeros(3, 6))
+    for c0, c1 in ((0, 64), (64, 128), (128, 299), (299, 300)):
+        walk_mod.merge_block_(rows, st, z[:, c0:c1], y, c0, c1, p)
+    whole = TorchRows.stats(z.double(), y, p)
+    for got, want in zip(st, whole):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert st.s[4] == 0 and st.zy[2] == 0

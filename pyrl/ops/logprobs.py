@@ -37,9 +37,9 @@ import torch
 
 from pyrl._validate import (check_bool, check_chunk_bytes, check_float, check_linear_args, check_positive,
                             check_same_device, check_sampler, check_targets, shape_str)
-from pyrl.kernels.reference import RowParams, RowStats, TorchRows, acc_dtype, merge_stats
+from pyrl.kernels.reference import RowParams, RowStats, TorchRows, acc_dtype
 from pyrl.ops.plan import Plan, chunk_bytes_default, make_plan
-from pyrl.ops.walk import Blocks, Head, block_targets, fused_kernel, rows_body, walk
+from pyrl.ops.walk import Blocks, Head, block_targets, fused_kernel, merge_block_, rows_body, walk
 
 __all__ = ["fused_linear_logprobs", "logprobs_from_logits", "LinearCall", "plan_fused_linear_logprobs",
            "plan_logprobs_from_logits", "run_linear_logprobs", "row_params"]
@@ -223,10 +223,7 @@ class _BlockedLinearLogprobs(torch.autograd.Function):
         st = RowStats(hidden.new_full((n,), float("-inf"), dtype=acc), *hidden.new_zeros(3, n, dtype=acc))
 
         def step(s, e, c0, c1, z):
-            here = rows.stats(z, block_targets(targets[s:e], c0, c1, params.ignore_index), params)
-            merged = merge_stats(RowStats(*(x[s:e] for x in st)), here)
-            for mine, new in zip(st, merged):
-                mine[s:e] = new
+            merge_block_(rows, RowStats(*(x[s:e] for x in st)), z, targets[s:e], c0, c1, params)
             return False
 
         Blocks.of(plan, hidden, weight, bias).walk(step)

@@ -39,10 +39,11 @@ from typing import Callable, Optional
 
 import torch
 
-from pyrl.kernels.reference import RowStats, TorchRows, acc_dtype
+from pyrl.kernels.reference import RowStats, TorchRows, acc_dtype, merge_stats
 from pyrl.ops.plan import Plan
 
-__all__ = ["Head", "walk", "Blocks", "block_targets", "rows_body", "fused_kernel", "CppRows", "scale_forward_grads"]
+__all__ = ["Head", "walk", "Blocks", "block_targets", "merge_block_", "rows_body", "fused_kernel", "CppRows",
+           "scale_forward_grads"]
 
 
 class CppRows:
@@ -341,6 +342,20 @@ def block_targets(targets: torch.Tensor, c0: int, c1: int, ignore_index: int) ->
     valid = targets != ignore_index
     local = torch.where(valid & (local >= 0) & (local < width), local, elsewhere)
     return torch.where(valid, local, ignore_index)
+
+
+def merge_block_(rows, st: RowStats, z: torch.Tensor, targets: torch.Tensor, c0: int, c1: int, p) -> None:
+    """Merge the stats of the vocabulary block ``[c0, c1)`` of some rows (their logits ``z``, global
+    ``targets``) into those rows' running ``st``, in place (docs/formulas.md §10.1): the row body's
+    own one-launch ``merge_block_`` where it has one (Triton), else its ``stats`` on block-local ids
+    and ``merge_stats``."""
+    fused = getattr(rows, "merge_block_", None)
+    if fused is not None:
+        fused(st, z, targets, c0, p)
+        return
+    here = rows.stats(z, block_targets(targets, c0, c1, p.ignore_index), p)
+    for mine, new in zip(st, merge_stats(st, here)):
+        mine.copy_(new)
 
 
 class Blocks:
