@@ -11,7 +11,8 @@
 #
 # Optional third-party wheels (liger-kernel, cut-cross-entropy) are installed from ./.whl if that
 # folder exists (machines without a package registry). Writes to OUT_DIR: log.txt, gpu_tests.xml,
-# grpo/results.{json,md}, logprobs/results.{json,md}, train_tiny.jsonl.
+# grpo/results.{json,md}, logprobs/results.{json,md}, sweep/ (with plots), train_tiny.jsonl, and
+# targets.md (benchmarks/targets.py: the engine's speed and memory targets, PASS or FAIL per row).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [BUDGET_SECONDS]}
 budget=${2:-480}
@@ -91,4 +92,7 @@ ls /tmp/pyrl-tiny >>"$log" 2>&1
 cp /tmp/pyrl-tiny/metrics.jsonl "$out/train_tiny.jsonl" 2>/dev/null || true
 
 for f in "$out/grpo/results.md" "$out/logprobs/results.md" "$out/sweep/results.md"; do [ -f "$f" ] && cat "$f"; done
+# Issue 15's targets, row by row (default plan, memory budget), from the two benchmark stages.
+$PY benchmarks/targets.py "$out/grpo/results.json" "$out/logprobs/results.json" --out "$out/targets.md" 2>&1 \
+  | tee -a "$log" || true
 say "done"

@@ -98,3 +98,42 @@ def test_reference_matches_autograd_float64():
     out = logprob_outputs(case, logp, entropy)
     for key in ("logp", "entropy", "d_hidden", "d_weight"):
         torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-12)
+
+
+def _targets_module():
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "targets.py"
+    spec = importlib.util.spec_from_file_location("bench_targets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(impl, ms, work=10.0, floor=100.0, correct="PASS", device="cuda", n=16384, h=4096, v=151936,
+         op="grpo_loss"):
+    return dict(op=op, device=device, N=n, H=h, V=v, dtype="bfloat16", impl=impl, status="ok", correct=correct,
+                time_ms_median=ms, x_floor=ms / floor, working_mem_mb=work)
+
+
+def test_targets_read_the_results_row_by_row(tmp_path):
+    """benchmarks/targets.py (run by gpu_check.sh): the default row against its floor and memory
+    targets, the best budget row, the rivals on CPU; a failed float64 check or a missing row fails,
+    and shapes outside the targets are not judged."""
+    t = _targets_module()
+    rows = [_row("gemm-floor", 100.0), _row("pyrl[triton]", 125.0, work=200),  # 1.25x in 200 MB
+            _row("pyrl[triton]/auto", 110.0, work=3700), _row("pyrl[triton]/blocked", 105.0, correct="FAIL"),
+            _row("pyrl[triton]", 900.0, n=2048)]  # a sweep shape: not judged
+    lines, ok = t.check(rows)
+    assert ok and len(lines) == 2, lines
+    assert "`pyrl[triton]/auto` 1.10x" in lines[1]  # the blocked row did not PASS its check: not the best
+    lines, ok = t.check([_row("pyrl[triton]", 125.0, work=300), _row("pyrl[triton]/auto", 120.0)])
+    assert not ok and "FAIL" in lines[0] and "FAIL" in lines[1]  # 300 MB > 256; 1.20x > 1.15x
+    cpu = dict(device="cpu", n=2048, h=896)
+    lines, ok = t.check([_row("pyrl[cpp]", 100.0, work=56, **cpu), _row("liger", 125.0, **cpu),
+                         _row("torch", 200.0, **cpu)])
+    assert not ok and [line.endswith("FAIL |") for line in lines] == [False, True, False]  # Liger 1.25 < 1.3
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"rows": [_row("pyrl[triton]", 125.0, correct="FAIL")]}))
+    assert t.main([str(path), "--out", str(tmp_path / "t.md")]) == 1
+    assert "no correct `pyrl[triton]` row" in (tmp_path / "t.md").read_text()
