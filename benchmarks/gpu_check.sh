@@ -70,18 +70,19 @@ xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n 4)
 run_stage gpu-tests 150 45 $PY -m pytest -q -rf -p no:cacheprovider "${xdist[@]}" --junitxml="$out/gpu_tests.xml" \
   tests/test_gpu.py tests/test_advantages.py -k "gpu or cuda"
 
-# 2. Issue 10's benchmark: GRPO loss fwd+bwd at N=16384 (B=16, T=1024), H=4096, V=151936, bf16.
+# 2. The engine's GRPO target: loss fwd+bwd at N=16384 (B=16, T=1024), H=4096, V=151936, bf16: the
+#    default plan, chunk_bytes="auto", the blocked walk and 1 GiB chunks beside Liger and PyTorch.
 run_stage bench-grpo 200 12 bench --ops grpo_loss --shapes 16384,4096,151936 \
-  --impls 'pyrl*' torch 'liger*' --warmup 2 --repeats 5 --no-plots --out "$out/grpo"
+  --impls 'pyrl[[]triton[]]*' torch 'liger*' --warmup 2 --repeats 5 --no-plots --out "$out/grpo"
 
-# 3. Log-prob ops: the Qwen2.5-0.5B and a 4096-wide head at 16k tokens, bf16.
-run_stage bench-logprobs 120 8 bench --ops linear_logprobs logits_logprobs \
-  --shapes 16384,896,151936 16384,4096,151936 --impls 'pyrl*' torch cut-cross-entropy \
+# 3. Log-prob ops at the target shape (16k tokens, a 4096-wide head), bf16.
+run_stage bench-logprobs 100 8 bench --ops linear_logprobs logits_logprobs \
+  --shapes 16384,4096,151936 --impls 'pyrl[[]triton[]]*' torch cut-cross-entropy \
   --warmup 2 --repeats 5 --no-plots --out "$out/logprobs"
 
-# 4. Issue 15's sweep: GRPO loss time and memory against N, H and V (plots drawn), pyrl's default and
-#    1 GiB chunks beside the GEMM floor: no cliff up to N = 131072 (grid limits, int32 offsets).
-run_stage bench-sweep 150 10 bench --ops grpo_loss --impls 'pyrl[[]triton[]]*' \
+# 4. The sweep: GRPO loss time and memory against N, H and V (plots drawn), pyrl's default and the
+#    blocked walk beside the GEMM floor: no cliff up to N = 131072 (grid limits, int32 offsets).
+run_stage bench-sweep 150 10 bench --ops grpo_loss --impls 'pyrl[[]triton[]]' 'pyrl[[]triton[]]/blocked' \
   --shapes 2048,896,151936 16384,896,151936 131072,896,151936 16384,4096,32000 16384,4096,131072 \
   16384,4096,262144 16384,8192,151936 65536,4096,151936 --warmup 1 --repeats 3 --out "$out/sweep"
 
