@@ -218,3 +218,35 @@ def test_merge_block_over_uneven_blocks_equals_the_whole_rows(rows):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     assert st.s[4] == 0 and st.zy[2] == 0
+
+
+def test_lowp_blocks_hold_one_block_of_logits_at_a_time(monkeypatch):
+    """The 16-bit blocked walk gets each block's fp32 logits fresh from the GEMM: the previous block's
+    must be gone before the next one is made (a tile's working memory is one block, not two)."""
+    import weakref
+
+    made = []
+    real = walk_mod.Blocks._logits
+
+    def spy(self, hp, c0, c1):
+        assert all(ref() is None for ref in made), "an earlier block's logits are still alive"
+        out = real(self, hp, c0, c1)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(walk_mod.Blocks, "_logits", spy)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(40, 8, generator=g).to(torch.bfloat16)
+    weight = torch.randn(300, 8, generator=g).to(torch.bfloat16)
+    blocks = walk_mod.Blocks(hidden, weight, None, tile_rows=16, block_cols=64, pad_rows=16, gemm="lowp",
+                             need=(True, True, False))
+
+    def step(s, e, c0, c1, z):
+        blocks.d_out(z).copy_(z * 1e-3)  # some d logits, written where the gradient GEMMs read them
+        return True
+
+    d_hidden, d_weight, _ = blocks.walk(step)
+    assert len(made) == 3 * 5  # 3 tiles x 5 blocks (the last one 44 columns)
+    dz = (hidden.double() @ weight.double().t() * 1e-3)
+    torch.testing.assert_close(d_hidden.double(), dz @ weight.double(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(d_weight.double(), dz.t() @ hidden.double(), rtol=2e-2, atol=2e-3)

@@ -433,8 +433,8 @@ class Blocks:
                 dh = hp.new_zeros(hp.shape, dtype=torch.float32 if self.lowp else hp.dtype)
             for c0 in range(0, V, self.block_cols):
                 c1 = min(V, c0 + self.block_cols)
+                z = dz = self._z = self._dz = None  # "lowp": the last block's logits go before the next's exist
                 z = self._z = self._logits(hp, c0, c1)
-                self._dz = None
                 if not step(s, e, c0, c1, z[:rows]):
                     continue
                 dz = z if self._dz is None else self._dz  # d logits over z, or in d_out's buffer
