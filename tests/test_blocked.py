@@ -250,3 +250,36 @@ def test_lowp_blocks_hold_one_block_of_logits_at_a_time(monkeypatch):
     dz = (hidden.double() @ weight.double().t() * 1e-3)
     torch.testing.assert_close(d_hidden.double(), dz @ weight.double(), rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(d_weight.double(), dz.t() @ hidden.double(), rtol=2e-2, atol=2e-3)
+
+
+def test_lowp_chunk_walk_holds_one_chunk_of_logits_at_a_time(monkeypatch):
+    """The same for the 16-bit chunk walk (the CUDA default): each chunk's fp32 logits are gone before
+    the next chunk's GEMM runs, and its bf16 d logits live in one buffer reused by every chunk."""
+    import weakref
+
+    made, d16 = [], set()
+    real = walk_mod._mm_fp32
+
+    def spy(a, b):
+        assert all(ref() is None for ref in made), "an earlier chunk's logits are still alive"
+        out = real(a, b)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(walk_mod, "_mm_fp32", spy)
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(40, 8, generator=g).to(torch.bfloat16)
+    weight = torch.randn(300, 8, generator=g).to(torch.bfloat16)
+    head = walk_mod.Head(hidden, weight, None, gemm="lowp", pad_rows=16, need=(True, True, False))
+
+    def step(s, e, z, _):
+        out = head.d_out(z)
+        d16.add(out.untyped_storage().data_ptr())
+        out.copy_(z * 1e-3)
+        return True
+
+    d_hidden, d_weight, _ = walk_mod.walk(head, 16, step)
+    assert len(made) == 3 and len(d16) == 1  # three chunks, one d-logits buffer
+    dz = hidden.double() @ weight.double().t() * 1e-3
+    torch.testing.assert_close(d_hidden.double(), dz @ weight.double(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(d_weight.double(), dz.t() @ hidden.double(), rtol=2e-2, atol=2e-3)
