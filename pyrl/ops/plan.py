@@ -11,7 +11,8 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
   ``"blocked"`` (the vocabulary-blocked walk, ``pyrl.ops.walk.Blocks``: large token tiles against
   blocks of ``block_cols`` vocabulary rows, row stats merged online; the CPU default when
   ``chunk_bytes`` holds fewer than ``CHUNKED_MIN_ROWS`` rows of logits, docs/formulas.md §10.1;
-  on CUDA with 16-bit GEMMs, ``PYRL_LINEAR=blocked``, tiles of up to ``LOWP_MAX_TILE_ROWS`` tokens)
+  on CUDA with 16-bit GEMMs, ``PYRL_LINEAR=blocked``: tiles of up to ``LOWP_MAX_TILE_ROWS`` tokens x
+  ``LOWP_BLOCK_COLS`` columns)
   or ``"kernel"`` (Triton's single fused kernel, ``pyrl.kernels.fused_linear``: logits tiles never
   leave the chip);
 * ``passes`` (the policy loss): ``"one"`` (gradients formed in forward, three GEMMs per chunk; only
@@ -88,9 +89,16 @@ _LOWP = (torch.bfloat16, torch.float16)
 # tokens x 2048 columns is 16 MB: both stay in a 32 MB L3 between the block's GEMMs.)
 BLOCK_COLS = 2048
 MIN_TILE_ROWS = 256
-# The blocked plan with 16-bit GEMMs (CUDA) pads every tile to its full height: at most this many
-# tokens (at the default 160 MiB: 4096 rows at H=4096, 8192 at H=896; ~100-130 MB per tile).
-LOWP_MAX_TILE_ROWS = 8192
+# The blocked plan with 16-bit GEMMs (CUDA): tiles of at most LOWP_MAX_TILE_ROWS tokens against blocks
+# of LOWP_BLOCK_COLS vocabulary columns. Every tile is padded to its full height (batch invariance), so
+# a short batch pays for up to a tile of padding rows: 1024 keeps that near the chunk walk's 255,
+# while its GEMMs stay compute-bound on Hopper (the d_weight GEMM's inner dimension is the tile
+# height: ~430 FLOP per byte at 1024 x 8192 x 4096, the H200's ridge is ~185). The wide block keeps
+# each (tile, block) at ~70 GFLOP per GEMM (~90 us on an H200), more than the Python and launch
+# cost of a block's row kernel and bookkeeping. At H=4096 a tile holds ~70 MB (the block's 34 MB
+# of fp32 logits, 17 MB of bf16 d logits, the 17 MB fp32 d_hidden accumulator).
+LOWP_MAX_TILE_ROWS = 1024
+LOWP_BLOCK_COLS = 8192
 # The chunk walk re-reads the whole head for every chunk; when chunk_bytes holds fewer rows than
 # this, its three small-M GEMMs cost more than the blocked walk's four large ones (2 EPYC cores, fp32,
 # GRPO loss at 2048 x 896 x 151936: chunks of 16 rows 27-33 s, of 32 rows 19-20 s, of 48 rows 19.2 s,
@@ -225,13 +233,13 @@ def _block_shape(n_rows: int, chunk_bytes: int) -> Tuple[int, int]:
 
 def _lowp_block_shape(hidden_size: int, chunk_bytes: int) -> Tuple[int, int]:
     """``(tile_rows, block_cols)`` of the blocked plan with 16-bit GEMMs (CUDA): a tile's fp32 logits
-    ``[rows, BLOCK_COLS]`` and its fp32 d_hidden accumulator ``[rows, H]`` within ``chunk_bytes`` (its
-    16-bit d logits add half the logits), rows a power of two (every tile is padded to the full
+    ``[rows, LOWP_BLOCK_COLS]`` and its fp32 d_hidden accumulator ``[rows, H]`` within ``chunk_bytes``
+    (its 16-bit d logits add half the logits), rows a power of two (every tile is padded to the full
     tile, as the lowp chunks are, so cuBLAS meets one GEMM shape whatever the batch; a power of two
     divides the usual batch sizes, where padding would waste GEMM work), at most LOWP_MAX_TILE_ROWS
-    (a batch smaller than the tile pays for the whole tile)."""
-    rows = max(GEMM_ROW_QUANTUM, chunk_bytes // (4 * BLOCK_COLS + 4 * max(0, hidden_size)))
-    return min(LOWP_MAX_TILE_ROWS, 1 << (rows.bit_length() - 1)), BLOCK_COLS
+    (see there)."""
+    rows = max(GEMM_ROW_QUANTUM, chunk_bytes // (4 * LOWP_BLOCK_COLS + 4 * max(0, hidden_size)))
+    return min(LOWP_MAX_TILE_ROWS, 1 << (rows.bit_length() - 1)), LOWP_BLOCK_COLS
 
 
 def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
