@@ -350,7 +350,7 @@ def make_plan(op: str, *, device: torch.device, dtype: torch.dtype, n_rows: int 
             chunk_rows, block_cols = _block_shape(n_rows, asked_bytes)
             tile = f"tiles of {chunk_rows} tokens x {block_cols} vocabulary columns of fp32 logits"
         reasons.append(f"vocabulary-blocked walk ({why}): {tile} (chunk_bytes={asked_bytes}); the head streamed "
-                       "once in forward and once in backward, 4 large GEMMs")
+                       "once per tile in forward and once per tile in backward, 4 GEMMs per (tile, block)")
     elif gemm == "acc" and linear == "chunked":
         reasons.append(f"GEMMs in {'fp64' if dtype == torch.float64 else 'fp32'}; chunk_bytes={chunk_bytes} "
                        f"-> {chunk_rows} rows of [{vocab}] fp32 logits per chunk")
