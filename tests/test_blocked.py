@@ -113,7 +113,7 @@ def test_fused_linear_logprobs_walks_match_float64(backend, dtype, linear, monke
         monkeypatch.setenv("PYRL_TRITON_LINEAR", "chunked")
     lowp = backend == "triton" and dtype == torch.bfloat16
     monkeypatch.setattr(plan_mod, "BLOCK_COLS", 128)
-    monkeypatch.setattr(plan_mod, "LOWP_BLOCK_COLS", 128)
+    monkeypatch.setattr(plan_mod, "LOWP_BLOCK_COLS_RANGE", (128, 128))
     monkeypatch.setattr(plan_mod, "MIN_TILE_ROWS", 1)
     monkeypatch.setattr(walk_mod, "LOGITS_COL_BLOCK", 128)
     g = torch.Generator().manual_seed(1)

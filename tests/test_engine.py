@@ -269,7 +269,7 @@ def test_every_plan_matches_float64_on_odd_shapes(case, backend, linear, passes,
     if backend != "triton" or linear == "blocked":
         monkeypatch.setenv("PYRL_LINEAR", linear)
         monkeypatch.setattr(plan_mod, "BLOCK_COLS", 64)  # several blocks, the last one partial, at V=129
-        monkeypatch.setattr(plan_mod, "LOWP_BLOCK_COLS", 64)
+        monkeypatch.setattr(plan_mod, "LOWP_BLOCK_COLS_RANGE", (64, 64))
     monkeypatch.setenv("PYRL_PASSES", passes)
     c = ODD[case]
     b, t, v = c["B"], c["T"], c["V"]
@@ -373,15 +373,16 @@ def test_bad_chunk_bytes_names_the_argument(bad):
             module(chunk_bytes=bad)
 
 
-@pytest.mark.parametrize("hidden_size,budget,rows", [(4096, 160 * 2**20, 1024), (896, 160 * 2**20, 1024),
-                                                     (8192, 160 * 2**20, 1024), (64, 16 * 2**10, 16),
-                                                     (4096, 32 * 2**20, 512), (4096, 4 * 2**30, 1024)])
-def test_lowp_blocked_tiles_fit_the_budget(hidden_size, budget, rows):
+@pytest.mark.parametrize("hidden_size,budget,rows,cols", [
+    (4096, 160 * 2**20, 1024, 8192), (896, 160 * 2**20, 1024, 32768), (8192, 160 * 2**20, 1024, 4096),
+    (64, 16 * 2**10, 16, 32768), (4096, 32 * 2**20, 512, 8192), (4096, 4 * 2**30, 1024, 8192),
+    (3584, 160 * 2**20, 1024, 8192), (16384, 160 * 2**20, 1024, 2048)])
+def test_lowp_blocked_tiles_fit_the_budget(hidden_size, budget, rows, cols):
     """The 16-bit blocked plan's tile: a power of two of tokens whose fp32 logits block and fp32
-    d_hidden accumulator fit chunk_bytes, at most LOWP_MAX_TILE_ROWS, every tile padded to it."""
-    got_rows, cols = plan_mod._lowp_block_shape(hidden_size, budget)
-    assert (got_rows, cols) == (rows, plan_mod.LOWP_BLOCK_COLS)
-    assert got_rows * (4 * cols + 4 * hidden_size) <= max(budget, 16 * (4 * cols + 4 * hidden_size))
+    d_hidden accumulator fit chunk_bytes, at most LOWP_MAX_TILE_ROWS, every tile padded to it; the
+    block width from H alone (rows x cols x H about constant, within LOWP_BLOCK_COLS_RANGE)."""
+    assert plan_mod._lowp_block_shape(hidden_size, budget) == (rows, cols)
+    assert rows * (4 * cols + 4 * hidden_size) <= max(budget, 16 * (4 * cols + 4 * hidden_size))
     if TRITON:
         with pytest.MonkeyPatch.context() as m:
             m.setenv("PYRL_LINEAR", "blocked")

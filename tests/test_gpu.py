@@ -68,7 +68,7 @@ def _linear_mode(monkeypatch, mode):
 @pytest.mark.parametrize("with_bias,temperature", [(False, 1.0), (True, 0.7)], ids=["plain", "bias-temp"])
 def test_fused_linear_logprobs_matches_float64(monkeypatch, mode, dtype, n, h, v, with_bias, temperature):
     # "chunked": cuBLAS GEMMs around the row kernels (the default for bf16); "fused": one Triton
-    # kernel (the default for fp32); "blocked": token tiles x vocabulary blocks (8192 columns in bf16), the
+    # kernel (the default for fp32); "blocked": token tiles x vocabulary blocks (2^25/H columns in bf16), the
     # Triton row kernels on each block. n=600 at V=151936 walks three 256-row chunks.
     _linear_mode(monkeypatch, mode)
     g = torch.Generator().manual_seed(n * 7 + v)

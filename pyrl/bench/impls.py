@@ -402,9 +402,9 @@ register(Impl("linear_logprobs", "pyrl[triton]/auto", _pyrl_linear_logprobs("tri
 register(Impl("grpo_loss", "pyrl[triton]/auto", _pyrl_grpo_loss("triton", "auto"),
               requires=_pyrl_backend("triton", "fused_linear_policy_loss"), note=_AUTO_NOTE))
 # CUDA: the Triton rows on the vocabulary-blocked walk (4 bf16 GEMMs per tile of up to 1024 tokens
-# and block of 8192 columns, d logits written in bf16 by the row kernel), and the chunk walk with 1 GiB chunks (fewer,
-# larger chunk GEMMs for more working memory).
-_BLOCKED_NOTE = "PYRL_LINEAR=blocked (the vocabulary-blocked walk: 1024-token tiles x 8192-column blocks on CUDA)"
+# and block of 2^25 / H columns, d logits written in bf16 by the row kernel), and the chunk walk with
+# 1 GiB chunks (fewer, larger chunk GEMMs for more working memory).
+_BLOCKED_NOTE = "PYRL_LINEAR=blocked (the vocabulary-blocked walk; on CUDA 1024-token tiles x 2^25/H-column blocks)"
 register(Impl("linear_logprobs", "pyrl[triton]/blocked", _pyrl_linear_logprobs("triton", linear="blocked"),
               requires=_pyrl_backend("triton"), note=_BLOCKED_NOTE))
 register(Impl("grpo_loss", "pyrl[triton]/blocked", _pyrl_grpo_loss("triton", linear="blocked"),

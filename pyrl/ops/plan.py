@@ -12,7 +12,7 @@ says everything the engine (``pyrl.ops.walk``) needs to run the call:
   blocks of ``block_cols`` vocabulary rows, row stats merged online; the CPU default when
   ``chunk_bytes`` holds fewer than ``CHUNKED_MIN_ROWS`` rows of logits, docs/formulas.md §10.1;
   on CUDA with 16-bit GEMMs, ``PYRL_LINEAR=blocked``: tiles of up to ``LOWP_MAX_TILE_ROWS`` tokens x
-  ``LOWP_BLOCK_COLS`` columns)
+  blocks of ``LOWP_COLS_X_H / H`` columns)
   or ``"kernel"`` (Triton's single fused kernel, ``pyrl.kernels.fused_linear``: logits tiles never
   leave the chip);
 * ``passes`` (the policy loss): ``"one"`` (gradients formed in forward, three GEMMs per chunk; only
@@ -90,15 +90,18 @@ _LOWP = (torch.bfloat16, torch.float16)
 BLOCK_COLS = 2048
 MIN_TILE_ROWS = 256
 # The blocked plan with 16-bit GEMMs (CUDA): tiles of at most LOWP_MAX_TILE_ROWS tokens against blocks
-# of LOWP_BLOCK_COLS vocabulary columns. Every tile is padded to its full height (batch invariance), so
-# a short batch pays for up to a tile of padding rows: 1024 keeps that near the chunk walk's 255,
-# while its GEMMs stay compute-bound on Hopper (the d_weight GEMM's inner dimension is the tile
-# height: ~430 FLOP per byte at 1024 x 8192 x 4096, the H200's ridge is ~185). The wide block keeps
-# each (tile, block) at ~70 GFLOP per GEMM (~90 us on an H200), more than the Python and launch
-# cost of a block's row kernel and bookkeeping. At H=4096 a tile holds ~70 MB (the block's 34 MB
-# of fp32 logits, 17 MB of bf16 d logits, the 17 MB fp32 d_hidden accumulator).
+# of LOWP_COLS_X_H / H vocabulary columns (a power of two within LOWP_BLOCK_COLS_RANGE). Every tile is
+# padded to its full height (batch invariance), so a short batch pays for up to a tile of padding
+# rows: 1024 keeps that near the chunk walk's 255, while its GEMMs stay compute-bound on Hopper (the
+# d_weight GEMM's inner dimension is the tile height: ~430 FLOP per byte at 1024 x 8192 x 4096, the
+# H200's ridge is ~185). The block width keeps each (tile, block) GEMM at ~70 GFLOP (~90 us on an
+# H200) whatever H, more than the Python and launch cost of a block's row kernel and bookkeeping:
+# 8192 columns at H=4096, 32768 at H=896, 4096 at H=8192. At H=4096 a tile holds ~70 MB (the
+# block's 34 MB of fp32 logits, 17 MB of bf16 d logits, the 17 MB fp32 d_hidden accumulator); at
+# H=896 ~205 MB (a 134 MB block of logits).
 LOWP_MAX_TILE_ROWS = 1024
-LOWP_BLOCK_COLS = 8192
+LOWP_COLS_X_H = 8192 * 4096
+LOWP_BLOCK_COLS_RANGE = (2048, 32768)
 # The chunk walk re-reads the whole head for every chunk; when chunk_bytes holds fewer rows than
 # this, its three small-M GEMMs cost more than the blocked walk's four large ones (2 EPYC cores, fp32,
 # GRPO loss at 2048 x 896 x 151936: chunks of 16 rows 27-33 s, of 32 rows 19-20 s, of 48 rows 19.2 s,
@@ -233,13 +236,16 @@ def _block_shape(n_rows: int, chunk_bytes: int) -> Tuple[int, int]:
 
 def _lowp_block_shape(hidden_size: int, chunk_bytes: int) -> Tuple[int, int]:
     """``(tile_rows, block_cols)`` of the blocked plan with 16-bit GEMMs (CUDA): a tile's fp32 logits
-    ``[rows, LOWP_BLOCK_COLS]`` and its fp32 d_hidden accumulator ``[rows, H]`` within ``chunk_bytes``
+    ``[rows, block_cols]`` and its fp32 d_hidden accumulator ``[rows, H]`` within ``chunk_bytes``
     (its 16-bit d logits add half the logits), rows a power of two (every tile is padded to the full
     tile, as the lowp chunks are, so cuBLAS meets one GEMM shape whatever the batch; a power of two
-    divides the usual batch sizes, where padding would waste GEMM work), at most LOWP_MAX_TILE_ROWS
-    (see there)."""
-    rows = max(GEMM_ROW_QUANTUM, chunk_bytes // (4 * LOWP_BLOCK_COLS + 4 * max(0, hidden_size)))
-    return min(LOWP_MAX_TILE_ROWS, 1 << (rows.bit_length() - 1)), LOWP_BLOCK_COLS
+    divides the usual batch sizes, where padding would waste GEMM work), at most LOWP_MAX_TILE_ROWS;
+    ``block_cols`` from H alone (see LOWP_COLS_X_H)."""
+    lo, hi = LOWP_BLOCK_COLS_RANGE
+    want = LOWP_COLS_X_H // max(1, hidden_size)
+    cols = min(hi, max(lo, 1 << (want.bit_length() - 1) if want > 0 else lo))
+    rows = max(GEMM_ROW_QUANTUM, chunk_bytes // (4 * cols + 4 * max(0, hidden_size)))
+    return min(LOWP_MAX_TILE_ROWS, 1 << (rows.bit_length() - 1)), cols
 
 
 def _lowp_chunk_rows(vocab: int, chunk_bytes: int) -> int:
