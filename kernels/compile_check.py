@@ -33,7 +33,7 @@ def _signatures(dt: str) -> list[tuple[object, dict, list[dict]]]:
     """(jit function, argument types, [constexpr values of each config]) for every kernel."""
     prec = F._dot_precision(torch.float32 if dt == "fp32" else torch.bfloat16)
     block, warps = R._row_config(151936)
-    block_b, warps_b = R._row_config(2048)  # one vocabulary block of the blocked walk (plan.BLOCK_COLS)
+    block_b, warps_b = R._row_config(8192)  # a block of the 16-bit blocked walk (8192 columns at H=4096)
     row_types = dict(x_ptr=f"*{dt}", out_ptr=f"*{dt}", y_ptr="*i64", logp_ptr="*fp32", ent_ptr="*fp32",
                      lse_ptr="*fp32", g_logp_ptr="*fp32", g_ent_ptr="*fp32", tau_ptr="*fp32", temperature="fp32",
                      top_k="fp32", top_p="fp32", log_min_p="fp32", m_ptr="*fp32", s_ptr="*fp32", t_ptr="*fp32",
