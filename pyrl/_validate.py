@@ -97,13 +97,12 @@ def check_bool(name: str, x) -> bool:
     return x
 
 
-def check_chunk_bytes(x, *, allow_auto: bool = True):
-    """A positive int, or ``"auto"`` (sized from free memory by ``pyrl.ops.plan.auto_chunk_bytes``)."""
-    if allow_auto and x == "auto":
+def check_chunk_bytes(x):
+    """A positive int, or ``"auto"`` (sized from free memory by ``pyrl.ops.plan.resolve_chunk_bytes``)."""
+    if x == "auto":
         return x
     if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
-        want = "a positive int or 'auto'" if allow_auto else "a positive int"
-        raise ValueError(f"chunk_bytes must be {want}, got {x!r}")
+        raise ValueError(f"chunk_bytes must be a positive int or 'auto', got {x!r}")
     return x
 
 
