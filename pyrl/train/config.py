@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from pyrl._validate import check_sampler
+from pyrl._validate import check_chunk_bytes, check_sampler
 
 __all__ = ["ModelConfig", "TaskConfig", "RolloutConfig", "AlgoConfig", "OptimConfig", "WarmupConfig",
            "PreferenceConfig", "TrainConfig", "MODES", "PREFERENCE_LOSS_KEYS",
@@ -423,9 +423,12 @@ def validate(cfg: TrainConfig) -> None:
                    ("algo.dynamic_sampling", a.dynamic_sampling), ("model.gradient_checkpointing", cfg.model.gradient_checkpointing)):
         if not isinstance(v, bool):
             raise ValueError(f"config key {key!r} must be true or false, got {v!r}")
-    cb = cfg.chunk_bytes
-    if cb is not None and not (cb == "auto" or _is_int(cb) and cb > 0):
-        raise ValueError(f"config key 'chunk_bytes' must be a positive integer, 'auto' or null, got {cb!r}")
+    if cfg.chunk_bytes is not None:
+        try:
+            check_chunk_bytes(cfg.chunk_bytes)  # the ops' own rule
+        except ValueError:
+            raise ValueError("config key 'chunk_bytes' must be a positive integer, 'auto' or null, "
+                             f"got {cfg.chunk_bytes!r}") from None
     r = cfg.rollout
     check_sampler(r.top_k, r.top_p, r.min_p, "hf", prefix="config key rollout.")
     if not _is_number(a.oversample) or a.oversample < 1:
